@@ -1,0 +1,102 @@
+"""Set-up for the shell scripts: find or create the project's Python environment.
+
+Runs on the system Python with the standard library only (nothing else may be installed
+yet). Prints the interpreter the scripts should use. It creates `.venv/` and installs the
+package there when the current interpreter lacks the dependencies, and on Linux makes a fast
+BLAS available when it can (apt as root), since MLX's bundled one is ~20x slower.
+
+    python3 -m mlx_lora.bootstrap [--extras test,cuda]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+REQUIRED_MODULES = ("mlx", "mlx_lm", "yaml", "tqdm", "matplotlib", "safetensors", "gguf", "transformers")
+EXTRA_MODULES = {"test": ("pytest", "hypothesis"), "cuda": ("torch", "peft", "bitsandbytes")}
+
+
+def say(message: str) -> None:
+    print(f"[setup] {message}", file=sys.stderr, flush=True)
+
+
+def has_modules(python: str, modules) -> bool:
+    code = "import importlib.util, sys; sys.exit(any(importlib.util.find_spec(m) is None for m in sys.argv[1:]))"
+    return subprocess.run([python, "-c", code, *modules], capture_output=True).returncode == 0
+
+
+def install_stamp(extras: list[str]) -> str:
+    text = (ROOT / "pyproject.toml").read_text() + ",".join(sorted(extras))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def ensure_environment(extras: list[str]) -> str:
+    """The Python to use: the current one if it has everything, else `.venv` (created as needed)."""
+    modules = list(REQUIRED_MODULES) + [m for e in extras for m in EXTRA_MODULES.get(e, ())]
+    if os.environ.get("MLX_LORA_PYTHON"):
+        return os.environ["MLX_LORA_PYTHON"]
+    in_repo = importlib.util.find_spec("mlx_lora") and Path(importlib.util.find_spec("mlx_lora").origin).resolve().parent.parent == ROOT
+    if sys.prefix != sys.base_prefix and in_repo and has_modules(sys.executable, modules):
+        return sys.executable  # an activated environment that already has everything
+    python = VENV / "bin" / "python"
+    stamp_file = VENV / ".mlx-lora-installed"
+    stamp = install_stamp(extras)
+    if python.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return str(python)
+    if not python.exists():
+        say(f"creating {VENV}")
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    target = "." + (f"[{','.join(extras)}]" if extras else "")
+    say(f"installing mlx-lora{target[1:]} and its dependencies into {VENV} (first run only)")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True,
+                   stdout=sys.stderr)
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", target], check=True,
+                   cwd=ROOT, stdout=sys.stderr)
+    stamp_file.write_text(stamp + "\n")
+    return str(python)
+
+
+def ensure_fast_blas() -> None:
+    """On Linux, install OpenBLAS with apt when running as root and none is present; else advise."""
+    if not sys.platform.startswith("linux"):
+        return
+    sys.path.insert(0, str(ROOT))
+    from mlx_lora.blas import INSTALL_HINT, find_fast_blas
+
+    if find_fast_blas():
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        say("installing OpenBLAS (libopenblas0-pthread) so MLX matmuls run ~20x faster")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-qq"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "libopenblas0-pthread"],
+                       stdout=subprocess.DEVNULL, stderr=sys.stderr, env=env)
+    if not find_fast_blas():
+        say(f"no fast BLAS found: training will be slow; {INSTALL_HINT}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--extras", default="", help="comma-separated extras to install (test, cuda)")
+    args = parser.parse_args(argv)
+    extras = [e for e in args.extras.split(",") if e]
+    try:
+        ensure_fast_blas()
+        print(ensure_environment(extras))
+    except subprocess.CalledProcessError as err:
+        say(f"set-up failed: `{' '.join(map(str, err.cmd))}` exited with {err.returncode}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,143 @@
+"""Resumable checkpoints and atomic file writes.
+
+A checkpoint is a folder `checkpoints/step_000120/` with `adapters.safetensors`,
+`optimizer.safetensors` (AdamW moments, step count, RNG key) and `state.json` (step, data
+position, elapsed time). It is written under a temporary name and renamed into place, so a
+crash never leaves a half checkpoint; `latest` names the newest complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+STATE_VERSION = 1
+
+
+@contextmanager
+def atomic_path(path: str | Path, suffix: str = ""):
+    """Yield a temporary path next to `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Atomically write a text file."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, data) -> None:
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def save_safetensors(path: str | Path, arrays: dict, metadata: dict | None = None) -> None:
+    """Atomically write MLX arrays as safetensors."""
+    import mlx.core as mx
+
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
+
+
+def checkpoint_root(output_dir: Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: float, keep: int = 2) -> Path:
+    """Write a complete checkpoint for `step` and prune older ones beyond `keep`."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    root = checkpoint_root(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        adapters = dict(tree_flatten(model.trainable_parameters()))
+        mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
+        opt_state = dict(tree_flatten(optimizer.state))
+        opt_state["__rng_key__"] = mx.random.state[0]
+        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
+        state = {"version": STATE_VERSION, "step": step, "elapsed_s": elapsed_s,
+                 "position": {"epoch": position.epoch, "index": position.index}}
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    write_text(root / "latest", final.name + "\n")
+    for old in sorted(root.glob("step_*"))[:-keep]:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest(output_dir: Path) -> Path | None:
+    """The newest complete checkpoint folder, or None."""
+    root = checkpoint_root(output_dir)
+    pointer = root / "latest"
+    if pointer.is_file():
+        candidate = root / pointer.read_text().strip()
+        if (candidate / "state.json").is_file():
+            return candidate
+    complete = [p for p in sorted(root.glob("step_*")) if (p / "state.json").is_file()]
+    return complete[-1] if complete else None
+
+
+def load_latest(output_dir: Path, model, optimizer) -> dict | None:
+    """Restore adapters, optimizer state and RNG from the newest checkpoint; returns its state."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    path = latest(output_dir)
+    if path is None:
+        return None
+    state = json.loads((path / "state.json").read_text())
+    adapters = mx.load(str(path / "adapters.safetensors"))
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    mismatched = sorted(set(adapters) ^ set(expected)) + [
+        k for k in adapters if k in expected and adapters[k].shape != expected[k].shape
+    ]
+    if mismatched:
+        raise ValueError(f"{path}: checkpoint does not match the model's adapters ({', '.join(mismatched[:5])}...); "
+                         "resume with the same model and lora settings, or start a new output_dir")
+    model.load_weights(list(adapters.items()), strict=False)
+    opt_state = mx.load(str(path / "optimizer.safetensors"))
+    mx.random.state[0] = opt_state.pop("__rng_key__")
+    optimizer.init(model.trainable_parameters())  # the right nested structure, then fill it in
+    for key, value in opt_state.items():
+        _assign(optimizer.state, key.split("."), value)
+    mx.eval(model.parameters(), optimizer.state)
+    return state
+
+
+def _assign(tree, path: list[str], value) -> None:
+    """Set tree[a][b]... = value for a dotted key whose parts index dicts or lists."""
+    for part in path[:-1]:
+        tree = tree[int(part)] if isinstance(tree, list) else tree[part]
+    last = path[-1]
+    if isinstance(tree, list):
+        tree[int(last)] = value
+    else:
+        tree[last] = value
+
+
+def elapsed_of(output_dir: Path) -> float:
+    path = latest(output_dir)
+    if path is None:
+        return 0.0
+    return float(json.loads((path / "state.json").read_text()).get("elapsed_s", 0.0))

@@ -1,0 +1,181 @@
+"""The `mlx-lora` command: train, eval, prepare, fuse, serve, convert-adapter, doctor.
+
+Process-wide settings are made here and only here: the BLAS preload (by re-executing once
+with LD_PRELOAD on Linux) and the turning of library exceptions into one-line errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from pathlib import Path
+
+REPO_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+# Subcommands implemented by other modules, each exposing main(argv) -> int.
+DELEGATES = {
+    "prepare": ("mlx_lora.prepare.cli", "convert raw data to train/valid/test JSONL (same as data_transform.py)"),
+    "fuse": ("mlx_lora.fuse", "merge adapters into the base and write a Hugging Face folder"),
+    "serve": ("mlx_lora.serve.cli", "OpenAI-compatible server for a base model and its adapters"),
+    "convert-adapter": ("mlx_lora.peft_format", "convert adapters between the MLX and PEFT formats"),
+}
+
+
+def _split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _default_config() -> str:
+    if REPO_DEMO_CONFIG.is_file():
+        return str(REPO_DEMO_CONFIG)
+    raise FileNotFoundError("no config given and configs/demo.yaml is not next to the package; pass CONFIG.yaml")
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+
+    path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(path or _default_config(), overrides)
+    if cfg.backend == "cuda":
+        from .backends.cuda import run_training as run_cuda
+
+        run_cuda(cfg, resume=args.resume)
+        return 0
+    from .run import run_training
+
+    run_training(cfg, resume=args.resume)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .adapters import load_adapters
+    from .config import load_config
+    from .data import load_datasets
+    from .models import load_model
+    from .run import run_eval
+
+    path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(path or _default_config(), overrides)
+    adapter_dir = Path(args.adapter or cfg.output_dir)
+    model, tokenizer, _ = load_model(cfg.model)
+    from .frozen_matmul import use_fast_frozen_layers
+
+    use_fast_frozen_layers(model)
+    load_adapters(model, adapter_dir)
+    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
+    run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from . import __version__
+    from .blas import INSTALL_HINT, find_fast_blas, loaded_blas_libraries, matmul_gflops
+
+    def version(name):
+        try:
+            return importlib.import_module(name).__version__
+        except Exception:  # noqa: BLE001 - reporting only
+            return "not installed"
+
+    print(f"mlx-lora      {__version__}")
+    print(f"python        {sys.version.split()[0]} ({platform.platform()})")
+    for name in ("mlx", "mlx_lm", "transformers", "numpy"):
+        print(f"{name:13s} {version(name) if name != 'mlx' else mx.__version__}")
+    print(f"device        {mx.default_device()}")
+    if mx.metal.is_available():
+        info = mx.metal.device_info()
+        print(f"metal         {info.get('device_name', '?')}, recommended working set "
+              f"{info.get('max_recommended_working_set_size', 0) / 1e9:.1f} GB")
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        print(f"memory        {pages * page_size / 2**30:.1f} GiB")
+    except (ValueError, OSError):
+        pass
+    if sys.platform.startswith("linux"):
+        loaded = loaded_blas_libraries()
+        print(f"blas loaded   {', '.join(loaded) or 'none found in /proc/self/maps'}")
+        print(f"fast blas     {find_fast_blas() or 'none: ' + INSTALL_HINT}")
+    print(f"matmul        {matmul_gflops():.0f} GFLOP/s (float32 1024x1024 on {mx.default_device()})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .config import describe
+
+    settings = "\n".join(f"  {key:32s} {default:>12s}  {help_}" for key, default, help_ in describe())
+    parser = argparse.ArgumentParser(prog="mlx-lora", description="LoRA / QLoRA fine-tuning on MLX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train adapters from a YAML config",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
+                           epilog="settings (YAML keys, or key.path=value overrides):\n" + settings)
+    train.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]",
+                       help="config file (default: configs/demo.yaml) then overrides")
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("eval", help="score a trained run on its test split (base vs tuned)")
+    evaluate.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
+    evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
+    evaluate.set_defaults(func=cmd_eval)
+    doctor = sub.add_parser("doctor", help="print device, versions, BLAS and memory")
+    doctor.set_defaults(func=cmd_doctor)
+    for name, (module, help_) in DELEGATES.items():
+        delegate = sub.add_parser(name, help=help_, add_help=False)
+        delegate.add_argument("rest", nargs=argparse.REMAINDER)
+        delegate.set_defaults(delegate=module)
+    return parser
+
+
+def _reexec_with_fast_blas(argv: list[str]) -> None:
+    from .blas import preload_command_env
+
+    env = preload_command_env()
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, "-m", "mlx_lora", *argv], env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("train", "eval", "doctor", "fuse", "serve"):
+        _reexec_with_fast_blas(argv)
+    parser = build_parser()
+    if argv and argv[0] in DELEGATES:
+        module = DELEGATES[argv[0]][0]
+        try:
+            delegate_main = importlib.import_module(module).main
+        except ModuleNotFoundError as err:
+            print(f"error: `mlx-lora {argv[0]}` is unavailable: {err}", file=sys.stderr)
+            return 1
+        return delegate_main(argv[1:])
+    args = parser.parse_args(argv)
+    return run_command(args.func, args)
+
+
+def run_command(func, args) -> int:
+    """Run a subcommand, turning user mistakes into one-line errors (no traceback)."""
+    from .config import ConfigError
+
+    try:
+        return func(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        if os.environ.get("MLX_LORA_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,351 @@
+"""The typed run configuration: dataclasses, YAML loading, `key.path=value` overrides, validation.
+
+Defaults live here and nowhere else. Loading collects every problem (unknown keys with a
+did-you-mean, wrong types, out-of-range values) and raises one `ConfigError` listing them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """One or more problems in a configuration; `problems` lists them one per line."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        self.source = source
+        super().__init__(f"{source}: " + "; ".join(problems) if len(problems) == 1 else
+                         f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = field(**_help("Folder holding train.jsonl, valid.jsonl and test.jsonl (relative paths resolve against the config file's folder first, then the working directory)."))
+    max_seq_length: int = field(default=512, **_help("Longest sequence in tokens; longer examples are truncated or dropped (see `overlong`)."))
+    overlong: str = field(default="truncate", **_help("What to do with examples longer than max_seq_length: truncate | drop. Always counted in the summary."))
+    train_on_prompt: bool = field(default=False, **_help("Compute the loss on every token, not only on assistant/completion tokens."))
+
+
+@dataclass(frozen=True)
+class QuantizationConfig:
+    mode: str = field(default="affine", **_help("Frozen base precision: none (float) | affine (MLX affine, `bits`, `group_size`) | nf4 (QLoRA NormalFloat4, `block_size`). Layers already quantized in the source (GGUF, mlx-community 4-bit) stay as they are."))
+    bits: int = field(default=4, **_help("Affine mode: 4 or 8 bits per weight."))
+    group_size: int = field(default=64, **_help("Affine mode: weights sharing one scale and bias (32, 64 or 128)."))
+    block_size: int = field(default=64, **_help("NF4 mode: weights sharing one absmax (64 in the QLoRA paper)."))
+    double_quant: bool = field(default=False, **_help("NF4 mode: quantize the block absmax values too (8-bit, blocks of 256)."))
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = field(default=8, **_help("Rank of the low-rank update (PEFT `r`)."))
+    alpha: float = field(default=16.0, **_help("Scaling numerator: the update is multiplied by alpha / rank (PEFT `lora_alpha`)."))
+    dropout: float = field(default=0.0, **_help("Dropout on the adapter input during training."))
+    target_modules: tuple[str, ...] = field(default=HF_TARGET_MODULES, **_help("Hugging Face names of the projections to adapt."))
+    num_layers: int = field(default=-1, **_help("Adapt the last N transformer blocks; -1 for all."))
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank: the PEFT convention (mlx-lm calls this value `scale`)."""
+        return self.alpha / self.rank
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
+    epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
+    batch_size: int = field(default=4, **_help("Examples per micro-batch."))
+    grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step."))
+    learning_rate: float = field(default=1e-4, **_help("Peak learning rate of AdamW."))
+    lr_schedule: str = field(default="constant", **_help("constant | linear | cosine decay after warmup."))
+    warmup_steps: int = field(default=0, **_help("Steps of linear warmup from 0 to learning_rate."))
+    min_lr_ratio: float = field(default=0.0, **_help("linear/cosine: final learning rate as a fraction of the peak."))
+    weight_decay: float = field(default=0.0, **_help("AdamW weight decay."))
+    grad_clip: Optional[float] = field(default=1.0, **_help("Clip the global gradient norm to this value; null to disable."))
+    grad_checkpoint: bool = field(default=False, **_help("Recompute each block's activations in the backward pass (less memory, ~30% slower)."))
+    compile: bool = field(default=True, **_help("Compile the training step with mx.compile."))
+    steps_per_report: int = field(default=10, **_help("Write a metrics line every N steps."))
+    steps_per_eval: int = field(default=50, **_help("Compute validation loss every N steps (0 disables; always at the end)."))
+    val_batches: int = field(default=8, **_help("Validation batches per evaluation (-1 for the whole split)."))
+    save_every: int = field(default=100, **_help("Write a resumable checkpoint every N steps (0: only at the end or on interruption)."))
+    keep_checkpoints: int = field(default=2, **_help("How many step checkpoints to keep."))
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    enabled: bool = field(default=True, **_help("Evaluate on the test split after training."))
+    max_new_tokens: int = field(default=48, **_help("Greedy generation length for exact-match scoring."))
+    limit: Optional[int] = field(default=None, **_help("Evaluate only the first N test examples."))
+    compare_base: bool = field(default=True, **_help("Also score the base model (adapters off) for a before/after table."))
+
+
+@dataclass(frozen=True)
+class Config:
+    model: str = field(**_help("Base model: a Hugging Face folder, a hub id (org/name), a .gguf file, or `demo` (SmolLM2-135M-Instruct)."))
+    output_dir: str = field(default="runs/latest", **_help("Run folder: adapters, metrics, plots, checkpoints, eval."))
+    seed: int = field(default=0, **_help("Seed for adapter initialisation, shuffling and dropout."))
+    backend: str = field(default="mlx", **_help("mlx (Apple silicon or CPU) | cuda (transformers + PEFT + bitsandbytes)."))
+    data: DataConfig = field(default_factory=lambda: DataConfig(path="data"), **_help("Training data."))
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig, **_help("Frozen base quantization."))
+    lora: LoraConfig = field(default_factory=LoraConfig, **_help("LoRA adapters."))
+    training: TrainingConfig = field(default_factory=TrainingConfig, **_help("Optimisation."))
+    eval: EvalConfig = field(default_factory=EvalConfig, **_help("Evaluation after training."))
+
+
+CHOICES = {
+    "backend": ("mlx", "cuda"),
+    "data.overlong": ("truncate", "drop"),
+    "quantization.mode": ("none", "affine", "nf4"),
+    "quantization.bits": (4, 8),
+    "training.lr_schedule": ("constant", "linear", "cosine"),
+}
+
+
+def _check_ranges(cfg: Config) -> list[str]:
+    problems = []
+
+    def need(ok: bool, key: str, message: str):
+        if not ok:
+            problems.append(f"{key}: {message}")
+
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        need(value in allowed, key, f"{value!r} is not one of {', '.join(map(str, allowed))}")
+    need(cfg.lora.rank > 0, "lora.rank", f"must be a positive integer, got {cfg.lora.rank}")
+    need(cfg.lora.alpha > 0, "lora.alpha", f"must be positive, got {cfg.lora.alpha}")
+    need(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
+    need(cfg.lora.num_layers == -1 or cfg.lora.num_layers > 0, "lora.num_layers", f"must be -1 (all) or a positive count, got {cfg.lora.num_layers}")
+    need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
+    need(cfg.data.max_seq_length >= 8, "data.max_seq_length", f"must be at least 8, got {cfg.data.max_seq_length}")
+    need(cfg.quantization.group_size in (32, 64, 128), "quantization.group_size", f"must be 32, 64 or 128, got {cfg.quantization.group_size}")
+    need(cfg.quantization.block_size > 0 and cfg.quantization.block_size % 2 == 0, "quantization.block_size", f"must be a positive even number, got {cfg.quantization.block_size}")
+    t = cfg.training
+    need(t.iters > 0, "training.iters", f"must be positive, got {t.iters}")
+    need(t.epochs is None or t.epochs > 0, "training.epochs", f"must be positive or null, got {t.epochs}")
+    need(t.batch_size > 0, "training.batch_size", f"must be positive, got {t.batch_size}")
+    need(t.grad_accumulation > 0, "training.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
+    need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}")
+    need(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
+    need(0 <= t.min_lr_ratio <= 1, "training.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
+    need(t.grad_clip is None or t.grad_clip > 0, "training.grad_clip", f"must be positive or null, got {t.grad_clip}")
+    need(t.steps_per_report > 0, "training.steps_per_report", f"must be positive, got {t.steps_per_report}")
+    need(t.steps_per_eval >= 0, "training.steps_per_eval", f"must be >= 0, got {t.steps_per_eval}")
+    need(t.save_every >= 0, "training.save_every", f"must be >= 0, got {t.save_every}")
+    need(t.keep_checkpoints >= 1, "training.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
+    need(t.val_batches == -1 or t.val_batches > 0, "training.val_batches", f"must be -1 or positive, got {t.val_batches}")
+    need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
+    return problems
+
+
+# --- building dataclasses from plain data -------------------------------------------------
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str, problems: list[str]) -> Any:
+    """Convert a YAML value to the annotated type, or record why it cannot be."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key, problems)
+    if origin is tuple:
+        (item_type, _) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            problems.append(f"{key}: expected a list, got {value!r}")
+            return ()
+        return tuple(_coerce(v, item_type, f"{key}[{i}]", problems) for i, v in enumerate(value))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        problems.append(f"{key}: expected true or false, got {value!r}")
+        return False
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        problems.append(f"{key}: expected an integer, got {value!r}")
+        return 0
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        problems.append(f"{key}: expected a number, got {value!r}")
+        return 0.0
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        problems.append(f"{key}: expected a string, got {value!r}")
+        return ""
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _build(cls, data: Any, prefix: str, problems: list[str]):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(f"{prefix or 'top level'}: expected a mapping of keys, got {data!r}")
+        data = {}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            guess = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
+            hint = f"; did you mean '{prefix}{guess[0]}'?" if guess else f"; known keys: {', '.join(fields)}"
+            problems.append(f"{prefix}{key}: unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        tp = hints[name]
+        key = f"{prefix}{name}"
+        if dataclasses.is_dataclass(tp):
+            sub = data.get(name)
+            if name == "data" and sub is not None and not isinstance(sub, dict):
+                sub = {"path": sub}  # `data: folder` is shorthand for `data: {path: folder}`
+            kwargs[name] = _build(tp, sub, f"{key}.", problems)
+        elif name in data:
+            kwargs[name] = _coerce(data[name], tp, key, problems)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            problems.append(f"{key}: required ({f.metadata.get('help', '')})")
+            kwargs[name] = ""
+    return cls(**kwargs)
+
+
+# --- public API -----------------------------------------------------------------------------
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split `a.b=value` into (['a', 'b'], value parsed as YAML)."""
+    if "=" not in text:
+        raise ConfigError([f"override {text!r}: expected key.path=value, e.g. training.iters=50"], "command line")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Return a copy of `data` with each `key.path=value` set (creating sections as needed)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {} if node.get(part) is None or part != "data" else {"path": node[part]}
+            node = node[part]
+        node[path[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "config") -> Config:
+    """Build and validate a Config, raising ConfigError with every problem at once."""
+    problems: list[str] = []
+    cfg = _build(Config, data, "", problems)
+    # Range checks on keys that already failed to parse would only repeat the problem.
+    bad_keys = {p.split(":", 1)[0] for p in problems}
+    problems += [p for p in _check_ranges(cfg) if p.split(":", 1)[0] not in bad_keys]
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config, apply `key.path=value` overrides, resolve data.path, validate."""
+    data: dict = {}
+    base_dir = Path.cwd()
+    source = "command line"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError([f"config file not found: {path} (pass a YAML file such as configs/demo.yaml)"], source)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+            raise ConfigError([f"invalid YAML{where}: {getattr(err, 'problem', err)}"], source) from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError([f"top level must be a mapping of keys, got {type(loaded).__name__}"], source)
+        data = loaded or {}
+        base_dir = path.resolve().parent
+    data = apply_overrides(data, list(overrides))
+    cfg = config_from_dict(data, source)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir)))
+
+
+def resolve_data_path(path: str, base_dir: Path) -> str:
+    """A relative data path means the config's folder if it exists there, else the working directory."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute():
+        return str(candidate)
+    for root in (base_dir, base_dir.parent, Path.cwd()):
+        if (root / candidate).exists():
+            return str((root / candidate).resolve())
+    return str(candidate)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain-data form (tuples as lists) for YAML/JSON output."""
+
+    def plain(value):
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return plain(cfg)
+
+
+def get_key(cfg: Config, key: str) -> Any:
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) rows for every setting: the source of `--help` and the README's table."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows += describe(tp, f"{prefix}{f.name}.")
+            continue
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        if isinstance(default, tuple):
+            default = list(default)
+        rows.append((f"{prefix}{f.name}", str(default), f.metadata.get("help", "")))
+    return rows

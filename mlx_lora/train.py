@@ -1,0 +1,259 @@
+"""The training loop: AdamW with warmup and decay, accumulation, clipping, checkpointing, resume.
+
+`train()` takes a prepared model and tokenized data and talks only through callbacks (see
+`report.py`). Checkpoints hold adapters, optimizer state, step, data position and RNG state,
+so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map
+
+from . import checkpoints
+from .config import TrainingConfig
+from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
+
+
+class TrainingStopped(RuntimeError):
+    """Training ended early (non-finite loss); the message says why and what was kept."""
+
+
+@dataclass
+class StepReport:
+    step: int
+    total_steps: int
+    train_loss: float
+    learning_rate: float
+    tokens: int
+    tokens_per_second: float
+    peak_memory_gb: float
+    elapsed_s: float
+    val_loss: float | None = None
+
+
+def total_steps(config: TrainingConfig, num_train: int) -> int:
+    """Optimizer steps for the run: `iters`, or `epochs` worth of batches when set."""
+    if config.epochs is None:
+        return config.iters
+    batches_per_epoch = num_train // config.batch_size
+    return max(1, math.ceil(config.epochs * batches_per_epoch / config.grad_accumulation))
+
+
+def learning_rate_schedule(config: TrainingConfig, steps: int):
+    """step -> learning rate: linear warmup from 0, then constant, linear or cosine decay."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    floor = peak * config.min_lr_ratio
+    decay_steps = max(1, steps - warmup)
+
+    def schedule(step):
+        step = mx.array(step, mx.float32)
+        warm = peak * mx.minimum(1.0, (step + 1) / max(1, warmup)) if warmup else mx.array(peak)
+        progress = mx.clip((step - warmup) / decay_steps, 0.0, 1.0)
+        if config.lr_schedule == "linear":
+            decayed = floor + (peak - floor) * (1 - progress)
+        elif config.lr_schedule == "cosine":
+            decayed = floor + (peak - floor) * 0.5 * (1 + mx.cos(math.pi * progress))
+        else:
+            decayed = mx.array(peak)
+        return mx.where(step < warmup, warm, decayed)
+
+    return schedule
+
+
+def masked_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over target tokens; also returns the target count."""
+    logits = model(tokens[:, :-1])  # (B, T-1, V)
+    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:]) * mask
+    count = mask.sum()
+    return ce.sum() / mx.maximum(count, 1), count
+
+
+def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, max_batches: int = -1) -> float:
+    """Token-weighted mean loss over (up to `max_batches` of) a split."""
+    total, count = 0.0, 0.0
+    for tokens, mask, _ in iterate_eval(examples, batch_size, max_batches):
+        loss, n = masked_loss(model, mx.array(tokens), mx.array(mask))
+        mx.eval(loss, n)
+        total += loss.item() * n.item()
+        count += n.item()
+    return total / max(count, 1)
+
+
+def enable_grad_checkpoint(model: nn.Module) -> None:
+    """Recompute each transformer block's activations in the backward pass.
+
+    Only this model's blocks change class (to a subclass that checkpoints), not every instance
+    of the architecture in the process.
+    """
+    for block in model.layers:
+        base = type(block)
+        if getattr(base, "_mlx_lora_checkpointed", False):
+            continue
+
+        def checkpointed_call(self, *args, __base=base, **kwargs):
+            def inner(params, *args, **kwargs):
+                self.update(params)
+                return __base.__call__(self, *args, **kwargs)
+
+            return mx.checkpoint(inner)(self.trainable_parameters(), *args, **kwargs)
+
+        block.__class__ = type(f"Checkpointed{base.__name__}", (base,), {"__call__": checkpointed_call, "_mlx_lora_checkpointed": True})
+
+
+class GracefulInterrupt:
+    """Turn the first Ctrl-C into a flag checked between steps (a second one interrupts at once).
+
+    Stopping between steps means the checkpoint never holds a half-applied update.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=()) -> dict:
+    """Train the trainable (adapter) parameters of `model`; returns a summary dict.
+
+    Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
+    """
+    output_dir = Path(output_dir)
+    steps = total_steps(config, len(train_set))
+    make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
+    optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config, steps), weight_decay=config.weight_decay)
+    position = BatchPosition()
+    start_step = 0
+    mx.random.seed(seed)
+    if resume:
+        state = checkpoints.load_latest(output_dir, model, optimizer)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; start without --resume")
+        start_step, position = state["step"], BatchPosition(**state["position"])
+    else:
+        optimizer.init(model.trainable_parameters())
+    if config.grad_checkpoint:
+        enable_grad_checkpoint(model)
+
+    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    accumulation = config.grad_accumulation
+    compiled_state = [model.state, optimizer.state, mx.random.state]
+
+    def step_fn(tokens, mask, previous_grad, do_update):
+        (loss, count), grad = loss_and_grad(model, tokens, mask)
+        if previous_grad is not None:
+            grad = tree_map(mx.add, grad, previous_grad)
+        if do_update:
+            if accumulation > 1:
+                grad = tree_map(lambda g: g / accumulation, grad)
+            if config.grad_clip is not None:
+                grad, _ = optim.clip_grad_norm(grad, config.grad_clip)
+            optimizer.update(model, grad)
+            grad = None
+        return loss, count, grad
+
+    if config.compile:
+        step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
+
+    for callback in callbacks:
+        callback.on_start({"total_steps": steps, "start_step": start_step})
+    model.train()
+    batches = iterate_train(train_set, config.batch_size, seed, position)
+    window_loss, window_tokens, window_steps = 0.0, 0, 0
+    window_start = time.perf_counter()
+    elapsed_before = checkpoints.elapsed_of(output_dir) if resume else 0.0
+    run_start = time.perf_counter()
+    last_good = None
+    step = start_step
+    val_loss = None
+    mx.reset_peak_memory()
+
+    def save(at_step: int) -> Path:
+        path = checkpoints.save(output_dir, model, optimizer, at_step, position,
+                                elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
+        for callback in callbacks:
+            callback.on_checkpoint(path)
+        return path
+
+    with GracefulInterrupt() as interrupt:
+        while step < steps:
+            if interrupt.requested:
+                path = save(step) if step > start_step else last_good
+                for callback in callbacks:
+                    callback.on_interrupt(step, path)
+                raise KeyboardInterrupt
+            position_before = BatchPosition(position.epoch, position.index)
+            grad = None
+            step_loss, step_tokens = 0.0, 0
+            for micro in range(accumulation):
+                tokens, mask, n_tokens = next(batches)
+                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), grad, micro == accumulation - 1)
+                mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
+                step_loss += loss.item() / accumulation
+                step_tokens += n_tokens
+            if not math.isfinite(step_loss):
+                position.epoch, position.index = position_before.epoch, position_before.index
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise TrainingStopped(
+                    f"loss became {step_loss} at step {step + 1}; stopped ({kept}). "
+                    "Lower training.learning_rate, enable training.grad_clip, or check the data."
+                )
+            step += 1
+            window_loss += step_loss
+            window_tokens += step_tokens
+            window_steps += 1
+            is_last = step == steps
+            if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set:
+                model.eval()
+                val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
+                model.train()
+            else:
+                val_loss = None
+            if step % config.steps_per_report == 0 or is_last or val_loss is not None:
+                now = time.perf_counter()
+                report = StepReport(
+                    step=step, total_steps=steps, train_loss=window_loss / window_steps,
+                    learning_rate=float(optimizer.learning_rate.item()), tokens=window_tokens,
+                    tokens_per_second=window_tokens / max(now - window_start, 1e-9),
+                    peak_memory_gb=mx.get_peak_memory() / 1e9,
+                    elapsed_s=elapsed_before + now - run_start, val_loss=val_loss,
+                )
+                for callback in callbacks:
+                    callback.on_report(report)
+                window_loss, window_tokens, window_steps = 0.0, 0, 0
+                window_start = time.perf_counter()
+            if config.save_every and step % config.save_every == 0 and not is_last:
+                last_good = save(step)
+    final = save(step)
+    summary = {
+        "steps": step, "final_checkpoint": str(final),
+        "elapsed_s": elapsed_before + time.perf_counter() - run_start,
+        "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": val_loss,
+    }
+    for callback in callbacks:
+        callback.on_end(summary)
+    return summary

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Train LoRA / QLoRA adapters on MLX.
+#   ./train_by_mlx.sh                                   # the built-in demo (configs/demo.yaml -> runs/demo/)
+#   ./train_by_mlx.sh configs/my.yaml training.iters=50 output_dir=runs/try
+#   ./train_by_mlx.sh configs/my.yaml --resume          # continue after Ctrl-C or a crash
+set -euo pipefail
+cd "$(dirname "$0")"
+echo "==> checking the environment"
+PYTHON="$(python3 -m mlx_lora.bootstrap)"
+echo "==> mlx-lora train $*"
+exec "$PYTHON" -m mlx_lora train "$@"
