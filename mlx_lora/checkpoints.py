@@ -1,8 +1,8 @@
 """Resumable checkpoints and atomic file writes.
 
 A checkpoint is a folder `checkpoints/step_000120/` with `adapters.safetensors`,
-`optimizer.safetensors` (AdamW moments, step count, RNG key) and `state.json` (step, data
-position, elapsed time). It is written under a temporary name and renamed into place, so a
+`optimizer.safetensors` (AdamW moments, step count) and `state.json` (step, data position,
+elapsed time). Random draws (dropout) are seeded from (seed, step), so they need no saving. It is written under a temporary name and renamed into place, so a
 crash never leaves a half checkpoint; `latest` names the newest complete one.
 """
 
@@ -68,7 +68,6 @@ def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: flo
         adapters = dict(tree_flatten(model.trainable_parameters()))
         mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
         opt_state = dict(tree_flatten(optimizer.state))
-        opt_state["__rng_key__"] = mx.random.state[0]
         mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
         state = {"version": STATE_VERSION, "step": step, "elapsed_s": elapsed_s,
                  "position": {"epoch": position.epoch, "index": position.index}}
@@ -117,7 +116,6 @@ def load_latest(output_dir: Path, model, optimizer) -> dict | None:
                          "resume with the same model and lora settings, or start a new output_dir")
     model.load_weights(list(adapters.items()), strict=False)
     opt_state = mx.load(str(path / "optimizer.safetensors"))
-    mx.random.state[0] = opt_state.pop("__rng_key__")
     optimizer.init(model.trainable_parameters())  # the right nested structure, then fill it in
     for key, value in opt_state.items():
         _assign(optimizer.state, key.split("."), value)

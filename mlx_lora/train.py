@@ -1,8 +1,8 @@
 """The training loop: AdamW with warmup and decay, accumulation, clipping, checkpointing, resume.
 
 `train()` takes a prepared model and tokenized data and talks only through callbacks (see
-`report.py`). Checkpoints hold adapters, optimizer state, step, data position and RNG state,
-so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
+`report.py`). Checkpoints hold adapters, optimizer state, step and data position (dropout is
+seeded by step), so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
 """
 
 from __future__ import annotations
@@ -210,6 +210,8 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             grad = None
             step_loss, step_tokens = 0.0, 0
             for micro in range(accumulation):
+                # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
+                mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
                 tokens, mask, n_tokens = next(batches)
                 loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), grad, micro == accumulation - 1)
                 mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))

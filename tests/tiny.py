@@ -59,6 +59,8 @@ def make_model_dir(folder: Path, seed: int = 0, layers: int = 2, hidden_size: in
     mx.random.seed(seed)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     weights = dict(tree_flatten(model.parameters()))
+    # MLX's default init gives logits within about +-4, too flat to learn from in a few steps.
+    weights["lm_head.weight"] = weights["lm_head.weight"] * 3
     mx.save_safetensors(str(folder / "model.safetensors"), weights)
     (folder / "config.json").write_text(json.dumps(config, indent=2))
     return folder

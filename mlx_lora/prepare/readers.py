@@ -58,7 +58,9 @@ class Skipped:
 def snippet(text: str, col: int = 1) -> str:
     """A short excerpt of `text` around column `col`, for error messages."""
     text = text.rstrip("\r\n")
-    start = max(0, col - 1 - SNIPPET_CHARS // 2)
+    if len(text) <= SNIPPET_CHARS:
+        return repr(text)
+    start = max(0, min(col - 1 - SNIPPET_CHARS // 2, len(text) - SNIPPET_CHARS))
     piece = text[start : start + SNIPPET_CHARS]
     prefix = "..." if start > 0 else ""
     suffix = "..." if start + SNIPPET_CHARS < len(text) else ""
@@ -131,9 +133,10 @@ def _check_encoding(encoding: str) -> str:
 
 
 def _decode_error(path: Path, line: int, offset: int, err: UnicodeDecodeError, encoding: str) -> str:
-    bad = err.object[err.start : err.start + 4]
+    bad = err.object[err.start : err.end]
+    col = len(err.object[: err.start].decode(encoding, errors="replace")) + 1
     gz = " (of the decompressed data)" if path.name.lower().endswith(".gz") else ""
-    return (f"{path}:{line}: bytes {bad!r} at byte offset {offset + err.start}{gz} are not valid {encoding}; "
+    return (f"{path}:{line}:{col}: byte(s) {bad!r} at byte offset {offset + err.start}{gz} are not valid {encoding}; "
             "pass --encoding (e.g. --encoding latin-1 or cp1252) or fix the file")
 
 

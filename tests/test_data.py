@@ -1,0 +1,114 @@
+"""Data loading: masks cover exactly the assistant tokens, bad rows are named, batches are stable."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mlx_lora.config import DataConfig
+from mlx_lora.data import (BatchPosition, DataError, collate, iterate_train, load_datasets, load_split,
+                           tokenize_chat, tokenize_row)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from mlx_lm.utils import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_mask_marks_exactly_every_assistant_turn(tokenizer):
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "say fox"},
+        {"role": "assistant", "content": "fox"},
+        {"role": "user", "content": "and again"},
+        {"role": "assistant", "content": "fox fox"},
+    ]
+    tokens, mask = tokenize_chat(tokenizer, messages)
+    assert len(tokens) == len(mask)
+    assert tokenizer.decode(tokens) == tokenizer.apply_chat_template(messages, tokenize=False)
+    # The masked tokens, in order, are the two assistant turns with their end-of-turn markers.
+    spans, current = [], []
+    for token, is_target in zip(tokens, mask):
+        if is_target:
+            current.append(token)
+        elif current:
+            spans.append(tokenizer.decode(current))
+            current = []
+    if current:
+        spans.append(tokenizer.decode(current))
+    assert spans == ["fox<|im_end|>\n", "fox fox<|im_end|>\n"]
+
+
+def test_train_on_prompt_and_completions_and_text(tokenizer):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    example = tokenize_row(tokenizer, chat, "chat", train_on_prompt=True)
+    assert all(example.mask)
+    completion = tokenize_row(tokenizer, {"prompt": "hi", "completion": "hello"}, "completions", False)
+    chat_example = tokenize_row(tokenizer, chat, "chat", False)
+    assert completion.tokens == chat_example.tokens and completion.mask == chat_example.mask
+    text = tokenize_row(tokenizer, {"text": "the quick fox"}, "text", False)
+    assert all(text.mask) and text.tokens[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("row, message", [
+    ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl:2:\d+: invalid JSON"),
+    ({"messages": [{"role": "user", "content": "only a question"}]}, r"bad\.jsonl:2: no assistant message"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, r"bad\.jsonl:2: messages\[0\]\.role is 'robot'"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "x"}]},
+     r"bad\.jsonl:2: messages\[0\]\.content must be a string"),
+    ({"prompt": "p", "completion": ["x"]}, r"bad\.jsonl:2: 'completion' must be a string"),
+    ({"question": "q"}, r"bad\.jsonl:2: unknown row format"),
+    ({"text": "fine"}, r"bad\.jsonl: mixes formats \(chat at line 1, text at line 2\)"),
+])
+def test_bad_rows_name_file_and_line(tmp_path, tokenizer, row, message):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    path = write_jsonl(tmp_path / "bad.jsonl", [good, row])
+    with pytest.raises(DataError, match=message):
+        load_split(path, tokenizer, DataConfig(path=str(tmp_path)))
+
+
+def test_missing_and_empty_files(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="data.path: .* is not a folder"):
+        load_datasets(DataConfig(path=str(tmp_path / "nope")), tokenizer)
+    (tmp_path / "train.jsonl").write_text("\n")
+    with pytest.raises(DataError, match=r"train\.jsonl: no examples \(the file is empty\)"):
+        load_datasets(DataConfig(path=str(tmp_path)), tokenizer)
+    with pytest.raises(DataError, match=r"valid\.jsonl: file not found"):
+        write_jsonl(tmp_path / "train.jsonl", [{"text": "some words"}])
+        load_datasets(DataConfig(path=str(tmp_path)), tokenizer)
+
+
+def test_overlong_rows_truncated_or_dropped_and_counted(tmp_path, tokenizer):
+    long_answer = "fox " * 60
+    rows = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": long_answer}]}]
+    path = write_jsonl(tmp_path / "train.jsonl", rows)
+    from mlx_lora.data import DataStats
+
+    stats = DataStats()
+    kept = load_split(path, tokenizer, DataConfig(path=str(tmp_path), max_seq_length=24), stats)
+    assert len(kept) == 2 and stats.truncated == 1 and max(len(e.tokens) for e in kept) == 24
+    stats = DataStats()
+    kept = load_split(path, tokenizer, DataConfig(path=str(tmp_path), max_seq_length=24, overlong="drop"), stats)
+    assert len(kept) == 1 and stats.dropped_overlong == 1
+
+
+def test_batches_group_lengths_and_resume_position_is_exact(tiny_data_dir, tokenizer):
+    datasets, _ = load_datasets(DataConfig(path=str(tiny_data_dir)), tokenizer)
+    train = datasets["train"]
+    stream = iterate_train(train, 4, seed=3, position=BatchPosition())
+    first = [next(stream) for _ in range(9)]  # crosses an epoch boundary (24 rows / 4 = 6 batches)
+    resumed = iterate_train(train, 4, seed=3, position=BatchPosition(epoch=1, index=1))
+    for expected in first[7:]:
+        got = next(resumed)
+        assert np.array_equal(got[0], expected[0]) and np.array_equal(got[1], expected[1])
+    tokens, mask, count = collate(train, [0, 1, 2])
+    assert tokens.shape[1] % 8 == 0 and mask.shape == (3, tokens.shape[1] - 1)
+    assert count == sum(len(train[i].tokens) for i in range(3))
