@@ -1,0 +1,122 @@
+"""End to end through the command line on a tiny model: the documented files, mlx-lm compatibility,
+and one-line errors (no traceback) for user mistakes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+METRIC_KEYS = {"step", "train_loss", "learning_rate", "tokens", "tokens_per_second", "peak_memory_gb", "elapsed_s"}
+
+
+def mlx_lora(*args, cwd=ROOT, env_extra=None):
+    env = dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1", **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "mlx_lora", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def write_config(tmp_path, model_dir, data_dir, **sections):
+    config = {"model": str(model_dir), "output_dir": str(tmp_path / "run"), "data": {"path": str(data_dir), "max_seq_length": 64},
+              "lora": {"rank": 4, "alpha": 8}, "quantization": {"mode": "affine", "group_size": 32},
+              "training": {"iters": 6, "batch_size": 4, "learning_rate": 5e-3, "steps_per_report": 2,
+                           "steps_per_eval": 3, "val_batches": 1, "save_every": 3},
+              "eval": {"max_new_tokens": 4}}
+    for key, value in sections.items():
+        config.setdefault(key, {}).update(value) if isinstance(value, dict) else config.__setitem__(key, value)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    result = mlx_lora("train", config, "training.iters=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / "run", result
+
+
+def test_train_writes_the_documented_output_folder(trained_run):
+    out, result = trained_run
+    names = {p.name for p in out.iterdir()}
+    expected = {"adapters.safetensors", "adapter_config.json", "train_config.yaml", "metrics.jsonl", "loss.png",
+                "checkpoints", "eval.json", "run_summary.json"}
+    assert expected <= names, f"missing {expected - names}"
+    assert names - expected <= {"peft"}, f"unexpected files {names - expected}"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6, 8]  # every 2 steps, plus validation at 3, 6 and the end
+    assert all(METRIC_KEYS <= r.keys() for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [3, 6, 8]
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["training"]["iters"] == 8
+    evaluation = json.loads((out / "eval.json").read_text())
+    for name in ("base", "tuned"):
+        assert {"exact_match", "loss", "n", "perplexity"} <= evaluation[name].keys()
+    assert "held-out test set:" in result.stdout and "exact match" in result.stdout
+    assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000006", "step_000008"]
+
+
+def test_adapters_load_in_mlx_lm_with_identical_outputs(trained_run, tiny_model_dir):
+    from mlx_lm.tuner.utils import load_adapters as mlx_lm_load_adapters
+    from mlx_lm.utils import load, load_model as mlx_lm_load_model
+
+    from mlx_lora.adapters import load_adapters
+    from mlx_lora.frozen_matmul import use_fast_frozen_layers
+    from mlx_lora.models import load_model
+    from mlx_lora.quantize import quantize_model
+
+    out, _ = trained_run
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["fine_tune_type"] == "lora" and config["lora_parameters"]["scale"] == 2.0 and config["alpha"] == 8
+    load(str(tiny_model_dir), adapter_path=str(out))  # what `mlx_lm.generate --adapter-path` does
+    # Trained on the 4-bit base: put both on that base, then compare outputs.
+    theirs, _ = mlx_lm_load_model(Path(tiny_model_dir))
+    quantize_model(theirs, "affine", bits=4, group_size=32)
+    mlx_lm_load_adapters(theirs, str(out))
+    ours, _, _ = load_model(str(tiny_model_dir))
+    quantize_model(ours, "affine", bits=4, group_size=32)
+    use_fast_frozen_layers(ours)
+    load_adapters(ours, out)
+    tokens = mx.array([[5, 9, 13, 200, 7, 3]])
+    np.testing.assert_allclose(np.array(ours(tokens)), np.array(theirs(tokens)), rtol=1e-4, atol=1e-4)
+    b = np.array(ours.model.layers[1].self_attn.q_proj.lora_b)
+    assert np.abs(b).max() > 0  # trained: the comparison is not between two base models
+
+
+def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
+    out, _ = trained_run
+    config = out / "train_config.yaml"
+    result = mlx_lora("train", config, "training.iters=10", "eval.enabled=false", "--resume")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 10 and [r["step"] for r in rows][:5] == [2, 3, 4, 6, 8]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("lora.rank=0", "lora.rank: must be a positive integer, got 0"),
+    ("lora.rnak=4", "lora.rnak: unknown key; did you mean 'lora.rank'?"),
+    ("lora.target_modules=[q_proj,qkv_proj]", "lora.target_modules: qkv_proj not found in this model"),
+    ("model=/nonexistent/model", "neither an existing path nor a hub id"),
+    ("data.path=/nonexistent", "data.path: /nonexistent is not a folder"),
+])
+def test_user_mistakes_give_one_line_errors(tiny_model_dir, tiny_data_dir, tmp_path, override, message):
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    result = mlx_lora("train", config, override)
+    assert result.returncode == 1
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_model_folder_that_is_not_a_model(tmp_path, tiny_data_dir):
+    (tmp_path / "empty").mkdir()
+    config = write_config(tmp_path, tmp_path / "empty", tiny_data_dir)
+    result = mlx_lora("train", config)
+    assert result.returncode == 1 and "is not a model folder (no config.json)" in result.stderr
