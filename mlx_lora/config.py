@@ -349,3 +349,15 @@ def describe(cls=Config, prefix: str = "") -> list[tuple[str, str, str]]:
             default = list(default)
         rows.append((f"{prefix}{f.name}", str(default), f.metadata.get("help", "")))
     return rows
+
+
+def markdown_table() -> str:
+    """The settings table of the README, generated from the dataclass metadata."""
+    lines = ["| key | default | meaning |", "|---|---|---|"]
+    for key, default, help_ in describe():
+        lines.append(f"| `{key}` | `{default}` | {help_.replace('|', '/')} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

@@ -61,3 +61,9 @@ def test_describe_covers_every_setting():
     for key in ("model", "output_dir", "data.path", "data.max_seq_length", "training.iters", "training.batch_size",
                 "training.learning_rate", "lora.rank", "lora.alpha", "lora.num_layers", "quantization.mode"):
         assert key in keys
+
+
+def test_readme_settings_table_is_current():
+    from mlx_lora.config import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate with: python -m mlx_lora.config"

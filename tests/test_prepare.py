@@ -305,3 +305,14 @@ def test_demo_splits_are_this_converters_output(tmp_path):
         produced = (tmp_path / "dates" / f"{split}.jsonl").read_bytes()
         assert produced.count(b"\n") == size
         assert produced == (demo / "dates" / f"{split}.jsonl").read_bytes(), f"{split}.jsonl is stale; rerun the README command"
+
+
+def test_output_folder_inside_the_input_folder_is_not_read_back(tmp_path):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", [{"prompt": f"p{i}", "completion": "c"} for i in range(10)])
+    for _ in range(2):  # the second run would see the first run's splits as more input
+        code, _, err = run_cli(folder, "-o", folder / "out", "--force")
+        assert code == 0, err
+    report = json.loads((folder / "out" / "transform_report.json").read_text())
+    assert report["totals"]["rows_read"] == 10 and report["ignored_files"] == []

@@ -175,7 +175,7 @@ def prepare(options: PrepareOptions, tokenizer: Any = None) -> dict:
     _validate(options)
     out = Path(options.output_dir)
     writer.check_output_dir(out, options.force)
-    files, ignored = expand_inputs([Path(p) for p in options.inputs])
+    files, ignored = expand_inputs([Path(p) for p in options.inputs], exclude=out)
     spool = writer.Spool(writer.existing_parent(out))
     try:
         run = _Run(options, spool, tokenizer)

@@ -88,17 +88,20 @@ def _is_input_name(path: Path) -> bool:
     return not path.name.startswith(".")
 
 
-def expand_inputs(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+def expand_inputs(paths: list[Path], exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
     """(files to read, files ignored): folders are searched recursively, in sorted order.
 
     Files named directly must have a supported suffix; inside folders, other files (and
-    hidden ones) are ignored and listed, so nothing disappears without a word.
+    hidden ones) are ignored and listed, so nothing disappears without a word. Files under
+    `exclude` (the output folder) are never read back as input.
     """
+    excluded = exclude.resolve() if exclude is not None else None
     files: list[Path] = []
     ignored: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file())
+            found = sorted(p for p in path.rglob("*")
+                           if p.is_file() and not (excluded and p.resolve().is_relative_to(excluded)))
             chosen = [p for p in found if _is_input_name(p)]
             ignored += [p for p in found if not _is_input_name(p)]
             if not chosen:
