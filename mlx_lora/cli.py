@@ -153,6 +153,10 @@ def main(argv: list[str] | None = None) -> int:
         except ModuleNotFoundError as err:
             print(f"error: `mlx-lora {argv[0]}` is unavailable: {err}", file=sys.stderr)
             return 1
+        import inspect
+
+        if "prog" in inspect.signature(delegate_main).parameters:
+            return delegate_main(argv[1:], prog=f"mlx-lora {argv[0]}")
         return delegate_main(argv[1:])
     args = parser.parse_args(argv)
     return run_command(args.func, args)

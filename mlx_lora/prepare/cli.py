@@ -13,9 +13,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, TextIO
 
+from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .pipeline import REPORT_NAME, PrepareOptions, prepare
 from .readers import TEXT_UNITS, TransformError
-from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 
 DESCRIPTION = """\
 Convert raw datasets into train.jsonl / valid.jsonl / test.jsonl for training.
