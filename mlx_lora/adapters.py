@@ -58,9 +58,8 @@ def read_adapter_config(folder: str | Path) -> tuple[dict, LoraConfig]:
     # mlx_lm.lora records only `scale` (= PEFT's alpha / r); ours records alpha as well.
     alpha = float(raw["alpha"]) if "alpha" in raw else float(params.get("scale", 20.0)) * rank
     keys = params.get("keys") or []
-    targets = raw.get("target_modules") or sorted({k.rsplit(".", 1)[-1] for k in keys})
-    if not targets:
-        raise ValueError(f"{path}: lora_parameters.keys is empty, so the adapted modules are unknown")
+    # mlx_lm.lora leaves `keys` out when it adapted its default set: every linear of a block.
+    targets = raw.get("target_modules") or sorted({k.rsplit(".", 1)[-1] for k in keys}) or list(LoraConfig().target_modules)
     lora = LoraConfig(rank=rank, alpha=alpha, dropout=float(params.get("dropout", 0.0)),
                       target_modules=tuple(targets), num_layers=int(raw.get("num_layers", -1)))
     return raw, lora

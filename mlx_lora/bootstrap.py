@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 VENV = ROOT / ".venv"
 REQUIRED_MODULES = ("mlx", "mlx_lm", "yaml", "tqdm", "matplotlib", "safetensors", "gguf", "transformers")
-EXTRA_MODULES = {"test": ("pytest", "hypothesis"), "cuda": ("torch", "peft", "bitsandbytes")}
+EXTRA_MODULES = {"test": ("pytest", "hypothesis", "peft"), "cuda": ("torch", "peft", "bitsandbytes")}
 
 
 def say(message: str) -> None:

@@ -120,7 +120,8 @@ def _render(tokenizer, messages, add_generation_prompt: bool, tools=None) -> str
 def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[bool]]:
     """Tokens of a chat with the mask set on every assistant turn (its content and end-of-turn)."""
     # Render growing prefixes: the text between "prompt up to turn i" and "conversation up to
-    # turn i" is assistant turn i. Each piece is tokenized alone, as at inference time.
+    # turn i" is assistant turn i. Each piece is tokenized alone, as at inference time. The
+    # template writes any BOS itself, so no special tokens are added on top (no double BOS).
     tokens: list[int] = []
     mask: list[bool] = []
     rendered = ""
@@ -133,13 +134,13 @@ def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int
             raise DataError("the chat template does not render conversations prefix by prefix; "
                             "set data.train_on_prompt: true or use a completions dataset")
         for piece, is_target in ((prompt[len(rendered):], False), (full[len(prompt):], True)):
-            ids = _encode(tokenizer, piece, first=not tokens) if piece else []
+            ids = _encode(tokenizer, piece, first=False) if piece else []
             tokens += ids
             mask += [is_target] * len(ids)
         rendered = full
     tail = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)[len(rendered):]
     if tail:
-        ids = _encode(tokenizer, tail, first=not tokens)
+        ids = _encode(tokenizer, tail, first=False)
         tokens += ids
         mask += [False] * len(ids)
     return tokens, mask

@@ -212,7 +212,7 @@ def mlx_config_from_peft(raw: dict, weights: dict, source: str) -> tuple[dict, L
     if any(int(r) != rank for r in rank_pattern.values()):
         raise ValueError(f"{source}: rank_pattern {rank_pattern} gives modules different ranks; the MLX format "
                          f"has one rank ({rank}), so this adapter cannot be converted")
-    module_paths = sorted({k.rpartition(".")[0] for k in weights})
+    module_paths = sorted({peft_key_to_mlx(k).rpartition(".")[0] for k in weights})
     scaling = peft_scaling(raw)
     factors = {}
     alpha_pattern = raw.get("alpha_pattern") or {}
@@ -265,6 +265,7 @@ def read_peft_adapter(folder: str | Path) -> tuple[dict, LoraConfig, dict]:
     """(raw PEFT config, LoraConfig, weights by MLX key as mx.array) of a PEFT LoRA folder."""
     folder = Path(folder)
     raw = _read_json(folder / PEFT_CONFIG)
+    check_peft_config(raw, str(folder / PEFT_CONFIG))  # before reading tensors of an unknown layout
     peft_weights = _load_mlx_tensors(folder / PEFT_WEIGHTS)
     _, lora, factors = mlx_config_from_peft(raw, peft_weights, str(folder))
     return raw, lora, peft_to_mlx_weights(peft_weights, factors)
@@ -291,6 +292,7 @@ def import_peft(peft_dir: str | Path, mlx_adapter_dir: str | Path) -> Path:
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: write the MLX adapter to another folder than the PEFT one")
     raw = _read_json(src / PEFT_CONFIG)
+    check_peft_config(raw, str(src / PEFT_CONFIG))  # before reading tensors of an unknown layout
     peft_weights = _load_mlx_tensors(src / PEFT_WEIGHTS)
     config, _, factors = mlx_config_from_peft(raw, peft_weights, str(src))
     dst.mkdir(parents=True, exist_ok=True)
