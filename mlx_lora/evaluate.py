@@ -13,7 +13,7 @@ from .data import Example
 from .lora import lora_layers
 from .train import evaluate_loss
 
-EVAL_BATCH = 32  # prompts generated together; bounded so the KV cache stays small
+EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
 
 
 def normalize(text: str) -> str:

@@ -5,20 +5,35 @@ triplets (packed weight, scales, biases) with groups of 32, which become the fro
 directly; no dequantize-requantize round trip (re-quantizing SmolLM2's 4-bit weights at group
 64 breaks the model). llama.cpp's converter permutes the rows of Q and K for its rope layout;
 we undo that on the packed rows. The tokenizer and chat template are rebuilt from the file's
-metadata by transformers.
+metadata by transformers, with the pre-tokenizer llama.cpp uses for the file's `tokenizer.ggml.pre`.
+
+What `mx.load` does with each GGML type (checked on mlx 0.32), and so what we accept:
+  F32, F16            as is.
+  BF16                narrowed to float16 (overflows past 65504): we read these tensors ourselves.
+  Q4_0, Q4_1, Q8_0    affine triplets, kept quantized. mlx before ml-explore/mlx#3664 decoded
+                      Q4_1 wrongly, so every quantized type is checked against gguf's decoder.
+  Q2_K, Q4_K, Q6_K    dequantized to float16 (the blocks are lost); accepted as float weights
+                      when they pass the same check. Q4_K does not: mlx scales the odd 32-weight
+                      sub-blocks with their even neighbour's scale, so Q4_K files are refused.
+  anything else       `mx.load` fails ("gguf_tensor_to_f16 failed"): refused up front.
 """
 
 from __future__ import annotations
 
+import mmap
+import struct
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import mlx.core as mx
-import mlx.nn as nn
+from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("llama",)
-# GGML tensor types MLX loads in a form we can use (others, e.g. K-quants, are refused).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q8_0")
 GGUF_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks hold 32 weights each
+NATIVE_QUANT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # arrive as MLX affine triplets
+FLOAT_TYPES = ("F32", "F16", "BF16")
+DEQUANTIZED_TYPES = ("Q2_K", "Q4_K", "Q6_K")  # mx.load turns these into float16
+SUPPORTED_TENSOR_TYPES = FLOAT_TYPES + NATIVE_QUANT_TYPES + DEQUANTIZED_TYPES
+ADVICE = "use a Q4_0, Q4_1, Q8_0, F16 or BF16 GGUF of this model, or its Hugging Face folder"
 
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
@@ -26,74 +41,197 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# HF tokenizer pre-tokenizers matching llama.cpp's `tokenizer.ggml.pre` types that split digits.
-DIGIT_SPLITTING_PRE = ("smollm", "deepseek-llm", "deepseek-coder", "starcoder", "refact", "command-r")
+
+# llama.cpp's pre-tokenizer (llama-vocab.cpp) for each `tokenizer.ggml.pre` of a byte-level BPE vocabulary.
+_GPT2_REGEX = None  # tokenizers' ByteLevel(use_regex=True) is the GPT-2 regex itself
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    # "\p{N}" first, then the GPT-2 regex: every digit is a token of its own (SmolLM2, StarCoder...)
+    "digits": ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+    "gpt2": ("gpt-2", "mpt", "olmo", "jais", "exaone4", "trillion", "granite-docling"),
+    "llama3": ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"),
+    "qwen2": ("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"),
+}
 
 
-def _meta_value(meta: dict, key: str, path: Path, default=None):
-    if key not in meta:
-        if default is not None:
-            return default
-        raise ValueError(f"{path}: GGUF metadata has no '{key}'; the file is incomplete or not a llama-family model")
-    value = meta[key]
-    return value.item() if isinstance(value, mx.array) else value
+@dataclass
+class TensorInfo:
+    """One tensor's entry in a GGUF header."""
+
+    name: str
+    type_name: str  # GGML type, e.g. "Q4_1"
+    shape: tuple[int, ...]  # numpy order: (rows, ..., row length)
+    offset: int  # from the start of the data section
 
 
-def tensor_types(path: Path) -> dict[str, str]:
-    """GGML type name of every tensor, read from the file header (memory-mapped, no weights loaded)."""
-    from gguf import GGUFReader
+@dataclass
+class GGUFHeader:
+    """A GGUF file's metadata and tensor directory (no tensor data)."""
 
-    reader = GGUFReader(str(path))
-    return {t.name: t.tensor_type.name for t in reader.tensors}
+    path: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+    tensors: dict[str, TensorInfo] = field(default_factory=dict)
+    data_start: int = 0
 
 
-def hf_config_from_metadata(meta: dict, weights: dict, path: Path) -> dict:
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse a GGUF header: metadata (strings, numbers, lists) and the tensor directory.
+
+    Ours rather than `gguf.GGUFReader`, which takes seconds on a 49k-token vocabulary.
+    """
+    from gguf import GGMLQuantizationType
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    with open(path, "rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic number); "
+                             "pass a .gguf file from llama.cpp's converter or a Hugging Face model folder")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            try:
+                return _parse_header(path, buf, GGMLQuantizationType)
+            except (struct.error, UnicodeDecodeError, IndexError) as err:
+                raise ValueError(f"{path}: the GGUF header is truncated or corrupt ({err}); download the file again") from err
+
+
+def _parse_header(path: Path, buf, type_enum) -> GGUFHeader:
+    import numpy as np
+
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    numpy_of = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+    pos = 4
+
+    def take(fmt: str):
+        nonlocal pos
+        (value,) = struct.unpack_from(fmt, buf, pos)
+        pos += struct.calcsize(fmt)
+        return value
+
+    def string() -> str:
+        nonlocal pos
+        length = take("<Q")
+        pos += length
+        return bytes(buf[pos - length: pos]).decode("utf-8")
+
+    def value(kind: int):
+        nonlocal pos
+        if kind in scalar:
+            return take(scalar[kind])
+        if kind == 8:
+            return string()
+        if kind == 9:
+            item_kind, count = take("<I"), take("<Q")
+            if item_kind in numpy_of:  # numbers in one read; kept as a list like the rest
+                items = np.frombuffer(buf, dtype=numpy_of[item_kind], count=count, offset=pos)
+                pos += items.nbytes
+                return items.tolist()
+            return [value(item_kind) for _ in range(count)]
+        raise ValueError(f"{path}: unknown GGUF metadata value type {kind}; the file is corrupt or from a newer format")
+
+    version = take("<I")
+    if version not in (2, 3):
+        raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are); "
+                         "re-convert the model with a current llama.cpp")
+    n_tensors, n_kv = take("<Q"), take("<Q")
+    header = GGUFHeader(path=path)
+    for _ in range(n_kv):
+        key = string()
+        header.metadata[key] = value(take("<I"))
+    for _ in range(n_tensors):
+        name = string()
+        dims = [take("<Q") for _ in range(take("<I"))]
+        type_id, offset = take("<I"), take("<Q")
+        try:
+            type_name = type_enum(type_id).name
+        except ValueError:
+            type_name = f"type {type_id}"
+        header.tensors[name] = TensorInfo(name, type_name, tuple(reversed(dims)), offset)
+    alignment = int(header.metadata.get("general.alignment", 32))
+    header.data_start = -(-pos // alignment) * alignment
+    return header
+
+
+def _required(header: GGUFHeader, key: str) -> Any:
+    if key not in header.metadata:
+        raise ValueError(f"{header.path}: GGUF metadata has no '{key}'; the file is incomplete or not a "
+                         "llama-family model. Re-convert it with llama.cpp's convert_hf_to_gguf.py")
+    return header.metadata[key]
+
+
+def _as_float32_text(x: float) -> float:
+    """GGUF stores floats in 32 bits: 1e-5 reads back as 9.99999974e-06; give the value that was meant."""
+    return float(f"{x:.7g}")
+
+
+def hf_config_from_header(header: GGUFHeader) -> dict:
     """A Hugging Face style config.json for a llama GGUF."""
-    arch = _meta_value(meta, "general.architecture", path)
+    meta, path = header.metadata, header.path
+    arch = _required(header, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: GGUF architecture '{arch}' is not supported (supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}); use a Hugging Face folder of the model instead")
-    if "rope_freqs.weight" in weights:
+        raise ValueError(f"{path}: general.architecture is '{arch}', which is not supported (supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}); use the model's Hugging Face folder instead")
+    if "rope_freqs.weight" in header.tensors:
         raise ValueError(f"{path}: rope frequency factors (Llama 3.1-style long-context scaling) are not supported "
-                         "from GGUF yet; use the model's Hugging Face folder instead")
-    heads = int(_meta_value(meta, f"{arch}.attention.head_count", path))
-    hidden = int(_meta_value(meta, f"{arch}.embedding_length", path))
-    vocab = meta.get("tokenizer.ggml.tokens")
+                         "from GGUF; use the model's Hugging Face folder instead")
+    if "token_embd.weight" not in header.tensors:
+        raise ValueError(f"{path}: the file has no token_embd.weight tensor; it is incomplete")
+    heads = int(_required(header, f"{arch}.attention.head_count"))
+    hidden = int(_required(header, f"{arch}.embedding_length"))
+    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
+    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
+    if rope_dims != head_dim:
+        raise ValueError(f"{path}: {arch}.rope.dimension_count is {rope_dims} but the head size is {head_dim}; "
+                         "partial rotary embeddings are not supported for llama GGUFs")
     config = {
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
-        "num_hidden_layers": int(_meta_value(meta, f"{arch}.block_count", path)),
-        "intermediate_size": int(_meta_value(meta, f"{arch}.feed_forward_length", path)),
+        "num_hidden_layers": int(_required(header, f"{arch}.block_count")),
+        "intermediate_size": int(_required(header, f"{arch}.feed_forward_length")),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(_meta_value(meta, f"{arch}.attention.head_count_kv", path, heads)),
-        "head_dim": int(_meta_value(meta, f"{arch}.rope.dimension_count", path, hidden // heads)),
-        "rms_norm_eps": float(_meta_value(meta, f"{arch}.attention.layer_norm_rms_epsilon", path)),
-        "rope_theta": float(_meta_value(meta, f"{arch}.rope.freq_base", path, 10000.0)),
-        "max_position_embeddings": int(_meta_value(meta, f"{arch}.context_length", path, 2048)),
-        "vocab_size": int(_meta_value(meta, f"{arch}.vocab_size", path, len(vocab) if vocab else 0)),
-        "tie_word_embeddings": "output.weight" not in weights,
-        "bos_token_id": int(_meta_value(meta, "tokenizer.ggml.bos_token_id", path, -1)),
-        "eos_token_id": int(_meta_value(meta, "tokenizer.ggml.eos_token_id", path, -1)),
-        "torch_dtype": "float32",
+        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
+        "head_dim": head_dim,
+        "rms_norm_eps": _as_float32_text(_required(header, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rope_theta": _as_float32_text(meta.get(f"{arch}.rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
+        # the embedding's row count, not the metadata's, is what the weights need
+        "vocab_size": int(header.tensors["token_embd.weight"].shape[0]),
+        "tie_word_embeddings": "output.weight" not in header.tensors,
+        "attention_bias": False,
+        "mlp_bias": False,
     }
-    scaling = meta.get(f"{arch}.rope.scaling.type")
+    for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
+        if name in meta:
+            config[key] = int(meta[name])
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear", "factor": float(_meta_value(meta, f"{arch}.rope.scaling.factor", path))}
-    if config["vocab_size"] <= 0:
-        raise ValueError(f"{path}: cannot tell the vocabulary size (no {arch}.vocab_size nor tokenizer.ggml.tokens)")
+        config["rope_scaling"] = {"type": "linear",
+                                  "factor": _as_float32_text(_required(header, f"{arch}.rope.scaling.factor"))}
+    elif scaling != "none":
+        raise ValueError(f"{path}: {arch}.rope.scaling.type '{scaling}' is not supported from GGUF "
+                         "(none and linear are); use the model's Hugging Face folder instead")
     return config
 
 
-def unpermute_rows(w: mx.array, n_heads: int) -> mx.array:
-    """Undo llama.cpp's rope row permutation (HF -> GGUF) on a (rows, ...) array of Q or K."""
-    rows = w.shape[0]
-    half = rows // n_heads // 2
+def permute_rows(w, n_heads: int):
+    """llama.cpp's rope row permutation (HF -> GGUF) of Q or K rows; works on numpy and mlx arrays."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def unpermute_rows(w, n_heads: int):
+    """Undo `permute_rows` (GGUF -> HF). Rows are independent, so packed weights, scales and
+    biases of a quantized tensor can each be unpermuted without dequantizing."""
+    half = w.shape[0] // n_heads // 2
     # GGUF rows are (head, half, pair); HF wants (head, pair, half).
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def map_weights(weights: dict, config: dict) -> dict[str, mx.array]:
+def map_weights(weights: dict, config: dict, path: Path) -> dict:
     """GGUF tensor names to mlx-lm llama names, with Q/K rows back in Hugging Face order."""
     mapped = {}
     for name, value in weights.items():
@@ -101,7 +239,7 @@ def map_weights(weights: dict, config: dict) -> dict[str, mx.array]:
         if module.startswith("blk."):
             _, index, part = module.split(".", 2)
             if part not in BLOCK_NAMES:
-                raise ValueError(f"unexpected GGUF tensor {name}")
+                raise ValueError(f"{path}: unexpected tensor {name} for a llama model; use the Hugging Face folder")
             if part in ("attn_q", "attn_k"):
                 heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
                 value = unpermute_rows(value, heads)
@@ -109,7 +247,7 @@ def map_weights(weights: dict, config: dict) -> dict[str, mx.array]:
         elif module in TOP_NAMES:
             mapped[f"{TOP_NAMES[module]}.{leaf}"] = value
         else:
-            raise ValueError(f"unexpected GGUF tensor {name}")
+            raise ValueError(f"{path}: unexpected tensor {name} for a llama model; use the Hugging Face folder")
     return mapped
 
 
@@ -119,66 +257,159 @@ def quantized_bits(mapped: dict) -> dict[str, int]:
     for key, scales in mapped.items():
         if key.endswith(".scales"):
             module = key[: -len(".scales")]
-            packed = mapped[f"{module}.weight"]
-            input_dims = scales.shape[-1] * GGUF_GROUP_SIZE
-            bits[module] = packed.shape[-1] * 32 // input_dims  # a uint32 packs 32 // bits weights
+            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
+            # a uint32 packs 32 // bits weights, so a row of in_features weights takes in_features * bits / 32
+            bits[module] = mapped[f"{module}.weight"].shape[-1] * 32 // in_features
     return bits
 
 
+def _raw_rows(header: GGUFHeader, info: TensorInfo, rows: int):
+    """The first `rows` rows of a tensor's bytes as stored, shape (rows, bytes per row)."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[info.type_name]]
+    row_bytes = info.shape[-1] // block * block_bytes
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + info.offset,
+                     shape=(rows * row_bytes,))
+    return np.array(data).reshape(rows, row_bytes)
+
+
+def _read_bf16(header: GGUFHeader, info: TensorInfo):
+    """A BF16 tensor, bit for bit (mx.load would narrow it to float16)."""
+    import mlx.core as mx
+
+    rows = info.shape[0] if len(info.shape) > 1 else 1
+    raw = _raw_rows(header, info, rows).view("<u2").reshape(info.shape)
+    return mx.array(raw).view(mx.bfloat16)
+
+
+def check_decoding(header: GGUFHeader, weights: dict, rows: int = 4) -> None:
+    """Compare mx.load's decoding of the first rows of one tensor per quantized type with the
+    gguf package's reference decoder; raise if they disagree (an mlx bug, e.g. Q4_1 before
+    ml-explore/mlx#3664 or Q4_K today)."""
+    import mlx.core as mx
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    seen = set()
+    for name, info in header.tensors.items():
+        if info.type_name in FLOAT_TYPES or info.type_name in seen or len(info.shape) != 2:
+            continue
+        seen.add(info.type_name)
+        n = min(rows, info.shape[0])
+        expected = dequantize(_raw_rows(header, info, n), GGMLQuantizationType[info.type_name])
+        base = name[: -len(".weight")]
+        if f"{base}.scales" in weights:
+            w, s, b = (weights[f"{base}.{k}"][:n] for k in ("weight", "scales", "biases"))
+            bits = w.shape[-1] * 32 // (s.shape[-1] * GGUF_GROUP_SIZE)
+            got = mx.dequantize(w, s, b, group_size=GGUF_GROUP_SIZE, bits=bits)
+        else:
+            got = weights[name][:n]
+        got = np.array(got.astype(mx.float32))
+        error = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
+        # float16 rounding of the decoded values stays near 1e-3 of the largest; a decoding bug is O(1) of it
+        if not error <= 1e-2 * float(np.max(np.abs(expected))) + 1e-6:
+            import mlx
+
+            raise ValueError(f"{header.path}: mlx {getattr(mlx, '__version__', '?')} decodes {info.type_name} tensors "
+                             f"wrongly ({name}: max error {error:.3g} against the gguf package's decoder); "
+                             f"upgrade mlx, or {ADVICE}")
+
+
 def load_gguf(path: str | Path):
-    """(mlx-lm llama model, TokenizerWrapper, HF-style config) from a GGUF file, quantized blocks kept."""
+    """Load a llama-family GGUF as (mlx-lm llama Model, TokenizerWrapper, Hugging Face style config).
+
+    Q4_0 / Q4_1 / Q8_0 tensors become nn.QuantizedLinear / nn.QuantizedEmbedding with their own
+    blocks (group size 32); float tensors become plain weights. The config carries
+    "quantization" (and "quantization_config") as mlx-lm writes them, so a saved copy reloads
+    with mlx_lm.utils.load.
+    """
+    import mlx.core as mx
+    import mlx.nn as nn
     from mlx_lm.models import llama
 
-    path = Path(path)
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (bad magic number)")
-    unsupported = {n: t for n, t in tensor_types(path).items() if t not in SUPPORTED_TENSOR_TYPES}
+    header = read_header(path)
+    path = header.path
+    config = hf_config_from_header(header)
+    unsupported = {n: i.type_name for n, i in header.tensors.items() if i.type_name not in SUPPORTED_TENSOR_TYPES}
     if unsupported:
         examples = ", ".join(f"{n} ({t})" for n, t in list(unsupported.items())[:3])
-        raise ValueError(f"{path}: tensor types not supported: {examples}; supported are "
-                         f"{', '.join(SUPPORTED_TENSOR_TYPES)}. Use a Q4_0, Q4_1, Q8_0 or F16 file")
-    weights, meta = mx.load(str(path), return_metadata=True)
-    config = hf_config_from_metadata(meta, weights, path)
-    mapped = {k: (v.astype(mx.float32) if v.dtype == mx.bfloat16 else v) for k, v in map_weights(weights, config).items()}
+        raise ValueError(f"{path}: tensor types mlx cannot read: {examples}"
+                         f"{' and more' if len(unsupported) > 3 else ''}; supported are "
+                         f"{', '.join(SUPPORTED_TENSOR_TYPES)}. {ADVICE[0].upper()}{ADVICE[1:]}")
+    try:
+        weights = mx.load(str(path))
+    except RuntimeError as err:
+        raise ValueError(f"{path}: mlx could not read the tensors ({err}); {ADVICE}") from err
+    check_decoding(header, weights)
+    for name, info in header.tensors.items():
+        if info.type_name == "BF16":
+            weights[name] = _read_bf16(header, info)
+    mapped = map_weights(weights, config, path)
     bits = quantized_bits(mapped)
     model = llama.Model(llama.ModelArgs.from_dict(config))
     nn.quantize(model, class_predicate=lambda p, m: {"group_size": GGUF_GROUP_SIZE, "bits": bits[p]} if p in bits else False)
-    model.load_weights(list(mapped.items()), strict=True)
+    try:
+        model.load_weights(list(mapped.items()), strict=True)
+    except ValueError as err:
+        raise ValueError(f"{path}: the tensors do not fit a llama model with this metadata ({err})") from err
     mx.eval(model.parameters())
+    float_types = {i.type_name for i in header.tensors.values() if len(i.shape) == 2} & {"BF16", "F16"}
+    config["torch_dtype"] = "bfloat16" if "BF16" in float_types else "float16" if bits or float_types else "float32"
     if bits:
-        from collections import Counter
+        default_bits = Counter(bits.values()).most_common(1)[0][0]
+        quantization: dict[str, Any] = {"group_size": GGUF_GROUP_SIZE, "bits": default_bits, "mode": "affine"}
+        # mlx-lm reads per-layer settings from here where they differ from the default (and the
+        # layers left float need no entry: it quantizes only modules whose scales it finds)
+        quantization.update({p: {"group_size": GGUF_GROUP_SIZE, "bits": b, "mode": "affine"}
+                             for p, b in sorted(bits.items()) if b != default_bits})
+        config["quantization"] = quantization
+        config["quantization_config"] = dict(quantization)
+    return model, load_gguf_tokenizer(path, header), config
 
-        config["quantization"] = {"group_size": GGUF_GROUP_SIZE, "bits": Counter(bits.values()).most_common(1)[0][0]}
-        # mlx-lm reads per-layer settings from here when they differ from the default
-        config["quantization"].update({p: {"group_size": GGUF_GROUP_SIZE, "bits": b} for p, b in bits.items()
-                                       if b != config["quantization"]["bits"]})
-    return model, load_gguf_tokenizer(path, meta), config
+
+def _pre_tokenizer_for(pre: str, header: GGUFHeader):
+    from tokenizers import Regex, pre_tokenizers
+
+    family = next((f for f, names in PRE_TOKENIZERS.items() if pre in names), None)
+    if family is None:
+        known = sorted(n for names in PRE_TOKENIZERS.values() for n in names)
+        raise ValueError(f"{header.path}: tokenizer.ggml.pre is '{pre}', a pre-tokenizer we cannot reproduce, so the "
+                         f"text would be split differently from llama.cpp (supported: {', '.join(known)}); "
+                         "use the model's Hugging Face folder instead")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=family in ("digits", "gpt2"))
+    if family == "digits":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if family == "gpt2":
+        return byte_level
+    regex = _LLAMA3_REGEX if family == "llama3" else _QWEN2_REGEX
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
 
 
-def load_gguf_tokenizer(path: str | Path, meta: dict | None = None):
-    """The tokenizer and chat template rebuilt from GGUF metadata, as an mlx-lm TokenizerWrapper."""
+def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
+    """The tokenizer and chat template rebuilt from GGUF metadata, as an mlx-lm TokenizerWrapper.
+
+    transformers rebuilds the vocabulary; we set the pre-tokenizer to the one llama.cpp uses
+    for the file's `tokenizer.ggml.pre` (transformers leaves e.g. SmolLM2's digit splitting out).
+    """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
     from transformers import AutoTokenizer
 
-    path = Path(path)
-    if meta is None:
-        _, meta = mx.load(str(path), return_metadata=True)
+    header = header or read_header(path)
+    path, meta = header.path, header.metadata
+    model_type = _required(header, "tokenizer.ggml.model")
+    _required(header, "tokenizer.ggml.tokens")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # transformers raises many types for unsupported tokenizers
-        raise ValueError(f"{path}: could not rebuild the tokenizer from the GGUF metadata ({err})") from err
-    pre = meta.get("tokenizer.ggml.pre")
-    if pre in DIGIT_SPLITTING_PRE:
-        # llama.cpp splits every digit on its own for these models before the byte-level regex.
-        from tokenizers import pre_tokenizers
-
-        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-    if not getattr(tokenizer, "chat_template", None) and "tokenizer.chat_template" in meta:
+    except Exception as err:  # transformers raises many types for tokenizers it cannot rebuild
+        raise ValueError(f"{path}: transformers could not rebuild the tokenizer from the GGUF metadata "
+                         f"(tokenizer.ggml.model '{model_type}'): {err}") from err
+    if model_type == "gpt2":  # byte-level BPE: the split before the merges depends on `pre`
+        tokenizer.backend_tokenizer.pre_tokenizer = _pre_tokenizer_for(meta.get("tokenizer.ggml.pre", "default"), header)
+    if "tokenizer.chat_template" in meta:
         tokenizer.chat_template = meta["tokenizer.chat_template"]
     eos = meta.get("tokenizer.ggml.eos_token_id")
-    eos_ids = [int(eos.item())] if isinstance(eos, mx.array) else None
-    return TokenizerWrapper(tokenizer, eos_token_ids=eos_ids)
+    return TokenizerWrapper(tokenizer, eos_token_ids=[int(eos)] if eos is not None else None)

@@ -7,6 +7,7 @@ The fast products with these frozen weights live in `frozen_matmul.py`; LoRA wra
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -28,13 +29,42 @@ NF4_LEVELS: tuple[float, ...] = (
 )
 
 
+# The decode tables are built from numpy, never from mx ops: a table first built inside an
+# `mx.compile` trace would otherwise be cached as a placeholder of that trace.
 @lru_cache(maxsize=1)
-def _packed_pairs() -> tuple[tuple[float, float], ...]:
-    """For each byte value, the two NF4 levels it packs: first element in the high nibble (bitsandbytes).
+def _byte_table() -> mx.array:
+    """(256, 2) float32: the two NF4 levels each byte packs, the first element in the high nibble."""
+    import numpy as np
 
-    Gathering 8 bytes per packed byte from this (256, 2) table unpacks and decodes in one `take`.
+    levels, byte = np.array(NF4_LEVELS, np.float32), np.arange(256)
+    return mx.array(np.stack([levels[byte >> 4], levels[byte & 0xF]], axis=-1))
+
+
+@lru_cache(maxsize=1)
+def _pair_table() -> mx.array:
+    """(65536, 4) float32: the four NF4 levels of each little-endian uint16 (two packed bytes).
+
+    A constant built once (1 MiB). Decoding two bytes per gather is ~1.5x faster than one byte per
+    gather with MLX's CPU `take` (measured: 2.1 vs 3.2 ms for a 1536x576 weight).
     """
-    return tuple((NF4_LEVELS[byte >> 4], NF4_LEVELS[byte & 0xF]) for byte in range(256))
+    import numpy as np
+
+    table, word = np.array(_byte_table()), np.arange(65536)
+    return mx.array(np.concatenate([table[word & 0xFF], table[word >> 8]], axis=-1))
+
+
+@lru_cache(maxsize=1)
+def _dynamic_table() -> mx.array:
+    import numpy as np
+
+    return mx.array(np.array(dynamic_map(), np.float32))
+
+
+def _decode_packed(packed: mx.array) -> mx.array:
+    """(n / 2,) uint8 packed NF4 codes -> (n,) float32 levels, in element order."""
+    if packed.size % 2 == 0 and sys.byteorder == "little":  # every Apple silicon and x86 machine
+        return mx.take(_pair_table(), mx.view(packed, mx.uint16), axis=0).reshape(-1)
+    return mx.take(_byte_table(), packed, axis=0).reshape(-1)
 
 
 @lru_cache(maxsize=1)
@@ -140,7 +170,8 @@ def nf4_dequantize(params: dict[str, mx.array], shape: tuple[int, ...], block_si
                    double_quant_block_size: int = 256) -> mx.array:
     """The float32 weight of `shape` from `nf4_quantize`'s params (double quantization detected by keys).
 
-    Vectorized: one gather unpacks and decodes each byte, one broadcast multiply applies absmax.
+    Vectorized: a table gather unpacks and decodes two bytes at a time, one broadcast multiply
+    applies absmax; no loop over blocks.
     """
     absmax = params["absmax"]
     if "nested_absmax" in params:  # (nblocks,) uint8 -> float32, as bitsandbytes: code[q] * scale + offset
@@ -148,11 +179,10 @@ def nf4_dequantize(params: dict[str, mx.array], shape: tuple[int, ...], block_si
         pad = -codes.size % double_quant_block_size
         if pad:
             codes = mx.concatenate([codes, mx.zeros((pad,), codes.dtype)])
-        decoded = mx.take(mx.array(dynamic_map(), dtype=mx.float32), codes.reshape(-1, double_quant_block_size), axis=0)
+        decoded = mx.take(_dynamic_table(), codes.reshape(-1, double_quant_block_size), axis=0)
         absmax = (decoded * params["nested_absmax"][:, None]).reshape(-1)[: params["absmax"].size]
         absmax = absmax + params["offset"]
-    values = mx.take(mx.array(_packed_pairs(), dtype=mx.float32), params["weight"], axis=0)  # (n_padded / 2, 2)
-    weight = values.reshape(-1, block_size) * absmax[:, None]  # (nblocks, block_size)
+    weight = _decode_packed(params["weight"]).reshape(-1, block_size) * absmax[:, None]  # (nblocks, block_size)
     n = math.prod(shape)
     weight = weight.reshape(-1)
     if weight.size != n:
@@ -203,21 +233,16 @@ class NF4Linear(nn.Module):
         return nf4_dequantize(dict(zip(self._names, weight_arrays)), (self.output_dims, self.input_dims),
                               self.block_size, self.double_quant_block_size)
 
-    def unfreeze(self, *args, **kwargs):
-        # Packed codes cannot take gradients: stay frozen even when a parent unfreezes everything.
-        super().unfreeze(*args, **kwargs)
-        self.freeze(recurse=False)
-        return self
-
     def _extra_repr(self) -> str:
         return (f"input_dims={self.input_dims}, output_dims={self.output_dims}, bias={'bias' in self}, "
                 f"block_size={self.block_size}, double_quant={self.double_quant}")
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = x.astype(mx.float32) @ self.dequantize(*self.weight_arrays()).T  # (..., out)
-        if "bias" in self:
-            y = y + self.bias
-        return y.astype(x.dtype)
+        # No fused NF4 kernel exists on either device: dequantize + matmul, with the weight
+        # recomputed in the backward pass instead of kept alive (see frozen_matmul).
+        from .frozen_matmul import frozen_linear
+
+        return frozen_linear(self, x)
 
 
 @dataclass

@@ -1,0 +1,441 @@
+"""Fusing adapters into their base: a Hugging Face folder (and optionally a GGUF file) to ship.
+
+`fuse_adapters` merges, optionally re-quantizes, and checks the result against base + adapters
+on test prompts: re-quantizing a fused model can silently erase a fine-tune, so the check's
+numbers (largest logit difference, greedy-token agreement) are returned and written to
+`fuse_report.json`. GGUF export (llama family, f16) lives here too; loading models is `models.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+FUSED_DIRNAME = "fused"
+REPORT_NAME = "fuse_report.json"
+GGUF_NAME = "model-f16.gguf"
+DTYPES = ("float16", "bfloat16", "float32")
+# Below this greedy agreement with base + adapters the fused model is reported as degraded.
+MIN_AGREEMENT = 0.95
+# When fused agrees with base + adapters hardly more often than the bare base does, most of
+# the fine-tune is gone: warn when it keeps less than this fraction of the adapters' effect.
+MIN_KEPT_EFFECT = 0.75
+CHECK_LIMIT = 8
+FALLBACK_PROMPTS = ("Hello! Who are you?", "Write one sentence about the sea.", "What is 12 + 30?")
+
+# mlx-lm llama module names -> llama.cpp GGUF tensor names.
+GGUF_BLOCK_NAMES = {
+    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+}
+GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+
+
+@dataclass
+class FuseResult:
+    """What `fuse_adapters` wrote and what its check found."""
+
+    out_dir: Path
+    report: dict
+    gguf_path: Path | None = None
+    warnings: list[str] = field(default_factory=list)
+
+
+# --- the check ----------------------------------------------------------------------------------
+
+def check_sequences(tokenizer, prompts_file: Path | None, limit: int = CHECK_LIMIT) -> list[tuple[list[int], list[bool]]]:
+    """(tokens, positions to compare) for up to `limit` test rows, or generic prompts without a file.
+
+    With a chat/completions test split the compared positions are the answer tokens; generic
+    prompts compare every position.
+    """
+    if prompts_file is not None and Path(prompts_file).is_file():
+        from .config import DataConfig
+        from .data import load_split
+
+        examples = load_split(Path(prompts_file), tokenizer, DataConfig(path=str(Path(prompts_file).parent)))
+        chosen = [(e.tokens, e.mask) for e in examples if any(e.mask)][:limit]
+        if chosen:
+            return chosen
+    sequences = []
+    for text in FALLBACK_PROMPTS[:limit]:
+        if getattr(tokenizer, "chat_template", None):
+            tokens = list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True))
+        else:
+            tokens = list(tokenizer.encode(text))
+        sequences.append((tokens, [True] * len(tokens)))
+    return sequences
+
+
+def model_logits(model, sequences) -> list:
+    """Float32 logits at the compared positions of each sequence: a list of (positions, vocab) arrays."""
+    import mlx.core as mx
+    import numpy as np
+
+    out = []
+    for tokens, positions in sequences:
+        # The logits at position i predict token i + 1, so the target at i is scored by i - 1.
+        index = np.array([i - 1 for i, keep in enumerate(positions) if keep and i > 0] or [len(tokens) - 1])
+        logits = model(mx.array(tokens)[None])[0, mx.array(index)].astype(mx.float32)
+        mx.eval(logits)
+        out.append(logits)
+    return out
+
+
+def compare_logits(reference: list, candidate: list) -> dict:
+    """Largest and mean absolute logit difference and greedy-token agreement of two runs."""
+    import mlx.core as mx
+
+    max_diff, total_diff, agree, count = 0.0, 0.0, 0, 0
+    for ref, cand in zip(reference, candidate):
+        diff = mx.abs(ref - cand)
+        max_diff = max(max_diff, diff.max().item())
+        total_diff += diff.mean().item() * ref.shape[0]
+        agree += (mx.argmax(ref, axis=-1) == mx.argmax(cand, axis=-1)).sum().item()
+        count += ref.shape[0]
+    return {"max_logit_diff": max_diff, "mean_logit_diff": total_diff / max(count, 1),
+            "greedy_agreement": agree / max(count, 1), "positions": count}
+
+
+def verdict(fused: dict, base: dict | None) -> list[str]:
+    """Warnings (possibly none) about a fused model that no longer behaves like base + adapters."""
+    warnings = []
+    if fused["greedy_agreement"] < MIN_AGREEMENT:
+        warnings.append(f"the fused model picks the same next token as base + adapters at only "
+                        f"{100 * fused['greedy_agreement']:.1f}% of the answer positions (largest logit "
+                        f"difference {fused['max_logit_diff']:.3f}); below {100 * MIN_AGREEMENT:.0f}%")
+    if base is not None and base["greedy_agreement"] < 1.0:
+        # 0 = behaves like the bare base, 1 = behaves exactly like base + adapters.
+        kept = (fused["greedy_agreement"] - base["greedy_agreement"]) / (1.0 - base["greedy_agreement"])
+        fused["kept_effect"] = kept
+        if kept < MIN_KEPT_EFFECT:
+            warnings.append(f"only {100 * max(kept, 0):.0f}% of the adapters' effect on greedy tokens survives "
+                            f"(base alone agrees {100 * base['greedy_agreement']:.1f}%, fused "
+                            f"{100 * fused['greedy_agreement']:.1f}%): the fine-tune is being lost")
+    if warnings:
+        warnings.append("re-quantization has degraded the fine-tune: serve the float fused model, use "
+                        "--quantize 8, or serve base + adapters (convert_and_serve.sh --no-fuse)")
+    return warnings
+
+
+# --- fusing ---------------------------------------------------------------------------------------
+
+def _mx_dtype(name: str):
+    import mlx.core as mx
+
+    if name not in DTYPES:
+        raise ValueError(f"dtype: {name!r} is not one of {', '.join(DTYPES)}")
+    return getattr(mx, name)
+
+
+def cast_floats(model, dtype) -> None:
+    """Cast every floating-point parameter of `model` to `dtype` in place."""
+    import mlx.core as mx
+    from mlx.utils import tree_map
+
+    model.update(tree_map(lambda a: a.astype(dtype) if mx.issubdtype(a.dtype, mx.floating) else a,
+                          model.parameters()))
+
+
+def requantize(model, config: dict, bits: int, group_size: int) -> None:
+    """Affine-quantize every linear and embedding whose width fits `group_size`; records it in config."""
+    import mlx.nn as nn
+
+    if bits not in (4, 8):
+        raise ValueError(f"--quantize: bits must be 4 or 8, got {bits}")
+    if group_size not in (32, 64, 128):
+        raise ValueError(f"--group-size must be 32, 64 or 128, got {group_size}")
+    nn.quantize(model, group_size=group_size, bits=bits,
+                class_predicate=lambda _, m: hasattr(m, "to_quantized") and m.weight.shape[-1] % group_size == 0)
+    config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+
+
+def save_hf_folder(out_dir: Path, model, tokenizer, config: dict) -> None:
+    """config.json, model.safetensors (+ index) and tokenizer files, in the layout mlx-lm and transformers read."""
+    from mlx_lm.utils import save_config, save_model
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(out_dir, model)
+    save_config(copy.deepcopy(config), out_dir / "config.json")
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "float16",
+                  quantize_bits: int | None = None, group_size: int = 64, gguf: bool = False,
+                  check_prompts: str | Path | None = None, check: bool = True,
+                  check_limit: int = CHECK_LIMIT) -> FuseResult:
+    """Merge the adapters in `adapter_dir` into `model_source` and write a Hugging Face folder.
+
+    Args:
+        dtype: float type of the written weights (the base is dequantized first).
+        quantize_bits: 4 or 8 to affine-quantize the fused weights again (then checked).
+        gguf: also write `model-f16.gguf` (llama family).
+        check_prompts: a JSONL test split whose answers the check compares on.
+    Returns a FuseResult; its `warnings` are non-empty when the fused model lost the fine-tune.
+    """
+    import mlx.core as mx
+    from mlx_lm.utils import dequantize_model
+
+    from .adapters import load_adapters
+    from .evaluate import adapters_disabled
+    from .frozen_matmul import use_fast_frozen_layers
+    from .lora import fuse_lora
+    from .models import load_model
+
+    target_dtype = _mx_dtype(dtype)
+    out_dir = Path(out_dir)
+    model, tokenizer, info = load_model(model_source)
+    use_fast_frozen_layers(model)
+    adapter_raw = load_adapters(model, adapter_dir)
+
+    sequences = check_sequences(tokenizer, Path(check_prompts) if check_prompts else None, check_limit) if check else []
+    reference = model_logits(model, sequences)
+    with adapters_disabled(model):
+        bare = model_logits(model, sequences)
+
+    fused_count = fuse_lora(model, mx.float32)
+    dequantize_model(model)  # layers the adapters did not touch (embeddings, lm_head) may still be quantized
+    cast_floats(model, target_dtype)
+    mx.eval(model.parameters())
+
+    config = {k: v for k, v in info.hf_config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype
+    gguf_path = None
+    if gguf:
+        gguf_path = out_dir / GGUF_NAME
+        source_gguf = Path(info.path) if info.kind in ("gguf", "demo") else None
+        export_gguf(gguf_path, model, config, tokenizer, source_gguf)
+    if quantize_bits is not None:
+        requantize(model, config, quantize_bits, group_size)
+        use_fast_frozen_layers(model)  # same keys; only makes the check below fast on the CPU
+    candidate = model_logits(model, sequences)
+
+    report: dict = {"model": model_source, "adapter": str(adapter_dir), "fused_layers": fused_count,
+                    "dtype": dtype, "quantization": config.get("quantization"), "adapter_config": adapter_raw}
+    warnings: list[str] = []
+    if sequences:
+        fused_vs_tuned = compare_logits(reference, candidate)
+        base_vs_tuned = compare_logits(reference, bare)
+        warnings = verdict(fused_vs_tuned, base_vs_tuned)
+        report["check"] = {"fused_vs_base_plus_adapters": fused_vs_tuned, "base_vs_base_plus_adapters": base_vs_tuned,
+                           "prompts": len(sequences), "source": str(check_prompts or "generic prompts")}
+    report["warnings"] = warnings
+    save_hf_folder(out_dir, model, tokenizer, config)
+    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    return FuseResult(out_dir=out_dir, report=report, gguf_path=gguf_path, warnings=warnings)
+
+
+# --- GGUF export ----------------------------------------------------------------------------------
+
+def permute_rows(w, n_heads: int):
+    """llama.cpp's rope row permutation (HF -> GGUF) on the (rows, ...) weight of Q or K."""
+    rows = w.shape[0]
+    half = rows // n_heads // 2
+    # HF rows are (head, pair, half); GGUF wants (head, half, pair). Inverse of gguf.unpermute_rows.
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_tensor_name(key: str) -> str:
+    """mlx-lm llama parameter key -> GGUF tensor name (e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
+    module, _, leaf = key.rpartition(".")
+    if module.startswith("model.layers."):
+        _, _, index, part = module.split(".", 3)
+        if part in GGUF_BLOCK_NAMES:
+            return f"blk.{index}.{GGUF_BLOCK_NAMES[part]}.{leaf}"
+    elif module in GGUF_TOP_NAMES:
+        return f"{GGUF_TOP_NAMES[module]}.{leaf}"
+    raise ValueError(f"--gguf: parameter {key} has no GGUF name; only llama-family models export")
+
+
+def gguf_tensors(model, config: dict) -> dict:
+    """GGUF name -> numpy array (float16 matrices, float32 vectors as llama.cpp expects)."""
+    import mlx.core as mx
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    tensors = {}
+    for key, value in tree_flatten(model.parameters()):
+        name = gguf_tensor_name(key)
+        if name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
+            value = permute_rows(value, heads)
+        dtype = mx.float16 if value.ndim == 2 else mx.float32
+        tensors[name] = np.array(value.astype(dtype))
+    return tensors
+
+
+def _copy_tokenizer_fields(writer, source_gguf: Path) -> None:
+    """Copy every `tokenizer.*` field of the source GGUF verbatim (vocab, merges, pre, template)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    reader = GGUFReader(str(source_gguf))
+    for key, fld in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        value = fld.contents()
+        if fld.types[0] == GGUFValueType.ARRAY:
+            writer.add_key_value(key, value, GGUFValueType.ARRAY, sub_type=fld.types[-1])
+        else:
+            writer.add_key_value(key, value, fld.types[0])
+
+
+def _write_bpe_tokenizer(writer, tokenizer) -> None:
+    """Byte-level BPE vocabulary and merges from a Hugging Face tokenizer.json (the gpt2 model of llama.cpp)."""
+    from gguf import TokenType
+
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)
+    spec = json.loads(hf.backend_tokenizer.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"--gguf: tokenizer model {spec.get('model', {}).get('type')!r} cannot be exported; "
+                         "only byte-level BPE tokenizers (or a GGUF source model) are supported")
+    vocab = dict(spec["model"]["vocab"])
+    added = {t["content"]: t for t in spec.get("added_tokens", [])}
+    for content, token in added.items():
+        vocab.setdefault(content, token["id"])
+    size = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(size)]
+    types = [TokenType.UNUSED] * size
+    for content, index in vocab.items():
+        tokens[index] = content
+        special = added.get(content, {}).get("special")
+        types[index] = TokenType.CONTROL if special else TokenType.USER_DEFINED if content in added else TokenType.NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([int(t) for t in types])
+    writer.add_token_merges(merges)
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(int(tokenizer.eos_token_id))
+    if getattr(tokenizer, "bos_token_id", None) is not None:
+        writer.add_bos_token_id(int(tokenizer.bos_token_id))
+    writer.add_add_bos_token(False)
+    if getattr(tokenizer, "chat_template", None):
+        writer.add_chat_template(tokenizer.chat_template)
+
+
+def export_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None = None) -> Path:
+    """Write the float model as an f16 GGUF file for llama.cpp / Ollama (llama family only)."""
+    from gguf import GGUFWriter, LlamaFileType
+
+    if config.get("model_type") not in ("llama", "mistral"):
+        raise ValueError(f"--gguf: model_type {config.get('model_type')!r} is not supported; only the llama family exports")
+    if config.get("rope_scaling") and config["rope_scaling"].get("type", config["rope_scaling"].get("rope_type")) not in ("linear", None):
+        raise ValueError("--gguf: this model's rope scaling is not supported by the exporter")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    heads = config["num_attention_heads"]
+    writer = GGUFWriter(str(path), "llama")
+    writer.add_name(str(config.get("_name_or_path", "mlx-lora fused model")))
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
+    writer.add_rope_dimension_count(int(config.get("head_dim") or config["hidden_size"] // heads))
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    writer.add_file_type(LlamaFileType.MOSTLY_F16)
+    if config.get("rope_scaling"):
+        from gguf import RopeScalingType
+
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(config["rope_scaling"]["factor"]))
+    if source_gguf is not None:
+        _copy_tokenizer_fields(writer, source_gguf)
+    else:
+        _write_bpe_tokenizer(writer, tokenizer)
+    for name, array in gguf_tensors(model, config).items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- command line --------------------------------------------------------------------------------
+
+def resolve_inputs(config_path: str | None, model: str | None, adapter: str | None,
+                   out: str | None, prompts: str | None) -> tuple[str, Path, Path, Path | None]:
+    """(model source, adapter folder, output folder, check prompts) from a training config and/or flags."""
+    from .adapters import read_adapter_config
+
+    cfg = None
+    if config_path is not None:
+        from .config import load_config
+
+        cfg = load_config(config_path)
+    if adapter is None and cfg is None:
+        raise ValueError("no adapters given: pass a training CONFIG.yaml or --adapter DIR")
+    adapter_dir = Path(adapter) if adapter is not None else Path(cfg.output_dir)
+    if model is None:
+        model = cfg.model if cfg else read_adapter_config(adapter_dir)[0].get("model")
+        if not model:
+            raise ValueError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model SOURCE")
+    if prompts is None and cfg is not None:
+        prompts = str(Path(cfg.data.path) / "test.jsonl")
+    return model, adapter_dir, Path(out) if out else adapter_dir / FUSED_DIRNAME, Path(prompts) if prompts else None
+
+
+def build_parser(prog: str = "mlx-lora fuse") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="Merge LoRA adapters into the base model and write a "
+                                     "Hugging Face folder (and optionally GGUF).")
+    parser.add_argument("config", nargs="?", help="training config (model, output_dir and test split come from it)")
+    parser.add_argument("--model", help="base model source (default: the config's, or adapter_config.json's `model`)")
+    parser.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
+    parser.add_argument("--out", help="output folder (default: <adapter>/fused)")
+    parser.add_argument("--dtype", default="float16", choices=DTYPES, help="float type of the fused weights")
+    parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS", help="re-quantize (affine 4 or 8 bit) and check")
+    parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
+    parser.add_argument("--gguf", action="store_true", help=f"also write {GGUF_NAME} (llama family)")
+    parser.add_argument("--prompts", help="JSONL test split for the check (default: the config's test split)")
+    parser.add_argument("--check-limit", type=int, default=CHECK_LIMIT, help="test rows the check compares on")
+    parser.add_argument("--no-check", action="store_true", help="skip comparing the fused model with base + adapters")
+    return parser
+
+
+def format_check(report: dict) -> list[str]:
+    """Human-readable lines of a fuse report's check."""
+    check = report.get("check")
+    if not check:
+        return ["check: skipped"]
+    fused, base = check["fused_vs_base_plus_adapters"], check["base_vs_base_plus_adapters"]
+    return [f"check on {check['prompts']} prompts ({fused['positions']} answer positions):",
+            f"  fused vs base+adapters: greedy agreement {100 * fused['greedy_agreement']:.1f}%, "
+            f"max logit diff {fused['max_logit_diff']:.4f}",
+            f"  base  vs base+adapters: greedy agreement {100 * base['greedy_agreement']:.1f}% (what no fine-tune looks like)"]
+
+
+def run_fuse(args) -> FuseResult:
+    model, adapter_dir, out_dir, prompts = resolve_inputs(args.config, args.model, args.adapter, args.out, args.prompts)
+    return fuse_adapters(model, adapter_dir, out_dir, dtype=args.dtype, quantize_bits=args.quantize,
+                         group_size=args.group_size, gguf=args.gguf, check_prompts=prompts,
+                         check=not args.no_check, check_limit=args.check_limit)
+
+
+def print_result(result: FuseResult) -> None:
+    print(f"fused model: {result.out_dir}")
+    if result.gguf_path:
+        print(f"gguf: {result.gguf_path}")
+    for line in format_check(result.report):
+        print(line)
+    for warning in result.warnings:
+        print(f"WARNING: {warning}", file=sys.stderr)
+    if result.warnings:
+        print("!" * 72 + "\n!! the fused model does NOT behave like your fine-tune; see "
+              f"{result.out_dir / REPORT_NAME}\n" + "!" * 72, file=sys.stderr)
+
+
+def main(argv: list[str] | None = None, prog: str = "mlx-lora fuse") -> int:
+    """`mlx-lora fuse [CONFIG] [--adapter DIR] [--model SRC] [--out DIR] [--quantize 4|8] [--gguf]`."""
+    from .cli import run_command
+
+    args = build_parser(prog).parse_args(argv)
+    return run_command(lambda a: (print_result(run_fuse(a)), 0)[1], args)

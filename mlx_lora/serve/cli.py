@@ -1,0 +1,194 @@
+"""`mlx-lora serve`: settings (flags, or a YAML file), `--from-run` (fuse a training run, then serve), uvicorn.
+
+    mlx-lora serve --model demo --adapter dates=runs/demo --adapter other=runs/other
+    mlx-lora serve --from-run configs/demo.yaml            # fuse runs/demo, serve the fused model
+    mlx-lora serve --from-run configs/demo.yaml --no-fuse  # serve base + adapters
+    mlx-lora serve serve.yaml port=9000                     # settings from YAML, key=value overrides
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+API_KEY_ENV = "MLX_LORA_API_KEY"
+
+
+def _help(text: str, **kwargs) -> dict:
+    return {"metadata": {"help": text}, **kwargs}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str = field(default="", **_help("Base model source: HF folder, hub id, .gguf or `demo`."))
+    adapters: tuple[str, ...] = field(default=(), **_help("NAME=DIR adapter folders served on the base (YAML: a mapping name: dir)."))
+    model_name: str = field(default="", **_help("Id of the base in /v1/models (default: from the source)."))
+    default_model: str = field(default="", **_help("Model used when a request names none; listed first (default: the base)."))
+    host: str = field(default="127.0.0.1", **_help("Interface to bind; anything but loopback exposes the server."))
+    port: int = field(default=8080, **_help("TCP port."))
+    api_key: Optional[str] = field(default=None, **_help(f"Require `Authorization: Bearer KEY` (or set {API_KEY_ENV})."))
+    max_tokens: int = field(default=2048, **_help("Largest max_tokens a request may ask for."))
+    default_max_tokens: int = field(default=512, **_help("max_tokens when a request gives none."))
+    max_body_bytes: int = field(default=1_000_000, **_help("Largest request body; larger ones get 413."))
+    max_queue: int = field(default=256, **_help("Requests waiting for the worker before new ones get 503."))
+
+
+def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> ServeConfig:
+    """ServeConfig from an optional YAML file, `key=value` overrides, then command-line flags."""
+    import yaml
+
+    from ..config import ConfigError, _build, apply_overrides
+
+    data: dict = {}
+    source = "command line"
+    if path is not None:
+        source = path
+        if not Path(path).is_file():
+            raise ConfigError([f"serve config not found: {path}"], source)
+        try:
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError([f"invalid YAML: {err}"], source) from err
+        if not isinstance(data, dict):
+            raise ConfigError(["top level must be a mapping of keys"], source)
+    data = apply_overrides(data, overrides)
+    if isinstance(data.get("adapters"), dict):
+        data["adapters"] = [f"{name}={folder}" for name, folder in data["adapters"].items()]
+    for key, value in flags.items():
+        if value is not None and value != ():
+            data[key] = list(value) + list(data.get(key) or []) if key == "adapters" else value
+    problems: list[str] = []
+    cfg = _build(ServeConfig, data, "", problems)
+    if not cfg.model:
+        problems.append("model: required (pass --model SOURCE, --from-run CONFIG, or `model:` in the YAML)")
+    if not 0 < cfg.port < 65536:
+        problems.append(f"port: must be 1-65535, got {cfg.port}")
+    for key in ("max_tokens", "default_max_tokens", "max_body_bytes", "max_queue"):
+        if getattr(cfg, key) < 1:
+            problems.append(f"{key}: must be positive, got {getattr(cfg, key)}")
+    parse_adapters(cfg.adapters, problems)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def parse_adapters(items, problems: list[str] | None = None) -> dict[str, str]:
+    """{name: folder} from NAME=DIR strings."""
+    adapters = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep or not name or not folder:
+            message = f"adapters: {item!r} is not NAME=DIR (e.g. dates=runs/demo)"
+            if problems is None:
+                raise ValueError(message)
+            problems.append(message)
+            continue
+        adapters[name.strip()] = folder.strip()
+    return adapters
+
+
+def from_run(train_config: str, fuse: bool, report=print) -> dict:
+    """Serve settings for a training run: its fused model (fused first when stale), or base + adapters."""
+    from ..adapters import ADAPTER_WEIGHTS
+    from ..config import load_config
+
+    cfg = load_config(train_config)
+    run_dir = Path(cfg.output_dir)
+    weights = run_dir / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"no trained adapters at {weights}: train first (./train_by_mlx.sh {train_config})")
+    name = run_dir.name
+    if not fuse:
+        return {"model": cfg.model, "adapters": (f"{name}={run_dir}",), "model_name": "base", "default_model": name}
+    from ..fuse import FUSED_DIRNAME, fuse_adapters
+
+    fused_dir = run_dir / FUSED_DIRNAME
+    marker = fused_dir / "config.json"
+    if marker.is_file() and marker.stat().st_mtime >= weights.stat().st_mtime:
+        report(f"fused model is up to date: {fused_dir}")
+    else:
+        report(f"fusing {weights} into {cfg.model} -> {fused_dir}")
+        result = fuse_adapters(cfg.model, run_dir, fused_dir, check_prompts=Path(cfg.data.path) / "test.jsonl")
+        for warning in result.warnings:
+            print(f"WARNING: {warning}", file=sys.stderr)
+    return {"model": str(fused_dir), "model_name": name}
+
+
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server for a model and its LoRA adapters.",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("items", nargs="*", metavar="[SERVE.yaml] [key=value ...]")
+    parser.add_argument("--model", help="base model source (HF folder, hub id, .gguf, demo)")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="serve an adapter (repeatable)")
+    parser.add_argument("--from-run", nargs="?", const="", metavar="TRAIN_CONFIG",
+                        help="serve a training run (default config: configs/demo.yaml)")
+    parser.add_argument("--no-fuse", action="store_true", help="with --from-run: serve base + adapters, do not fuse")
+    parser.add_argument("--name", dest="model_name", help="id of the base model in /v1/models")
+    parser.add_argument("--host", help="interface to bind (default 127.0.0.1; others expose the server)")
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--api-key", help=f"require this Bearer key (better: set {API_KEY_ENV})")
+    parser.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for")
+    return parser
+
+
+def serve(cfg: ServeConfig) -> None:
+    """Load the model and adapters, print how to call the server, and serve until Ctrl-C."""
+    import uvicorn
+
+    from .app import ServerLimits, create_app
+    from .engine import Engine
+
+    if cfg.host not in LOOPBACK:
+        print(f"WARNING: binding {cfg.host}: the server is reachable from other machines"
+              + ("" if cfg.api_key else "; consider --api-key"), file=sys.stderr)
+    print(f"loading {cfg.model}" + (f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""), flush=True)
+    engine = Engine.from_source(cfg.model, parse_adapters(cfg.adapters), base_name=cfg.model_name or None,
+                                default_model=cfg.default_model or None, max_queue=cfg.max_queue)
+    limits = ServerLimits(max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
+                          max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key)
+    app = create_app(engine, limits)
+    shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
+    url = f"http://{shown_host}:{cfg.port}/v1"
+    auth = ' -H "Authorization: Bearer $MLX_LORA_API_KEY"' if cfg.api_key else ""
+    print(f"models: {', '.join(engine.model_names())}")
+    print(f"serving on {url}  (OpenAPI docs: http://{shown_host}:{cfg.port}/docs; Ctrl-C stops)")
+    print("try:\n  curl " + url + "/chat/completions -H 'Content-Type: application/json'" + auth +
+          " -d '{\"model\": \"" + engine.default_model + "\", \"messages\": [{\"role\": \"user\", "
+          "\"content\": \"Hello!\"}], \"max_tokens\": 64}'", flush=True)
+    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+
+
+def run(args) -> int:
+    path = args.items[0] if args.items and "=" not in args.items[0] else None
+    overrides = args.items[1:] if path else args.items
+    flags = {"model": args.model, "adapters": tuple(args.adapter), "model_name": args.model_name, "host": args.host,
+             "port": args.port, "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
+             "max_tokens": args.max_tokens}
+    if args.from_run is not None:
+        from ..cli import _default_config
+
+        flags.update(from_run(args.from_run or _default_config(), fuse=not args.no_fuse))
+        flags["adapters"] = tuple(flags.get("adapters") or ()) + tuple(args.adapter)
+    elif args.no_fuse:
+        raise ValueError("--no-fuse only applies with --from-run")
+    serve(load_serve_config(path, overrides, flags))
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = "mlx-lora serve") -> int:
+    """Entry point of `mlx-lora serve`; returns the exit code."""
+    from ..cli import run_command
+
+    args = build_parser(prog).parse_args(argv)
+    return run_command(run, args)
+
+
+def describe_settings() -> list[tuple[str, str, str]]:
+    """(key, default, help) rows of the serve settings, for docs."""
+    return [(f.name, str(f.default), f.metadata.get("help", "")) for f in dataclasses.fields(ServeConfig)]
