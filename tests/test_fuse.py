@@ -1,0 +1,138 @@
+"""Fusing: the fused folder equals base + adapters, re-quantization is checked, GGUF export reads back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from test_serve import make_adapter
+
+TOKENS = [[5, 17, 42, 8, 99, 3, 250, 11]]
+
+
+def logits(model) -> np.ndarray:
+    import mlx.core as mx
+
+    return np.array(model(mx.array(TOKENS)).astype(mx.float32), dtype=np.float64)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tiny_model_dir, tmp_path_factory):
+    return make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter"), seed=1, magnitude=0.5)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir, adapter_dir) -> np.ndarray:
+    """Logits of base + adapters (unfused)."""
+    from mlx_lora.adapters import load_adapters
+    from mlx_lora.models import load_model
+
+    model, _, _ = load_model(str(tiny_model_dir))
+    load_adapters(model, adapter_dir)
+    return logits(model)
+
+
+@pytest.fixture(scope="module")
+def fused_f32(tiny_model_dir, adapter_dir, tiny_data_dir, tmp_path_factory):
+    from mlx_lora.fuse import fuse_adapters
+
+    out = tmp_path_factory.mktemp("fused") / "f32"
+    return fuse_adapters(str(tiny_model_dir), adapter_dir, out, dtype="float32", gguf=True,
+                         check_prompts=tiny_data_dir / "test.jsonl")
+
+
+def test_fused_folder_has_the_documented_files(fused_f32):
+    names = {p.name for p in fused_f32.out_dir.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "fuse_report.json",
+            "model-f16.gguf"} <= names
+    config = json.loads((fused_f32.out_dir / "config.json").read_text())
+    assert "quantization" not in config and config["torch_dtype"] == "float32"
+    report = json.loads((fused_f32.out_dir / "fuse_report.json").read_text())
+    assert report["fused_layers"] == 14 and report["warnings"] == []
+
+
+def test_fused_equals_base_plus_adapters(fused_f32, reference):
+    from mlx_lora.models import load_model
+
+    model, _, _ = load_model(str(fused_f32.out_dir))
+    # float32 throughout: only summation order differs (W + s*A@B vs W@x + s*(x@A)@B)
+    np.testing.assert_allclose(logits(model), reference, atol=1e-4, rtol=1e-4)
+    check = fused_f32.report["check"]["fused_vs_base_plus_adapters"]
+    assert check["greedy_agreement"] == 1.0 and check["max_logit_diff"] < 1e-3
+
+
+def test_float16_fuse_is_close(tiny_model_dir, adapter_dir, reference, tmp_path):
+    from mlx_lora.fuse import fuse_adapters
+    from mlx_lora.models import load_model
+
+    result = fuse_adapters(str(tiny_model_dir), adapter_dir, tmp_path / "f16", check=False)
+    model, _, _ = load_model(str(result.out_dir))
+    assert json.loads((result.out_dir / "config.json").read_text())["torch_dtype"] == "float16"
+    # float16 weights: ~3 significant digits on logits of magnitude ~10
+    np.testing.assert_allclose(logits(model), reference, atol=0.1)
+
+
+def test_requantize_is_checked_and_a_lost_finetune_warns(tiny_model_dir, adapter_dir, tiny_data_dir, tmp_path):
+    from mlx_lora.fuse import fuse_adapters
+    from mlx_lora.models import load_model
+
+    result = fuse_adapters(str(tiny_model_dir), adapter_dir, tmp_path / "q4", dtype="float32", quantize_bits=4,
+                           group_size=32, check_prompts=tiny_data_dir / "test.jsonl")
+    config = json.loads((result.out_dir / "config.json").read_text())
+    assert config["quantization"]["bits"] == 4
+    report = json.loads((result.out_dir / "fuse_report.json").read_text())
+    check = report["check"]["fused_vs_base_plus_adapters"]
+    assert 0.0 <= check["greedy_agreement"] <= 1.0 and check["max_logit_diff"] > 0
+    assert report["warnings"] == result.warnings
+    load_model(str(result.out_dir))  # mlx-lm reads the quantized folder
+
+
+def test_verdict_warns_only_when_the_finetune_is_lost():
+    from mlx_lora.fuse import verdict
+
+    good = {"greedy_agreement": 1.0, "max_logit_diff": 0.01}
+    lost = {"greedy_agreement": 0.55, "max_logit_diff": 4.0}
+    base = {"greedy_agreement": 0.5, "max_logit_diff": 9.0}
+    assert verdict(dict(good), dict(base)) == []
+    warnings = verdict(dict(lost), dict(base))
+    assert any("fine-tune is being lost" in w for w in warnings)
+
+
+def test_gguf_export_reads_back(fused_f32, tiny_model_dir):
+    from gguf import GGUFReader
+
+    from mlx_lora.fuse import permute_rows
+    from mlx_lora.gguf import load_gguf, unpermute_rows
+    from mlx_lora.models import load_model
+
+    path = fused_f32.gguf_path
+    reader = GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    config = json.loads((fused_f32.out_dir / "config.json").read_text())
+    assert len(tensors) == 2 * 9 + 3  # 9 per block, embeddings, final norm, untied output
+    assert tensors["blk.0.attn_q.weight"].tensor_type.name == "F16"
+    assert tensors["blk.0.attn_norm.weight"].tensor_type.name == "F32"
+    # the permutation is a bijection its inverse undoes
+    rows = np.arange(64 * 3).reshape(64, 3)
+    import mlx.core as mx
+
+    np.testing.assert_array_equal(np.array(unpermute_rows(permute_rows(mx.array(rows), 4), 4)), rows)
+    fused, tokenizer, _ = load_model(str(fused_f32.out_dir))
+    q_hf = np.array(fused.model.layers[0].self_attn.q_proj.weight, dtype=np.float32)
+    q_gguf = np.array(tensors["blk.0.attn_q.weight"].data, dtype=np.float32).reshape(q_hf.shape)
+    np.testing.assert_allclose(np.array(unpermute_rows(mx.array(q_gguf), config["num_attention_heads"])), q_hf,
+                               atol=2e-3, rtol=2e-3)
+    # the whole file loads as a model (our GGUF reader) and computes what the fused folder computes
+    from_gguf, gguf_tokenizer, _ = load_gguf(path)
+    np.testing.assert_allclose(logits(from_gguf), logits(fused), atol=0.05)
+    assert gguf_tokenizer.encode("say hello world") == tokenizer.encode("say hello world")
+
+
+def test_fuse_cli_reports_errors_in_one_line(capsys, tmp_path):
+    from mlx_lora.fuse import main
+
+    assert main(["--adapter", str(tmp_path / "missing"), "--model", "x.gguf"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1

@@ -1,0 +1,355 @@
+"""GGUF loading: tiny random llama GGUFs written with the `gguf` package against mlx-lm references,
+and the real SmolLM2 GGUF (slow)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+
+mx = pytest.importorskip("mlx.core")
+gguf = pytest.importorskip("gguf")
+
+from gguf import GGMLQuantizationType as T  # noqa: E402
+from gguf.quants import dequantize, quantize  # noqa: E402
+
+from mlx_lora.gguf import load_gguf, load_gguf_tokenizer, permute_rows, unpermute_rows  # noqa: E402
+
+HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # 256: K-quant rows hold 256-weight super-blocks
+PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7, 1]
+
+
+def _tokenizer_fields(folder: Path) -> tuple[list[str], list[str], list[int]]:
+    """tokens (by id), merges ("a b") and GGUF token types of the tiny byte-level BPE."""
+    tiny.make_tokenizer(folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, index in vocab.items():
+        tokens[index] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    types = [3 if t in tiny.SPECIALS else 1 for t in tokens]  # 3 is CONTROL, 1 NORMAL
+    return tokens, merges, types
+
+
+# byte offsets of the float16 super-block scales in a 256-weight block (ggml-common.h)
+K_QUANT_SCALE_FIELDS = {T.Q6_K: {"at": (208,), "value": 2e-4}, T.Q4_K: {"at": (0, 2), "value": 1e-3}}
+
+
+def _encode_tensor(x: np.ndarray, kind: T, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(bytes or floats to write, the float32 values llama.cpp would decode), via the gguf package."""
+    if kind == T.F32:
+        return x, x
+    if kind in K_QUANT_SCALE_FIELDS:
+        # gguf cannot quantize to K-quants: write random blocks whose float16 super-block scales
+        # (d, and dmin for Q4_K) are small, so the weights stay in a sane range
+        block_bytes = gguf.constants.GGML_QUANT_SIZES[kind][1]
+        raw = rng.integers(0, 256, (x.shape[0], x.shape[1] // 256, block_bytes), dtype=np.uint8)
+        scale = K_QUANT_SCALE_FIELDS[kind]
+        for offset in scale["at"]:
+            raw[..., offset: offset + 2] = np.frombuffer(np.float16(scale["value"]).tobytes(), np.uint8)
+        raw = raw.reshape(x.shape[0], -1)
+        return raw, dequantize(raw, kind).astype(np.float16).astype(np.float32)  # mx.load gives float16
+    raw = quantize(x, kind)
+    return raw, dequantize(raw, kind).astype(np.float32)
+
+
+def write_tiny_gguf(folder: Path, types: dict[str, T], tied: bool = False, pre: str = "smollm",
+                    seed: int = 0, skip_keys: tuple[str, ...] = (), arch: str = "llama",
+                    add_bos: bool = False, embed_scale: float = 1.0) -> tuple[Path, dict, dict[str, np.ndarray]]:
+    """A 2-block llama GGUF as llama.cpp writes it (Q/K rows permuted), and the Hugging Face
+    config and float weights an mlx-lm reference model needs to match it.
+
+    `types` maps "linear", "embed", "output" to the GGML type of those tensors.
+    """
+    rng = np.random.default_rng(seed)
+    tokens, merges, token_types = _tokenizer_fields(folder / "tok")
+    vocab = len(tokens)
+    head_dim = HIDDEN // HEADS
+    shapes = {"q_proj": (HIDDEN, HIDDEN), "k_proj": (KV_HEADS * head_dim, HIDDEN),
+              "v_proj": (KV_HEADS * head_dim, HIDDEN), "o_proj": (HIDDEN, HIDDEN),
+              "gate_proj": (FFN, HIDDEN), "up_proj": (FFN, HIDDEN), "down_proj": (HIDDEN, FFN)}
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    path = folder / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), arch)
+    meta = {
+        "block_count": lambda: writer.add_block_count(LAYERS),
+        "context_length": lambda: writer.add_context_length(512),
+        "embedding_length": lambda: writer.add_embedding_length(HIDDEN),
+        "feed_forward_length": lambda: writer.add_feed_forward_length(FFN),
+        "head_count": lambda: writer.add_head_count(HEADS),
+        "head_count_kv": lambda: writer.add_head_count_kv(KV_HEADS),
+        "rms_eps": lambda: writer.add_layer_norm_rms_eps(1e-5),
+        "rope_freq_base": lambda: writer.add_rope_freq_base(10000.0),
+        "rope_dimension_count": lambda: writer.add_rope_dimension_count(head_dim),
+        "vocab_size": lambda: writer.add_vocab_size(vocab),
+    }
+    for key, add in meta.items():
+        if key not in skip_keys:
+            add()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(token_types)
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(tokens.index("<|im_start|>"))
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_pad_token_id(tokens.index("<|endoftext|>"))
+    writer.add_add_bos_token(add_bos)
+    writer.add_chat_template(tiny.CHATML)
+
+    reference: dict[str, np.ndarray] = {}
+
+    def add(gguf_name: str, hf_name: str, x: np.ndarray, kind: T, heads: int | None = None) -> None:
+        # llama.cpp permutes Q/K rows before quantizing; blocks lie within rows, so decoding the
+        # permuted tensor and un-permuting equals decoding the original: the reference is in HF order.
+        stored, decoded = _encode_tensor(permute_rows(x, heads) if heads else x, kind, rng)
+        writer.add_tensor(gguf_name, stored, raw_dtype=None if kind == T.F32 else kind)
+        reference[hf_name] = unpermute_rows(decoded, heads) if heads else decoded
+
+    add("token_embd.weight", "model.embed_tokens.weight", rng.normal(0, embed_scale, (vocab, HIDDEN)).astype(np.float32), types["embed"])
+    for i in range(LAYERS):
+        for hf, shape in shapes.items():
+            heads = HEADS if hf == "q_proj" else KV_HEADS if hf == "k_proj" else None
+            x = rng.normal(0, shape[1] ** -0.5, shape).astype(np.float32)
+            sub = "self_attn" if hf.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            add(f"blk.{i}.{gguf_names[hf]}.weight", f"model.layers.{i}.{sub}.{hf}.weight", x, types["linear"], heads)
+        for gguf_norm, hf_norm in (("attn_norm", "input_layernorm"), ("ffn_norm", "post_attention_layernorm")):
+            add(f"blk.{i}.{gguf_norm}.weight", f"model.layers.{i}.{hf_norm}.weight",
+                rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32), T.F32)
+    add("output_norm.weight", "model.norm.weight", rng.uniform(0.5, 1.5, HIDDEN).astype(np.float32), T.F32)
+    if not tied:
+        add("output.weight", "lm_head.weight", rng.normal(0, HIDDEN ** -0.5, (vocab, HIDDEN)).astype(np.float32), types["output"])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    config = tiny.tiny_config(vocab, HIDDEN, LAYERS)
+    config.update(intermediate_size=FFN, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS,
+                  tie_word_embeddings=tied, max_position_embeddings=512)
+    return path, config, reference
+
+
+def reference_logits(config: dict, weights: dict[str, np.ndarray]) -> np.ndarray:
+    """Logits of a float32 mlx-lm llama built directly from Hugging Face-order weights."""
+    from mlx_lm.models import llama
+
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    model.load_weights([(k, mx.array(v.astype(np.float32))) for k, v in weights.items()], strict=True)
+    return np.array(model(mx.array([PROMPT_IDS])).astype(mx.float32))
+
+
+def model_logits(model) -> np.ndarray:
+    return np.array(model(mx.array([PROMPT_IDS])).astype(mx.float32))
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    w = np.arange(8 * 16 * 3, dtype=np.float32).reshape(8 * 16, 3)
+    for heads in (8, 2):
+        permuted = permute_rows(w, heads)
+        assert not np.array_equal(permuted, w)
+        np.testing.assert_array_equal(unpermute_rows(permuted, heads), w)
+        np.testing.assert_array_equal(np.array(unpermute_rows(mx.array(permuted), heads)), w)
+
+
+# (linear, embedding, output) types, and whether the output is tied to the embedding
+CASES = {
+    "f32": ({"linear": T.F32, "embed": T.F32, "output": T.F32}, False),
+    "q4_1-tied-q8_0-embed": ({"linear": T.Q4_1, "embed": T.Q8_0}, True),  # SmolLM2's layout
+    "q4_0-q6_k-output": ({"linear": T.Q4_0, "embed": T.F16, "output": T.Q6_K}, False),
+    "q8_0-bf16-embed": ({"linear": T.Q8_0, "embed": T.BF16, "output": T.BF16}, False),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_logits_match_reference_built_from_decoded_weights(tmp_path, case):
+    types, tied = CASES[case]
+    path, config, weights = write_tiny_gguf(tmp_path, types, tied=tied)
+    model, _, hf_config = load_gguf(path)
+    # The file's float16 block scales make a quantized embedding return float16, and the first
+    # layer then computes in float16 (errors ~2e-3 of the logits' range); in float32 the
+    # quantized layers use exactly the decoded values.
+    model.set_dtype(mx.float32)
+    expected = reference_logits(config, weights)
+    got = model_logits(model)
+    # what remains is float32 summation order (~1e-6 of the range)
+    np.testing.assert_allclose(got, expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+    assert hf_config["tie_word_embeddings"] is tied
+    assert hf_config["num_key_value_heads"] == KV_HEADS and hf_config["head_dim"] == HIDDEN // HEADS
+
+
+def test_reference_comparison_detects_a_missing_unpermute(tmp_path, monkeypatch):
+    import mlx_lora.gguf as gguf_module
+
+    path, config, weights = write_tiny_gguf(tmp_path, {"linear": T.Q4_1, "embed": T.Q8_0}, tied=True)
+    monkeypatch.setattr(gguf_module, "unpermute_rows", lambda w, heads: w)
+    model, _, _ = load_gguf(path)
+    model.set_dtype(mx.float32)
+    expected = reference_logits(config, weights)
+    assert np.abs(model_logits(model) - expected).max() > 1e-2 * np.abs(expected).max()
+
+
+def test_q4_k_loads_exactly_or_is_refused(tmp_path):
+    """mlx 0.32 decodes Q4_K wrongly (odd sub-blocks get their even neighbour's scale): the
+    loader must notice and refuse, or, once mlx decodes it right, load it exactly."""
+    path, config, weights = write_tiny_gguf(tmp_path, {"linear": T.Q4_K, "embed": T.F32, "output": T.F32})
+    try:
+        model, _, _ = load_gguf(path)
+    except ValueError as err:
+        assert "decodes Q4_K tensors wrongly" in str(err)
+        return
+    model.set_dtype(mx.float32)
+    expected = reference_logits(config, weights)
+    np.testing.assert_allclose(model_logits(model), expected, atol=1e-5 * np.abs(expected).max(), rtol=0)
+
+
+def test_bf16_tensors_keep_their_range(tmp_path):
+    # mx.load narrows BF16 to float16, whose largest value is 65504
+    path, _, weights = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.BF16, "output": T.F32},
+                                       embed_scale=1e5)
+    model, _, hf_config = load_gguf(path)
+    embed = model.model.embed_tokens.weight
+    assert embed.dtype == mx.bfloat16 and hf_config["torch_dtype"] == "bfloat16"
+    np.testing.assert_array_equal(np.array(embed.astype(mx.float32)), weights["model.embed_tokens.weight"])
+
+
+def test_add_bos_token_from_metadata(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32}, add_bos=True)
+    tokenizer = load_gguf_tokenizer(path)
+    assert tokenizer.encode("hi")[0] == tokenizer.get_vocab()["<|im_start|>"]
+
+
+def test_quantized_blocks_are_kept_with_their_bits(tmp_path):
+    import mlx.nn as nn
+
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.Q4_1, "embed": T.Q8_0}, tied=True)
+    model, _, hf_config = load_gguf(path)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, nn.QuantizedLinear) and (q_proj.group_size, q_proj.bits) == (32, 4)
+    embed = model.model.embed_tokens
+    assert isinstance(embed, nn.QuantizedEmbedding) and (embed.group_size, embed.bits) == (32, 8)
+    assert isinstance(model.model.layers[0].input_layernorm, nn.RMSNorm)
+    assert hf_config["quantization"]["group_size"] == 32 and hf_config["quantization"]["bits"] == 4
+    assert hf_config["quantization"]["model.embed_tokens"]["bits"] == 8
+
+
+def test_saved_copy_reloads_with_mlx_lm(tmp_path):
+    from mlx_lm.utils import load_model, save_config, save_model
+
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.Q4_1, "embed": T.Q8_0}, tied=True)
+    model, _, hf_config = load_gguf(path)
+    out = tmp_path / "saved"
+    save_model(out, model)
+    save_config(dict(hf_config), out / "config.json")
+    reloaded, _ = load_model(out)
+    np.testing.assert_array_equal(model_logits(reloaded), model_logits(model))
+
+
+def test_tokenizer_from_metadata_splits_digits_and_renders_chatml(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
+    tokenizer = load_gguf_tokenizer(path)
+    vocab = tokenizer.get_vocab()
+    assert any(len(t) > 1 and t.isdigit() for t in vocab), "the tiny vocabulary must hold multi-digit tokens"
+    pieces = [tokenizer.decode([i]) for i in tokenizer.encode("2021-03-07")]
+    assert pieces == list("2021-03-07")
+    text = "Ünïcode — 日本 ✓ and  two  spaces\n"
+    assert tokenizer.decode(tokenizer.encode(text)) == text
+    assert tokenizer.eos_token_ids == {vocab["<|im_end|>"]}
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert tokenizer.encode("hi")[0] != vocab["<|im_start|>"]  # add_bos_token is false
+
+
+def test_gpt2_pre_tokenizer_keeps_digits_together(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32}, pre="gpt-2")
+    tokenizer = load_gguf_tokenizer(path)
+    assert len(tokenizer.encode("2021")) < 4
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "model.gguf"
+    path.write_text("hello")
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        load_gguf(path)
+    with pytest.raises(FileNotFoundError, match="missing.gguf"):
+        load_gguf(tmp_path / "missing.gguf")
+
+
+def test_unsupported_architecture(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32}, arch="falcon")
+    with pytest.raises(ValueError, match=r"general.architecture is 'falcon'.*supported: llama"):
+        load_gguf(path)
+
+
+def test_missing_metadata_key(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32},
+                                 skip_keys=("feed_forward_length",))
+    with pytest.raises(ValueError, match="llama.feed_forward_length"):
+        load_gguf(path)
+
+
+def test_unsupported_tensor_type(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.Q5_0, "embed": T.F32, "output": T.F32})
+    with pytest.raises(ValueError, match=r"tiny.gguf: tensor types mlx cannot read: blk.0.attn_q.weight \(Q5_0\)"):
+        load_gguf(path)
+
+
+def test_unknown_pre_tokenizer(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32}, pre="deepseek-llm")
+    with pytest.raises(ValueError, match="tokenizer.ggml.pre is 'deepseek-llm'"):
+        load_gguf_tokenizer(path)
+
+
+# ---- the real SmolLM2-135M-Instruct Q4_1 GGUF (fixture `smollm2_gguf` in conftest.py) ----
+
+
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+    return load_gguf(smollm2_gguf)
+
+
+@pytest.mark.slow
+def test_smollm2_quantized_logits_match_dequantized_float_model(smollm2_gguf):
+    from mlx_lm.utils import dequantize_model
+
+    model, tokenizer, _ = load_gguf(smollm2_gguf)  # own copy: dequantize_model changes it in place
+    ids = mx.array([tokenizer.encode("The capital of France is")])
+    as_loaded = np.array(model(ids).astype(mx.float32))
+    model.set_dtype(mx.float32)  # float32 scales and biases, so the dequantized weights are exact
+    quantized = np.array(model(ids).astype(mx.float32))
+    dense = np.array(dequantize_model(model)(ids).astype(mx.float32))
+    # Same decoded weights, different kernels: float32 summation noise on logits of range ~30.
+    assert np.abs(quantized - dense).max() < 1e-3  # measured 8e-5
+    # As loaded, the 8-bit embedding returns float16 (its scales are the file's float16), so
+    # the first layer runs in float16: differences of ~0.02 (measured 0.018).
+    assert np.abs(as_loaded - dense).max() < 0.1
+    assert int(as_loaded[0, -1].argmax()) == int(dense[0, -1].argmax())
+
+
+@pytest.mark.slow
+def test_smollm2_answers_paris(smollm2):
+    from mlx_lm import generate
+
+    model, tokenizer, _ = smollm2
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert "Paris" in generate(model, tokenizer, prompt, max_tokens=20)
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_splits_digits_and_uses_chatml(smollm2):
+    _, tokenizer, hf_config = smollm2
+    ids = tokenizer.encode("2021-03-07")
+    assert [tokenizer.decode([i]) for i in ids] == list("2021-03-07")
+    assert tokenizer.eos_token_ids == {2} and tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+    assert rendered.startswith("<|im_start|>system\n")
+    assert hf_config["quantization"]["bits"] == 4 and hf_config["tie_word_embeddings"] is True

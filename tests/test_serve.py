@@ -1,0 +1,261 @@
+"""The server over real HTTP on loopback with a tiny model and two adapters.
+
+Helpers here (`make_adapter`, `start_server`) are shared by the other serve/fuse/client tests.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+CHAT = [{"role": "user", "content": "say hello"}]
+
+
+def make_adapter(model_dir: Path, folder: Path, seed: int, magnitude: float = 0.5) -> Path:
+    """A trained-looking adapter: LoRA on every projection with random B (so it changes the answers)."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import adapter_config, save_adapters
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.lora import apply_lora, lora_layers
+    from mlx_lora.models import load_model
+
+    model, _, _ = load_model(str(model_dir))
+    lora = LoraConfig(rank=4, alpha=8)
+    keys = apply_lora(model, lora)
+    mx.random.seed(seed)
+    for _, layer in lora_layers(model):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * magnitude
+    save_adapters(folder, model, adapter_config(lora, keys, len(model.layers), {"model": str(model_dir)}))
+    return Path(folder)
+
+
+@contextmanager
+def start_server(model_dir: Path, adapters: dict, **limits):
+    """(base url, engine) of a live server on a free loopback port; stops it on exit."""
+    from mlx_lora.serve.app import ServerLimits, ServerThread, create_app
+    from mlx_lora.serve.engine import Engine
+
+    engine = Engine.from_source(str(model_dir), adapters, base_name="base")
+    limits = {"max_tokens": 4096, "default_max_tokens": 16, **limits}
+    with ServerThread(create_app(engine, ServerLimits(**limits))) as url:
+        yield url, engine
+    assert engine._thread is None  # the app's shutdown stopped the generation worker
+
+
+def greedy_reference(model_dir: Path, adapter: Path | None, max_tokens: int) -> str:
+    """What mlx-lm generates greedily from base (+ adapter) loaded the ordinary way."""
+    from mlx_lm.generate import generate
+
+    from mlx_lora.adapters import load_adapters
+    from mlx_lora.models import load_model
+
+    model, tokenizer, _ = load_model(str(model_dir))
+    if adapter is not None:
+        load_adapters(model, adapter)
+    prompt = tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)
+    return generate(model, tokenizer, prompt, max_tokens=max_tokens)
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("adapters")
+    return {"a": make_adapter(tiny_model_dir, root / "a", seed=1), "b": make_adapter(tiny_model_dir, root / "b", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, adapters):
+    with start_server(tiny_model_dir, adapters) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            yield client, engine
+
+
+def chat(client, model: str, max_tokens: int = 8, **extra) -> dict:
+    response = client.post("/v1/chat/completions", json={"model": model, "messages": CHAT, "max_tokens": max_tokens, **extra})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_models_and_health(server):
+    client, _ = server
+    assert [m["id"] for m in client.get("/v1/models").json()["data"]] == ["base", "a", "b"]
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["models"] == ["base", "a", "b"]
+    assert "/v1/chat/completions" in client.get("/openapi.json").json()["paths"]
+
+
+def test_each_adapter_answers_like_its_own_model_without_reloading_the_base(server, tiny_model_dir, adapters):
+    client, engine = server
+    base_weight = engine.model.model.layers[0].self_attn.q_proj.linear.weight
+    answers = {name: chat(client, name)["choices"][0]["message"]["content"] for name in ("base", "a", "b", "a", "base")}
+    assert len({answers["base"], answers["a"], answers["b"]}) == 3
+    assert answers["a"] == greedy_reference(tiny_model_dir, adapters["a"], 8)
+    assert answers["base"] == greedy_reference(tiny_model_dir, None, 8)
+    # switching adapters touched no base weight: the very same array object is still in place
+    assert engine.model.model.layers[0].self_attn.q_proj.linear.weight is base_weight
+
+
+def test_chat_response_shape_usage_and_length(server):
+    client, _ = server
+    body = chat(client, "a", max_tokens=3)
+    assert body["object"] == "chat.completion" and body["model"] == "a"
+    choice = body["choices"][0]
+    assert choice["finish_reason"] == "length" and choice["message"]["role"] == "assistant"
+    usage = body["usage"]
+    assert usage["completion_tokens"] == 3 and usage["total_tokens"] == usage["prompt_tokens"] + 3
+
+
+def test_max_completion_tokens_wins(server):
+    client, _ = server
+    body = chat(client, "a", max_tokens=9, max_completion_tokens=2)
+    assert body["usage"]["completion_tokens"] == 2
+
+
+def read_sse(client, path: str, body: dict) -> list:
+    events = []
+    with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line:
+                assert line.startswith("data: ")
+                events.append(line[len("data: "):])
+    return events
+
+
+def test_stream_equals_non_stream_and_ends_with_done(server):
+    client, _ = server
+    expected = chat(client, "b", max_tokens=6)["choices"][0]["message"]["content"]
+    events = read_sse(client, "/v1/chat/completions", {"model": "b", "messages": CHAT, "max_tokens": 6, "stream": True,
+                                                       "stream_options": {"include_usage": True}})
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == expected
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 6
+
+
+def test_completions_and_stop(server):
+    client, _ = server
+    body = {"model": "a", "prompt": "say hello", "max_tokens": 12}
+    full = client.post("/v1/completions", json=body).json()
+    text = full["choices"][0]["text"]
+    assert full["object"] == "text_completion" and full["choices"][0]["finish_reason"] == "length"
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    cut = client.post("/v1/completions", json={**body, "stop": [stop]}).json()["choices"][0]
+    assert cut["finish_reason"] == "stop" and cut["text"] == text[: text.find(stop)]
+    streamed = read_sse(client, "/v1/completions", {**body, "stop": stop, "stream": True})
+    assert "".join(json.loads(e)["choices"][0]["text"] for e in streamed[:-1]) == cut["text"]
+
+
+def test_seeded_sampling_is_repeatable(server):
+    client, _ = server
+    first = chat(client, "a", max_tokens=8, temperature=1.0, seed=7)["choices"][0]["message"]["content"]
+    assert chat(client, "a", max_tokens=8, temperature=1.0, seed=7)["choices"][0]["message"]["content"] == first
+
+
+BAD_REQUESTS = [
+    ("not json", b"{bad", 400),
+    ("a list", b"[]", 400),
+    ("no messages", json.dumps({"model": "a"}), 400),
+    ("empty messages", json.dumps({"messages": []}), 400),
+    ("wrong type", json.dumps({"messages": CHAT, "max_tokens": "many"}), 400),
+    ("bad role", json.dumps({"messages": [{"role": "wizard", "content": "x"}]}), 400),
+    ("temperature out of range", json.dumps({"messages": CHAT, "temperature": 9}), 400),
+    ("n is 2", json.dumps({"messages": CHAT, "n": 2}), 400),
+    ("over the max_tokens cap", json.dumps({"messages": CHAT, "max_tokens": 10**6}), 400),
+    ("five stops", json.dumps({"messages": CHAT, "stop": ["a", "b", "c", "d", "e"]}), 400),
+    ("unknown model", json.dumps({"model": "nope", "messages": CHAT}), 404),
+    ("a path as model", json.dumps({"model": "/etc/passwd", "messages": CHAT}), 404),
+    ("too large", b'{"messages": "' + b"x" * 1_100_000 + b'"}', 413),
+]
+
+
+@pytest.mark.parametrize("name,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_requests_get_openai_errors(server, name, body, status):
+    client, _ = server
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+
+
+def test_api_key(tiny_model_dir):
+    with start_server(tiny_model_dir, {}, api_key="sekret") as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            assert client.get("/v1/models").status_code == 401
+            wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+            assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
+            assert client.get("/health").status_code == 200
+
+
+def test_concurrent_clients_all_get_their_answers(server):
+    client, _ = server
+    expected = {m: chat(client, m, max_tokens=5)["choices"][0]["message"]["content"] for m in ("a", "b")}
+    results, errors = [], []
+
+    def worker(model):
+        try:
+            results.append((model, chat(client, model, max_tokens=5)["choices"][0]["message"]["content"]))
+        except Exception as err:  # noqa: BLE001 - collected and asserted below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=("ab"[i % 2],)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(results) == 12
+    assert all(text == expected[model] for model, text in results)
+
+
+def test_client_disconnect_stops_generation(server):
+    client, engine = server
+    max_tokens = 4000
+    body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                break  # got a token; leaving the block closes the connection
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = [h for h in engine.history if h["max_tokens"] == max_tokens]
+        if done:
+            break
+        time.sleep(0.05)
+    assert done and done[-1]["finish_reason"] == "cancelled"
+    assert done[-1]["completion_tokens"] < max_tokens
+
+
+def test_stop_matcher_holds_back_partial_stops():
+    from mlx_lora.serve.engine import StopMatcher
+
+    matcher = StopMatcher(["END"])
+    assert matcher.feed("abcE") == ("abc", False)
+    assert matcher.feed("N") == ("", False)
+    assert matcher.feed("Dxyz") == ("", True)
+    matcher = StopMatcher(["END"])
+    assert matcher.feed("abE") == ("ab", False)
+    assert matcher.feed("x") == ("Ex", False)
+    assert matcher.flush() == ""
+
+
+def test_adapter_that_does_not_fit_is_refused(tiny_model_dir, tmp_path):
+    from mlx_lora.serve.engine import Engine
+
+    other = __import__("tiny").make_model_dir(tmp_path / "wide", hidden_size=32)
+    wrong = make_adapter(other, tmp_path / "wrong", seed=3)
+    with pytest.raises(ValueError, match="does not fit"):
+        Engine.from_source(str(tiny_model_dir), {"wrong": wrong})
+    with pytest.raises(ValueError, match="adapter name"):
+        Engine.from_source(str(tiny_model_dir), {"../etc": wrong})
