@@ -95,14 +95,17 @@ def read_header(path: str | Path) -> GGUFHeader:
             try:
                 return _parse_header(path, buf, GGMLQuantizationType)
             except (struct.error, UnicodeDecodeError, IndexError) as err:
-                raise ValueError(f"{path}: the GGUF header is truncated or corrupt ({err}); download the file again") from err
+                raise ValueError(f"{path}: the GGUF header is truncated or corrupt ({err}); "
+                                 "download the file again") from err
 
 
 def _parse_header(path: Path, buf, type_enum) -> GGUFHeader:
     import numpy as np
 
+    # GGUF metadata value types 0-12 except 8 (string) and 9 (array): struct and numpy formats
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-    numpy_of = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8", 12: "<f8"}
+    numpy_of = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8", 12: "<f8"}
     pos = 4
 
     def take(fmt: str):
@@ -126,6 +129,8 @@ def _parse_header(path: Path, buf, type_enum) -> GGUFHeader:
         if kind == 9:
             item_kind, count = take("<I"), take("<Q")
             if item_kind in numpy_of:  # numbers in one read; kept as a list like the rest
+                if pos + count * np.dtype(numpy_of[item_kind]).itemsize > len(buf):
+                    raise struct.error(f"an array of {count} numbers runs past the end of the file")
                 items = np.frombuffer(buf, dtype=numpy_of[item_kind], count=count, offset=pos)
                 pos += items.nbytes
                 return items.tolist()
@@ -312,9 +317,7 @@ def check_decoding(header: GGUFHeader, weights: dict, rows: int = 4) -> None:
         error = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
         # float16 rounding of the decoded values stays near 1e-3 of the largest; a decoding bug is O(1) of it
         if not error <= 1e-2 * float(np.max(np.abs(expected))) + 1e-6:
-            import mlx
-
-            raise ValueError(f"{header.path}: mlx {getattr(mlx, '__version__', '?')} decodes {info.type_name} tensors "
+            raise ValueError(f"{header.path}: mlx {getattr(mx, '__version__', '?')} decodes {info.type_name} tensors "
                              f"wrongly ({name}: max error {error:.3g} against the gguf package's decoder); "
                              f"upgrade mlx, or {ADVICE}")
 

@@ -112,7 +112,8 @@ def write_tiny_gguf(folder: Path, types: dict[str, T], tied: bool = False, pre: 
         writer.add_tensor(gguf_name, stored, raw_dtype=None if kind == T.F32 else kind)
         reference[hf_name] = unpermute_rows(decoded, heads) if heads else decoded
 
-    add("token_embd.weight", "model.embed_tokens.weight", rng.normal(0, embed_scale, (vocab, HIDDEN)).astype(np.float32), types["embed"])
+    embed = rng.normal(0, embed_scale, (vocab, HIDDEN)).astype(np.float32)
+    add("token_embd.weight", "model.embed_tokens.weight", embed, types["embed"])
     for i in range(LAYERS):
         for hf, shape in shapes.items():
             heads = HEADS if hf == "q_proj" else KV_HEADS if hf == "k_proj" else None
@@ -278,6 +279,14 @@ def test_not_a_gguf_file(tmp_path):
         load_gguf(path)
     with pytest.raises(FileNotFoundError, match="missing.gguf"):
         load_gguf(tmp_path / "missing.gguf")
+
+
+def test_truncated_gguf(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(path.read_bytes()[:5000])  # inside the vocabulary metadata
+    with pytest.raises(ValueError, match="cut.gguf: the GGUF header is truncated or corrupt"):
+        load_gguf(cut)
 
 
 def test_unsupported_architecture(tmp_path):
