@@ -107,7 +107,8 @@ def bench(kind: str, model: str, args) -> dict:
     proc = start(kind, model, port)
     url = f"http://127.0.0.1:{port}/v1"
     try:
-        name = requests.get(url + "/models", timeout=10).json()["data"][0]["id"]
+        # mlx_lm.server answers for the model it was started with when a request names its path
+        name = requests.get(url + "/models", timeout=10).json()["data"][0]["id"] if kind == "mlx-lora" else model
         stream_once(url, name, PROMPT, 8)  # warm-up
         runs = [stream_once(url, name, PROMPT, args.max_tokens) for _ in range(args.repeats)]
         result = {"server": kind, "ttft_s": statistics.median(r["ttft_s"] for r in runs),
