@@ -55,21 +55,20 @@ def checkpoint_root(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
 
-def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: float, keep: int = 2) -> Path:
-    """Write a complete checkpoint for `step` and prune older ones beyond `keep`."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
+def write_checkpoint(output_dir: Path, step: int, position, elapsed_s: float, keep: int,
+                     write_payload, extra_state: dict | None = None) -> Path:
+    """Write checkpoints/step_N/ atomically: `write_payload(folder)` adds the weights, we add state.json.
 
+    The folder is built under a temporary name and renamed into place; `latest` then points to
+    it and checkpoints beyond the newest `keep` are removed. Shared by both backends.
+    """
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        adapters = dict(tree_flatten(model.trainable_parameters()))
-        mx.save_safetensors(str(tmp / "adapters.safetensors"), adapters)
-        opt_state = dict(tree_flatten(optimizer.state))
-        mx.save_safetensors(str(tmp / "optimizer.safetensors"), opt_state)
-        state = {"version": STATE_VERSION, "step": step, "elapsed_s": elapsed_s,
+        write_payload(tmp)
+        state = {"version": STATE_VERSION, **(extra_state or {}), "step": step, "elapsed_s": elapsed_s,
                  "position": {"epoch": position.epoch, "index": position.index}}
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         if final.exists():
@@ -83,6 +82,18 @@ def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: flo
         if old != final:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: float, keep: int = 2) -> Path:
+    """Write a complete MLX checkpoint for `step` and prune older ones beyond `keep`."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    def write_payload(folder: Path) -> None:
+        mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+
+    return write_checkpoint(output_dir, step, position, elapsed_s, keep, write_payload)
 
 
 def latest(output_dir: Path) -> Path | None:

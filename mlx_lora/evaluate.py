@@ -56,6 +56,15 @@ def generate_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens:
     return answers
 
 
+def exact_match_scores(answers: list[str], references: list[str]) -> dict:
+    """exact_match, n_scored and the first samples for answers against references (both backends)."""
+    hits = [normalize(a) == normalize(r) for a, r in zip(answers, references)]
+    return {
+        "exact_match": sum(hits) / len(hits), "n_scored": len(hits),
+        "samples": [{"reference": r, "answer": a, "match": h} for a, r, h in list(zip(answers, references, hits))[:10]],
+    }
+
+
 def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int) -> dict:
     """Loss, perplexity and exact match of `model` on `examples`."""
     from tqdm import tqdm
@@ -68,12 +77,7 @@ def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_to
     if scored:
         with tqdm(total=len(scored), desc="generate", unit="ex", leave=False) as bar:
             answers = generate_answers(model, tokenizer, [p for p, _ in scored], max_new_tokens, bar)
-        hits = [normalize(a) == normalize(e.reference) for a, (_, e) in zip(answers, scored)]
-        result.update({
-            "exact_match": sum(hits) / len(hits), "n_scored": len(hits),
-            "samples": [{"reference": e.reference, "answer": a, "match": h}
-                        for a, (_, e), h in list(zip(answers, scored, hits))[:10]],
-        })
+        result.update(exact_match_scores(answers, [e.reference for _, e in scored]))
     return result
 
 

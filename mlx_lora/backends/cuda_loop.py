@@ -12,14 +12,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from ..checkpoints import STATE_VERSION, checkpoint_root, latest, write_text
+from ..checkpoints import checkpoint_root, latest, write_checkpoint
 from ..config import TrainingConfig
 from ..data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
 
@@ -86,27 +83,11 @@ def save_checkpoint(output_dir: Path, model, optimizer, step: int, position: Bat
     """Write checkpoints/step_N/ (PEFT adapter, optimizer.pt, state.json) atomically; prune beyond `keep`."""
     import torch
 
-    root = checkpoint_root(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        model.save_pretrained(str(tmp))
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER_STATE)
-        state = {"version": STATE_VERSION, "backend": "cuda", "step": step, "elapsed_s": elapsed_s,
-                 "position": {"epoch": position.epoch, "index": position.index}}
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    write_text(root / "latest", final.name + "\n")
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
+    def write_payload(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        torch.save(optimizer.state_dict(), folder / OPTIMIZER_STATE)
+
+    return write_checkpoint(output_dir, step, position, elapsed_s, keep, write_payload, {"backend": "cuda"})
 
 
 def load_checkpoint(output_dir: Path, model, optimizer, device) -> dict:
@@ -292,7 +273,7 @@ def _as_list(value) -> list:
 
 def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int) -> dict:
     """Loss, perplexity and exact match, with `evaluate.score`'s keys and normalisation."""
-    from ..evaluate import normalize
+    from ..evaluate import exact_match_scores
 
     model.eval()
     device = next(model.parameters()).device
@@ -301,10 +282,5 @@ def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_to
     scored = [(p, e) for e in examples if e.reference is not None and (p := prompt_tokens(tokenizer, e)) is not None]
     if scored:
         answers = generate_answers(model, tokenizer, [p for p, _ in scored], max_new_tokens)
-        hits = [normalize(a) == normalize(e.reference) for a, (_, e) in zip(answers, scored)]
-        result.update({
-            "exact_match": sum(hits) / len(hits), "n_scored": len(hits),
-            "samples": [{"reference": e.reference, "answer": a, "match": h}
-                        for a, (_, e), h in list(zip(answers, scored, hits))[:10]],
-        })
+        result.update(exact_match_scores(answers, [e.reference for _, e in scored]))
     return result
