@@ -55,16 +55,12 @@ def cmd_eval(args) -> int:
     from .adapters import load_adapters
     from .config import load_config
     from .data import load_datasets
-    from .models import load_model
-    from .run import run_eval
+    from .run import load_base, run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
     adapter_dir = Path(args.adapter or cfg.output_dir)
-    model, tokenizer, _ = load_model(cfg.model)
-    from .frozen_matmul import use_fast_frozen_layers
-
-    use_fast_frozen_layers(model)
+    model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
     datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
     run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)

@@ -23,12 +23,9 @@ def log(message: str = "") -> None:
     print(message, flush=True)
 
 
-def prepare_model(cfg: Config):
-    """(model, tokenizer, info, quantization report, adapted keys) ready for training."""
-    import mlx.core as mx
-
+def load_base(cfg: Config):
+    """(model, tokenizer, info, quantization report): the frozen base as training and eval use it."""
     from .frozen_matmul import use_fast_frozen_layers
-    from .lora import apply_lora
     from .models import load_model
     from .quantize import quantize_model
 
@@ -37,6 +34,16 @@ def prepare_model(cfg: Config):
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
     use_fast_frozen_layers(model)
+    return model, tokenizer, info, quant_report
+
+
+def prepare_model(cfg: Config):
+    """(model, tokenizer, info, quantization report, adapted keys) ready for training."""
+    import mlx.core as mx
+
+    from .lora import apply_lora
+
+    model, tokenizer, info, quant_report = load_base(cfg)
     mx.random.seed(cfg.seed)
     keys = apply_lora(model, cfg.lora)
     mx.eval(model.parameters())

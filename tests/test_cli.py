@@ -91,6 +91,17 @@ def test_adapters_load_in_mlx_lm_with_identical_outputs(trained_run, tiny_model_
     assert np.abs(b).max() > 0  # trained: the comparison is not between two base models
 
 
+def test_eval_command_scores_the_run_as_training_did(trained_run):
+    out, _ = trained_run
+    before = json.loads((out / "eval.json").read_text())
+    result = mlx_lora("eval", out / "train_config.yaml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    after = json.loads((out / "eval.json").read_text())
+    for name in ("base", "tuned"):  # same quantized base, same adapters: the same scores
+        assert after[name]["loss"] == pytest.approx(before[name]["loss"], rel=1e-4)
+        assert after[name]["exact_match"] == before[name]["exact_match"]
+
+
 def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
     out, _ = trained_run
     config = out / "train_config.yaml"
