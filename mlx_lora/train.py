@@ -23,6 +23,7 @@ from mlx.utils import tree_map
 from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
+from .loss import enable_chunked_loss, masked_loss
 
 
 class TrainingStopped(RuntimeError):
@@ -69,14 +70,6 @@ def learning_rate_schedule(config: TrainingConfig, steps: int):
         return mx.where(step < warmup, warm, decayed)
 
     return schedule
-
-
-def masked_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
-    """Mean cross-entropy over target tokens; also returns the target count."""
-    logits = model(tokens[:, :-1])  # (B, T-1, V)
-    ce = nn.losses.cross_entropy(logits.astype(mx.float32), tokens[:, 1:]) * mask
-    count = mask.sum()
-    return ce.sum() / mx.maximum(count, 1), count
 
 
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, max_batches: int = -1) -> float:
@@ -158,6 +151,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
+    enable_chunked_loss(model, mx.array([max(train_set, key=lambda e: len(e.tokens)).tokens]))
 
     loss_and_grad = nn.value_and_grad(model, masked_loss)
     accumulation = config.grad_accumulation

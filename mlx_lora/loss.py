@@ -1,0 +1,162 @@
+"""The training loss: masked cross-entropy, computed through the output head in vocabulary chunks.
+
+For a small model the output head dominates training memory: SmolLM2's 49,152-token vocabulary
+makes the logits of a batch of 4 x 72 tokens 57 MB in float32, and cross-entropy keeps several
+arrays of that size alive (logits, log-softmax, their gradients). `chunked_cross_entropy` never
+builds them: it walks the vocabulary in chunks of a few thousand rows with a running
+log-sum-exp, and its backward pass recomputes each chunk's logits instead of storing them. A
+quantized head is dequantized one chunk at a time (CPU) or multiplied with `quantized_matmul`
+(GPU), so its float copy is never whole either.
+
+The chunked loss is used only where it provably equals the model's own: `enable_chunked_loss`
+compares both on a real example and keeps the plain path for architectures whose head does
+something else (logit soft-capping, scaling, a LoRA-adapted head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .frozen_matmul import affine_dequantizer, use_dequantize_path
+
+CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # float32 logits per chunk; a chunk's backward holds ~10x this
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 512, 8192
+PROBE_TOLERANCE = 1e-4  # relative difference between the chunked and the plain loss on the probe
+
+
+@dataclass
+class OutputHead:
+    """A frozen (rows, hidden) output projection, usable one block of rows at a time."""
+
+    rows: int
+    arrays: tuple[mx.array, ...]  # every array's first axis is the output row
+    project: Callable[[mx.array, list[mx.array]], mx.array]  # h (N, D), block -> h @ W_block.T (N, C)
+    project_back: Callable[[mx.array, list[mx.array]], mx.array]  # g (N, C), block -> g @ W_block (N, D)
+
+
+def _float_head(weight: mx.array) -> OutputHead:
+    return OutputHead(weight.shape[0], (weight,),
+                      lambda h, block: h @ block[0].T.astype(h.dtype),
+                      lambda g, block: g @ block[0].astype(g.dtype))
+
+
+def _affine_head(layer: nn.Module) -> OutputHead:
+    dequantize, arrays = affine_dequantizer(layer)
+    if use_dequantize_path():
+        return OutputHead(layer.weight.shape[0], arrays,
+                          lambda h, block: h.astype(mx.float32) @ dequantize(*block).T,
+                          lambda g, block: g.astype(mx.float32) @ dequantize(*block))
+    group_size, bits, mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
+
+    def product(x, block, transpose):
+        biases = block[2] if len(block) > 2 else None
+        return mx.quantized_matmul(x, block[0], block[1], biases, transpose=transpose,
+                                   group_size=group_size, bits=bits, mode=mode)
+
+    return OutputHead(layer.weight.shape[0], arrays,
+                      lambda h, block: product(h.astype(block[1].dtype), block, True),
+                      lambda g, block: product(g.astype(block[1].dtype), block, False))
+
+
+def output_head(model: nn.Module) -> OutputHead | None:
+    """The model's output projection as an OutputHead, or None when it is not a plain frozen one."""
+    backbone = getattr(model, "model", None)
+    if not isinstance(backbone, nn.Module):
+        return None
+    args = getattr(model, "args", None)
+    tied = bool(getattr(args, "tie_word_embeddings", False)) or "lm_head" not in model
+    head = getattr(backbone, "embed_tokens", None) if tied else model["lm_head"]
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return _affine_head(head)
+    if type(head) in (nn.Linear, nn.Embedding) and "bias" not in head:
+        return _float_head(head.weight)
+    return None  # LoRA-adapted, NF4 or biased heads keep the model's own path
+
+
+def vocab_chunk_rows(num_tokens: int) -> int:
+    """Rows of the head per chunk: ~CHUNK_LOGITS_BYTES of logits, a power of two within bounds."""
+    rows = CHUNK_LOGITS_BYTES // (4 * max(num_tokens, 1))
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, 1 << max(rows, 1).bit_length() - 1))
+
+
+def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead) -> mx.array:
+    """Per-token cross-entropy of (N, D) hidden states through `head` against (N,) targets, float32."""
+    size = vocab_chunk_rows(hidden.shape[0])
+    chunks = [(start, min(start + size, head.rows)) for start in range(0, head.rows, size)]
+
+    def block(arrays, start, stop, after):
+        # `after` (the previous chunk's results) orders the chunks: without it the scheduler may
+        # dequantize every chunk up front, or keep each chunk's logits until its target is picked.
+        sliced = [a[start:stop] for a in arrays]
+        return mx.depends(sliced, after) if after else sliced
+
+    @mx.custom_function
+    def cross_entropy(h, targets, arrays):
+        log_normalizer, target_logit = None, mx.zeros(targets.shape, mx.float32)
+        for start, stop in chunks:
+            logits = head.project(h, block(arrays, start, stop, [log_normalizer, target_logit] if start else [])).astype(mx.float32)
+            chunk_lse = mx.logsumexp(logits, axis=-1)
+            log_normalizer = chunk_lse if log_normalizer is None else mx.logaddexp(log_normalizer, chunk_lse)
+            local = targets - start
+            inside = (local >= 0) & (local < stop - start)
+            picked = mx.take_along_axis(logits, mx.clip(local, 0, stop - start - 1)[:, None], axis=-1)[:, 0]
+            target_logit = target_logit + mx.where(inside, picked, 0.0)
+        return log_normalizer - target_logit, log_normalizer
+
+    @cross_entropy.vjp
+    def cross_entropy_vjp(primals, cotangents, outputs):
+        h, targets, arrays = primals
+        weight = cotangents[0].astype(mx.float32)[:, None]  # d loss / d ce, per token
+        log_normalizer = outputs[1][:, None]
+        grad_h = None
+        for start, stop in chunks:
+            sliced = block(arrays, start, stop, [grad_h] if start else [])
+            logits = head.project(h, sliced).astype(mx.float32)
+            one_hot = mx.arange(start, stop)[None, :] == targets[:, None]
+            grad_logits = (mx.exp(logits - log_normalizer) - one_hot) * weight
+            part = head.project_back(grad_logits, sliced).astype(mx.float32)
+            grad_h = part if grad_h is None else grad_h + part
+        return grad_h.astype(h.dtype), mx.zeros_like(targets), tuple(mx.zeros_like(a) for a in arrays)
+
+    return cross_entropy(hidden, targets, head.arrays)[0]
+
+
+def token_losses(model: nn.Module, tokens: mx.array) -> mx.array:
+    """(B, T-1) next-token cross-entropy of `tokens`, float32."""
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    head = output_head(model) if getattr(model, "chunked_loss", False) else None
+    if head is None:
+        return nn.losses.cross_entropy(model(inputs).astype(mx.float32), targets)
+    hidden = model.model(inputs)
+    flat = chunked_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1), head)
+    return flat.reshape(targets.shape)
+
+
+def masked_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.array, mx.array]:
+    """Mean cross-entropy over target tokens; also returns the target count."""
+    ce = token_losses(model, tokens) * mask
+    count = mask.sum()
+    return ce.sum() / mx.maximum(count, 1), count
+
+
+def enable_chunked_loss(model: nn.Module, probe_tokens: mx.array) -> bool:
+    """Switch `model` to the chunked loss if it matches the model's own on `probe_tokens` (1, T)."""
+    model.chunked_loss = False
+    if output_head(model) is None:
+        return False
+    was_training = model.training
+    model.eval()
+    plain = token_losses(model, probe_tokens)
+    model.chunked_loss = True
+    try:
+        chunked = token_losses(model, probe_tokens)
+        difference = mx.abs(chunked - plain).max() / mx.maximum(mx.abs(plain).max(), 1e-6)
+        model.chunked_loss = difference.item() <= PROBE_TOLERANCE
+    except (TypeError, ValueError):  # a backbone that cannot be called on its own
+        model.chunked_loss = False
+    model.train(was_training)
+    return model.chunked_loss

@@ -1,0 +1,128 @@
+"""The chunked output-head cross-entropy: equal to the plain loss (values and gradients), leaner in memory."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+from mlx_lm.models import llama
+
+from mlx_lora import loss
+from mlx_lora.config import LoraConfig
+from mlx_lora.frozen_matmul import force_path, use_fast_frozen_layers
+from mlx_lora.lora import LoRALinear, apply_lora
+from tiny import tiny_config
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    # 97 does not divide the tiny vocabularies: several chunks and a partial last one.
+    monkeypatch.setattr(loss, "vocab_chunk_rows", lambda num_tokens: 97)
+
+
+def reference_cross_entropy(hidden, weight, targets):
+    """Per-token CE and its gradient w.r.t. hidden, dense float64."""
+    h, w = np.asarray(hidden, np.float64), np.asarray(weight, np.float64)
+    logits = h @ w.T
+    logits -= logits.max(-1, keepdims=True)
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    ce = -np.log(probs[np.arange(len(targets)), targets])
+    one_hot = np.zeros_like(probs)
+    one_hot[np.arange(len(targets)), targets] = 1
+    return ce, (probs - one_hot) @ w
+
+
+def test_chunked_cross_entropy_matches_float64_reference(small_chunks):
+    mx.random.seed(0)
+    hidden, weight = mx.random.normal((37, 24)), mx.random.normal((500, 24)) * 0.5
+    targets = mx.array(np.random.default_rng(0).integers(0, 500, 37).astype(np.int32))
+    head = loss._float_head(weight)
+    ce = loss.chunked_cross_entropy(hidden, targets, head)
+    grad = mx.grad(lambda h: loss.chunked_cross_entropy(h, targets, head).sum())(hidden)
+    ce_ref, grad_ref = reference_cross_entropy(hidden, weight, np.array(targets))
+    np.testing.assert_allclose(np.array(ce), ce_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(grad), grad_ref, rtol=1e-4, atol=1e-5)
+
+
+def tiny_llama(tied: bool, quantized: bool, vocab_size: int = 300):
+    config = tiny_config(vocab_size, hidden_size=32, layers=1)
+    config["tie_word_embeddings"] = tied
+    mx.random.seed(1)
+    model = llama.Model(llama.ModelArgs.from_dict(config))
+    if quantized:
+        nn.quantize(model, group_size=32, bits=4)
+        use_fast_frozen_layers(model)
+    model.freeze()
+    mx.random.seed(2)
+    apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    for layer in (m for _, m in model.named_modules() if hasattr(m, "lora_b")):
+        layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1  # a non-zero adapter
+    return model
+
+
+def loss_and_grads(model, tokens, mask, chunked: bool):
+    model.chunked_loss = chunked
+    value, grads = nn.value_and_grad(model, lambda m, t, k: loss.masked_loss(m, t, k)[0])(model, tokens, mask)
+    return value.item(), dict(tree_flatten(grads))
+
+
+@pytest.mark.parametrize("path", ["dequantize", "fused"])
+@pytest.mark.parametrize("tied,quantized", [(False, False), (True, False), (False, True), (True, True)])
+def test_chunked_loss_equals_plain_loss_and_gradients(tied, quantized, path, small_chunks):
+    with force_path(path):
+        model = tiny_llama(tied, quantized)
+        rng = np.random.default_rng(3)
+        tokens = mx.array(rng.integers(0, 300, (3, 11)).astype(np.int32))
+        mask = mx.array((rng.random((3, 10)) < 0.7).astype(np.float32))
+        assert loss.enable_chunked_loss(model, tokens[:1])
+        plain, plain_grads = loss_and_grads(model, tokens, mask, chunked=False)
+        chunked, chunked_grads = loss_and_grads(model, tokens, mask, chunked=True)
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    assert plain_grads.keys() == chunked_grads.keys() and plain_grads
+    for key in plain_grads:
+        np.testing.assert_allclose(np.array(chunked_grads[key]), np.array(plain_grads[key]), rtol=1e-3, atol=1e-6,
+                                   err_msg=key)
+
+
+def test_heads_the_chunked_loss_cannot_reproduce_keep_the_plain_path():
+    model = tiny_llama(tied=False, quantized=False)
+    tokens = mx.array([[1, 2, 3, 4, 5]])
+
+    class SoftCapped(type(model)):  # a head that transforms its logits (as gemma 2 does)
+        def __call__(self, inputs, cache=None):
+            return 5 * mx.tanh(super().__call__(inputs, cache) / 5)
+
+    model.__class__ = SoftCapped
+    assert not loss.enable_chunked_loss(model, tokens)
+    assert model.chunked_loss is False
+
+    adapted = tiny_llama(tied=False, quantized=False)
+    adapted.lm_head = LoRALinear.from_base(adapted.lm_head, rank=2, alpha=4)
+    assert loss.output_head(adapted) is None
+    assert not loss.enable_chunked_loss(adapted, tokens)
+
+
+def test_chunked_loss_never_holds_the_whole_logits():
+    mx.random.seed(0)
+    hidden, weight = mx.random.normal((256, 64)), mx.random.normal((65536, 64)) * 0.1
+    targets = mx.random.randint(0, 65536, (256,))
+    mx.eval(hidden, weight, targets)
+    logits_bytes = 256 * 65536 * 4  # 67 MB; a chunk's are 2 MB
+
+    def peak_of(fn):
+        mx.synchronize()
+        mx.reset_peak_memory()
+        before = mx.get_active_memory()
+        mx.eval(mx.grad(fn)(hidden))
+        return mx.get_peak_memory() - before
+
+    plain = peak_of(lambda h: nn.losses.cross_entropy(h @ weight.T, targets).sum())
+    chunked = peak_of(lambda h: loss.chunked_cross_entropy(h, targets, loss._float_head(weight)).sum())
+    assert plain > 2 * logits_bytes  # logits and their gradient at least
+    assert chunked < logits_bytes / 2
+
+
+def test_chunk_rows_bound_the_logits_of_a_chunk():
+    assert loss.vocab_chunk_rows(256) == 2048  # 2 MB of float32 logits
+    assert loss.vocab_chunk_rows(1) == loss.MAX_CHUNK_ROWS
+    assert loss.vocab_chunk_rows(10**6) == loss.MIN_CHUNK_ROWS
