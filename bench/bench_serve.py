@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -42,12 +43,14 @@ def start(kind: str, model: str, port: int) -> subprocess.Popen:
     blas = find_fast_blas()
     if blas and sys.platform.startswith("linux"):
         env["LD_PRELOAD"] = blas  # both servers get the same fast BLAS
-    proc = subprocess.Popen(server_command(kind, model, port), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    # The log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
+    log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{kind}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(server_command(kind, model, port), env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc.log_path = log.name
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"{kind} exited: {proc.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{kind} exited: {Path(proc.log_path).read_text()[-2000:]}")
         try:
             if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).status_code == 200:
                 return proc
@@ -120,6 +123,7 @@ def bench(kind: str, model: str, args) -> dict:
     finally:
         proc.terminate()
         proc.wait(30)
+        os.unlink(proc.log_path)
 
 
 def ensure_model(model: str | None) -> str:

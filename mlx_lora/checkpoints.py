@@ -33,6 +33,29 @@ def atomic_path(path: str | Path, suffix: str = ""):
             os.unlink(tmp)
 
 
+@contextmanager
+def atomic_folder(path: str | Path):
+    """Yield an empty staging folder next to `path`; it replaces `path` only if the block succeeds.
+
+    A crash mid-write leaves the previous folder (or none) in place, never a half-written one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield staging
+        if path.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, retired / path.name)
+            os.replace(staging, path)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, path)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def write_text(path: str | Path, text: str) -> None:
     """Atomically write a text file."""
     with atomic_path(path) as tmp:

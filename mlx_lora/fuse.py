@@ -182,6 +182,7 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
     from mlx_lm.utils import dequantize_model
 
     from .adapters import load_adapters
+    from .checkpoints import atomic_folder
     from .evaluate import adapters_disabled
     from .frozen_matmul import use_fast_frozen_layers
     from .lora import fuse_lora
@@ -205,28 +206,28 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
 
     config = {k: v for k, v in info.hf_config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype
-    gguf_path = None
-    if gguf:
-        gguf_path = out_dir / GGUF_NAME
-        source_gguf = Path(info.path) if info.kind in ("gguf", "demo") else None
-        export_gguf(gguf_path, model, config, tokenizer, source_gguf)
-    if quantize_bits is not None:
-        requantize(model, config, quantize_bits, group_size)
-        use_fast_frozen_layers(model)  # same keys; only makes the check below fast on the CPU
-    candidate = model_logits(model, sequences)
-
     report: dict = {"model": model_source, "adapter": str(adapter_dir), "fused_layers": fused_count,
-                    "dtype": dtype, "quantization": config.get("quantization"), "adapter_config": adapter_raw}
-    warnings: list[str] = []
-    if sequences:
-        fused_vs_tuned = compare_logits(reference, candidate)
-        base_vs_tuned = compare_logits(reference, bare)
-        warnings = verdict(fused_vs_tuned, base_vs_tuned)
-        report["check"] = {"fused_vs_base_plus_adapters": fused_vs_tuned, "base_vs_base_plus_adapters": base_vs_tuned,
-                           "prompts": len(sequences), "source": str(check_prompts or "generic prompts")}
-    report["warnings"] = warnings
-    save_hf_folder(out_dir, model, tokenizer, config)
-    (out_dir / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+                    "dtype": dtype, "adapter_config": adapter_raw}
+    with atomic_folder(out_dir) as staging:  # a crash never leaves a half-written model folder
+        if gguf:
+            source_gguf = Path(info.path) if info.kind in ("gguf", "demo") else None
+            export_gguf(staging / GGUF_NAME, model, config, tokenizer, source_gguf)
+        if quantize_bits is not None:
+            requantize(model, config, quantize_bits, group_size)
+            use_fast_frozen_layers(model)  # same keys; only makes the check below fast on the CPU
+        candidate = model_logits(model, sequences)
+        report["quantization"] = config.get("quantization")
+        warnings: list[str] = []
+        if sequences:
+            fused_vs_tuned = compare_logits(reference, candidate)
+            base_vs_tuned = compare_logits(reference, bare)
+            warnings = verdict(fused_vs_tuned, base_vs_tuned)
+            report["check"] = {"fused_vs_base_plus_adapters": fused_vs_tuned, "base_vs_base_plus_adapters": base_vs_tuned,
+                               "prompts": len(sequences), "source": str(check_prompts or "generic prompts")}
+        report["warnings"] = warnings
+        save_hf_folder(staging, model, tokenizer, config)
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    gguf_path = out_dir / GGUF_NAME if gguf else None
     return FuseResult(out_dir=out_dir, report=report, gguf_path=gguf_path, warnings=warnings)
 
 

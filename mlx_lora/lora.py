@@ -63,8 +63,9 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x):
         y = frozen_linear(self.linear, x)
-        z = (self.dropout(x) @ self.lora_a) @ self.lora_b  # (..., out) in float32
-        return y + (self.scale * z).astype(y.dtype)
+        # Scaling the rank-wide intermediate, not the output, saves a full-width pass each way.
+        z = ((self.dropout(x) @ self.lora_a) * self.scale) @ self.lora_b  # (..., out) in float32
+        return y + z.astype(y.dtype)
 
     def delta_weight(self) -> mx.array:
         """scaling * (A @ B).T: the (out, in) update this adapter adds to the base weight."""

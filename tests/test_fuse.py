@@ -136,3 +136,21 @@ def test_fuse_cli_reports_errors_in_one_line(capsys, tmp_path):
     assert main(["--adapter", str(tmp_path / "missing"), "--model", "x.gguf"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_a_crash_mid_write_keeps_the_previous_fused_folder(tiny_model_dir, adapter_dir, tmp_path, monkeypatch):
+    from mlx_lora import fuse
+
+    out = tmp_path / "fused"
+    fuse.fuse_adapters(str(tiny_model_dir), adapter_dir, out, dtype="float32", check=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def crash_after_the_weights(out_dir, model, tokenizer, config):
+        (out_dir / "model.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fuse, "save_hf_folder", crash_after_the_weights)
+    with pytest.raises(OSError, match="disk full"):
+        fuse.fuse_adapters(str(tiny_model_dir), adapter_dir, out, dtype="float16", check=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["fused"]  # no staging folder left behind

@@ -61,7 +61,7 @@ class MultiLoRALinear(nn.Module):
         if entry is None:
             return y
         lora_a, lora_b, scaling = entry
-        return y + (scaling * ((x @ lora_a) @ lora_b)).astype(y.dtype)  # (..., in) @ (in, r) @ (r, out)
+        return y + (((x @ lora_a) * scaling) @ lora_b).astype(y.dtype)  # (..., in) @ (in, r) @ (r, out)
 
 
 def install_adapter(model: nn.Module, name: str, folder: str | Path, active: ActiveAdapter) -> int:
