@@ -4,6 +4,8 @@ and the real SmolLM2 GGUF (slow)."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -362,3 +364,41 @@ def test_smollm2_tokenizer_splits_digits_and_uses_chatml(smollm2):
     assert rendered.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
     assert rendered.startswith("<|im_start|>system\n")
     assert hf_config["quantization"]["bits"] == 4 and hf_config["tie_word_embeddings"] is True
+
+
+TOKENIZER_TEXTS = [
+    "Convert March 7, 2021 to ISO: 2021-03-07", "  leading and trailing spaces  ", "tabs\tand\nnew\n\nlines",
+    "Ünïcode — 日本語 ✓ émoji 🤖👍🏽", "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+    "def f(x):\n    return x**2  # 3.14159", "HTTP/1.1 200 OK; id=0x1F, 1,234,567.89", "don't won't it's I'm",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_tokenizer_matches_transformers_rebuild_with_llama_cpp_split(smollm2_gguf):
+    pytest.importorskip("torch")  # transformers' GGUF reader needs it; ours does not
+    from transformers import AutoTokenizer
+
+    from mlx_lora.gguf import _pre_tokenizer_for, read_header
+
+    header = read_header(smollm2_gguf)
+    ours = load_gguf_tokenizer(smollm2_gguf)
+    theirs = AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+    theirs.backend_tokenizer.pre_tokenizer = _pre_tokenizer_for(header.metadata["tokenizer.ggml.pre"], header)
+    assert len(ours.get_vocab()) == len(theirs.get_vocab())
+    for text in TOKENIZER_TEXTS:
+        assert ours.encode(text) == theirs.encode(text), text
+        assert ours.decode(ours.encode(text)) == text
+    assert ours.eos_token_id == theirs.eos_token_id and ours.bos_token_id == theirs.bos_token_id
+
+
+def test_byte_level_tokenizer_loads_without_torch(tmp_path):
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
+    script = (
+        "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
+        "from mlx_lora.gguf import load_gguf_tokenizer\n"
+        f"tokenizer = load_gguf_tokenizer({str(path)!r})\n"
+        "print(tokenizer.decode(tokenizer.encode('2021-03-07 ok')))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().endswith("2021-03-07 ok")
