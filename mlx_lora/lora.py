@@ -109,8 +109,11 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze `model` and wrap the targeted linears of its last `num_layers` blocks in LoRALinear.
 
     Returns the block-relative keys adapted (e.g. "self_attn.q_proj"), the form mlx-lm records.
-    Raises ValueError naming any target module the model does not have.
+    Raises ValueError naming any target module the model does not have, or when the model
+    already carries LoRA layers (adapters would wrap adapters).
     """
+    if lora_layers(model):
+        raise ValueError("the model already has LoRA layers; load the base again, or fuse the adapters first")
     model.freeze()
     blocks = transformer_blocks(model)
     present = available_modules(model)

@@ -59,6 +59,13 @@ def test_unknown_target_module_is_named():
         apply_lora(model, LoraConfig(target_modules=("q_proj", "qkv_proj")))
 
 
+def test_adapting_an_adapted_model_is_refused():
+    model = tiny_llama(False)
+    apply_lora(model, LoraConfig(rank=2))
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        apply_lora(model, LoraConfig(rank=2))
+
+
 def test_lora_matches_dense_float64_reference():
     mx.random.seed(0)
     base = nn.Linear(48, 24, bias=True)
