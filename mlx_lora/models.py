@@ -137,7 +137,7 @@ def load_tokenizer(source: str):
     """The tokenizer of a model source without loading its weights (for token statistics)."""
     kind, path = resolve_source(source)
     if kind in ("gguf", "demo"):
-        from .gguf import load_gguf_tokenizer
+        from .gguf_tokenizer import load_gguf_tokenizer
 
         return load_gguf_tokenizer(path)
     from mlx_lm.utils import load_tokenizer as mlx_lm_load_tokenizer

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -255,6 +256,7 @@ class QuantizationReport:
     double_quant: bool = False
     layers_quantized: int = 0
     source_quantized: int = 0  # layers already quantized in the source (GGUF, MLX 4-bit), left as they were
+    source_formats: dict[str, int] = field(default_factory=dict)  # e.g. {"4-bit group 32": 210}
     bytes_before: int = 0
     bytes_after: int = 0
     # ||W - deq(Q(W))||_F / ||W||_F over all weights quantized here, together (None when none were)
@@ -265,6 +267,8 @@ class QuantizationReport:
         """One line for logs, e.g. 'nf4 4-bit (block 64): 14 layers, 540.1 MB -> 160.3 MB, rel. error 0.0951'."""
         if self.mode == "none":
             text = "none (float base)"
+        elif not self.layers_quantized and self.source_quantized:
+            text = f"{self.mode}: nothing left in float to quantize"
         else:
             unit = "group" if self.mode == "affine" else "block"
             dq = ", double quant" if self.double_quant else ""
@@ -273,7 +277,8 @@ class QuantizationReport:
         if self.relative_error is not None:
             text += f", rel. error {self.relative_error:.4f}"
         if self.source_quantized:
-            text += f", {self.source_quantized} layers already quantized in the source"
+            formats = ", ".join(f"{name}: {count}" for name, count in sorted(self.source_formats.items()))
+            text += f"; {self.source_quantized} layers kept as the source quantized them ({formats})"
         if self.skipped:
             text += f", {len(self.skipped)} skipped"
         return text
@@ -282,6 +287,12 @@ class QuantizationReport:
 def model_nbytes(model: nn.Module) -> int:
     """Bytes of all arrays of `model` (trainable or frozen)."""
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+
+
+def _format_of(module: nn.Module) -> str:
+    if isinstance(module, NF4Linear):
+        return f"nf4 block {module.block_size}"
+    return f"{getattr(module, 'bits', '?')}-bit group {getattr(module, 'group_size', '?')}"
 
 
 def _is_source_quantized(module: nn.Module) -> bool:
@@ -323,7 +334,9 @@ def quantize_model(model: nn.Module, mode: str, bits: int = 4, group_size: int =
                                 group_size={"affine": group_size, "nf4": block_size}.get(mode),
                                 double_quant=mode == "nf4" and double_quant, bytes_before=bytes_before)
     modules = model.named_modules()
-    report.source_quantized = sum(1 for _, m in modules if _is_source_quantized(m) and "weight" in m)
+    source = [m for _, m in modules if _is_source_quantized(m) and "weight" in m]
+    report.source_quantized = len(source)
+    report.source_formats = dict(Counter(_format_of(m) for m in source))
     if mode == "none":
         report.bytes_after = bytes_before
         return report

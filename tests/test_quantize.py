@@ -297,3 +297,14 @@ def test_nf4_linear_through_the_frozen_matmul_path():
         np.testing.assert_allclose(np.array(fn(x)), np.array(cotangent, np.float64) @ w, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(dequantized_matmul(x, layer.dequantize, layer.weight_arrays())),
                                np.array(layer(x)), rtol=1e-6, atol=1e-6)
+
+
+def test_source_quantized_layers_are_kept_and_described():
+    model = tiny_llama(tie_word_embeddings=False)
+    nn.quantize(model, group_size=32, bits=4)
+    expected = sum(1 for _, m in model.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding)))
+    report = quantize_model(model, "affine", bits=4, group_size=64)
+    assert report.layers_quantized == 0 and report.source_quantized == expected
+    assert report.source_formats == {"4-bit group 32": expected}
+    assert report.describe().startswith("affine: nothing left in float to quantize")
+    assert f"{expected} layers kept as the source quantized them (4-bit group 32: {expected})" in report.describe()

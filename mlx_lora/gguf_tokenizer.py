@@ -1,0 +1,134 @@
+"""The tokenizer of a GGUF file, rebuilt from its metadata so that it splits text as llama.cpp does.
+
+Byte-level BPE vocabularies (`tokenizer.ggml.model` 'gpt2': llama 3, Qwen 2, SmolLM2...) are
+built here with `tokenizers`, with the pre-tokenizer llama.cpp uses for the file's
+`tokenizer.ggml.pre` (SmolLM2's splits digits one by one). Other kinds (SentencePiece) go
+through transformers, whose GGUF reader needs PyTorch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+from .gguf import GGUFHeader, _required, read_header
+
+# llama.cpp's pre-tokenizer (llama-vocab.cpp) for each `tokenizer.ggml.pre` of a byte-level BPE vocabulary.
+_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZERS = {
+    # "\p{N}" first, then the GPT-2 regex: every digit is a token of its own (SmolLM2, StarCoder...)
+    "digits": ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"),
+    "gpt2": ("gpt-2", "mpt", "olmo", "jais", "exaone4", "trillion", "granite-docling"),
+    "llama3": ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral"),
+    "qwen2": ("qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"),
+}
+
+
+def _pre_tokenizer_for(pre: str, header: GGUFHeader):
+    from tokenizers import Regex, pre_tokenizers
+
+    family = next((f for f, names in PRE_TOKENIZERS.items() if pre in names), None)
+    if family is None:
+        known = sorted(n for names in PRE_TOKENIZERS.values() for n in names)
+        raise ValueError(f"{header.path}: tokenizer.ggml.pre is '{pre}', a pre-tokenizer we cannot reproduce, so the "
+                         f"text would be split differently from llama.cpp (supported: {', '.join(known)}); "
+                         "use the model's Hugging Face folder instead")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=family in ("digits", "gpt2"))
+    if family == "digits":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    if family == "gpt2":
+        return byte_level
+    regex = _LLAMA3_REGEX if family == "llama3" else _QWEN2_REGEX
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
+
+
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in which byte-level BPE vocabularies are spelled."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    table, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            table[byte] = chr(byte)
+        else:  # control characters, space and a few others move past 255
+            table[byte] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def _byte_level_tokenizer(header: GGUFHeader):
+    """A byte-level BPE (`tokenizer.ggml.model` 'gpt2') rebuilt with `tokenizers` from the vocabulary and merges.
+
+    Built here rather than by transformers, whose GGUF reader needs PyTorch (transformers 5),
+    which the MLX install does not have.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    meta = header.metadata
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = meta.get("tokenizer.ggml.merges")
+    if not merges:
+        raise ValueError(f"{header.path}: a byte-level BPE vocabulary without tokenizer.ggml.merges; "
+                         "use the model's Hugging Face folder instead")
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    alphabet = byte_alphabet()
+    spelled = set(alphabet.values())
+    # Byte-level vocabularies spell every byte as a printable character; respell any token that is not.
+    tokens = [t if set(t) <= spelled else "".join(alphabet[b] for b in t.encode("utf-8")) for t in tokens]
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                   merges=[tuple(m.split(" ", 1)) for m in merges], fuse_unk=False))
+    backend.pre_tokenizer = _pre_tokenizer_for(meta.get("tokenizer.ggml.pre", "default"), header)
+    backend.decoder = decoders.ByteLevel()
+    backend.post_processor = processors.ByteLevel(trim_offsets=False)
+    # llama.cpp matches control (3) and user-defined (4) tokens whole in the text.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3])
+    backend.add_tokens([AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == 4])
+
+    def token_named(key: str) -> str | None:
+        index = meta.get(key)
+        return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+    bos = token_named("tokenizer.ggml.bos_token_id")
+    if meta.get("tokenizer.ggml.add_bos_token", False) and bos is not None:
+        backend.post_processor = processors.Sequence([
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                          special_tokens=[(bos, int(meta["tokenizer.ggml.bos_token_id"]))]),
+        ])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=bos,
+                                   eos_token=token_named("tokenizer.ggml.eos_token_id"),
+                                   unk_token=token_named("tokenizer.ggml.unknown_token_id"),
+                                   pad_token=token_named("tokenizer.ggml.padding_token_id"))
+
+
+def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
+    """The tokenizer and chat template rebuilt from GGUF metadata, as an mlx-lm TokenizerWrapper.
+
+    Byte-level BPE vocabularies (llama 3, Qwen 2, SmolLM2...) are rebuilt here, with the
+    pre-tokenizer llama.cpp uses for the file's `tokenizer.ggml.pre`; other kinds (SentencePiece)
+    go through transformers, which needs PyTorch for them.
+    """
+    from mlx_lm.tokenizer_utils import TokenizerWrapper
+    from transformers import AutoTokenizer
+
+    header = header or read_header(path)
+    path, meta = header.path, header.metadata
+    model_type = _required(header, "tokenizer.ggml.model")
+    _required(header, "tokenizer.ggml.tokens")
+    if model_type == "gpt2":
+        tokenizer = _byte_level_tokenizer(header)
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        except Exception as err:  # transformers raises many types for tokenizers it cannot rebuild
+            hint = " (pip install torch: transformers needs it to read GGUF tokenizers)" \
+                if importlib.util.find_spec("torch") is None else ""
+            raise ValueError(f"{path}: transformers could not rebuild the tokenizer from the GGUF metadata "
+                             f"(tokenizer.ggml.model '{model_type}'){hint}: {err}") from err
+    if "tokenizer.chat_template" in meta:
+        tokenizer.chat_template = meta["tokenizer.chat_template"]
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    return TokenizerWrapper(tokenizer, eos_token_ids=[int(eos)] if eos is not None else None)
