@@ -131,3 +131,18 @@ def test_model_folder_that_is_not_a_model(tmp_path, tiny_data_dir):
     config = write_config(tmp_path, tmp_path / "empty", tiny_data_dir)
     result = mlx_lora("train", config)
     assert result.returncode == 1 and "is not a model folder (no config.json)" in result.stderr
+
+
+def test_training_and_eval_need_no_torch(tiny_model_dir, tiny_data_dir, tmp_path):
+    """The main install has no PyTorch (only the test and cuda extras do): nothing on the MLX path may need it."""
+    blocker = tmp_path / "no_torch"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None  # import torch fails\n")
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    pythonpath = os.pathsep.join([str(blocker), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result = mlx_lora("train", config, "training.iters=2", "training.save_every=0", env_extra={"PYTHONPATH": pythonpath})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "adapters.safetensors").is_file() and (tmp_path / "run" / "eval.json").is_file()
+    probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
+                           env=dict(os.environ, PYTHONPATH=pythonpath))
+    assert probe.returncode != 0  # the blocker works, so the run above really had no torch
