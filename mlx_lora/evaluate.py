@@ -9,11 +9,8 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 
-import mlx.core as mx
-
 from .data import Example
 from .lora import lora_layers
-from .loss import enable_chunked_loss
 from .train import evaluate_loss
 
 EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
@@ -73,8 +70,6 @@ def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_to
     from tqdm import tqdm
 
     model.eval()
-    if examples and not hasattr(model, "chunked_loss"):
-        enable_chunked_loss(model, mx.array([examples[0].tokens]))
     loss = evaluate_loss(model, examples, batch_size)
     scored = [(prompt_tokens(tokenizer, e), e) for e in examples if e.reference is not None]
     scored = [(p, e) for p, e in scored if p is not None]

@@ -74,6 +74,8 @@ def learning_rate_schedule(config: TrainingConfig, steps: int):
 
 def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, max_batches: int = -1) -> float:
     """Token-weighted mean loss over (up to `max_batches` of) a split."""
+    if examples and not hasattr(model, "chunked_loss"):  # a model that was not trained here (mlx-lora eval)
+        enable_chunked_loss(model, mx.array([examples[0].tokens]))
     total, count = 0.0, 0.0
     for tokens, mask, _ in iterate_eval(examples, batch_size, max_batches):
         loss, n = masked_loss(model, mx.array(tokens), mx.array(mask))
