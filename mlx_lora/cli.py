@@ -19,7 +19,7 @@ DELEGATES = {
     "prepare": ("mlx_lora.prepare.cli", "convert raw data to train/valid/test JSONL (same as data_transform.py)"),
     "fuse": ("mlx_lora.fuse", "merge adapters into the base and write a Hugging Face folder"),
     "serve": ("mlx_lora.serve.cli", "OpenAI-compatible server for a base model and its adapters"),
-    "convert-adapter": ("mlx_lora.peft_format", "convert adapters between the MLX and PEFT formats"),
+    "convert-adapter": ("mlx_lora.adapters.peft_format", "convert adapters between the MLX and PEFT formats"),
 }
 
 

@@ -3,7 +3,7 @@
 `fuse_adapters` merges, optionally re-quantizes, and checks the result against base + adapters
 on test prompts: re-quantizing a fused model can silently erase a fine-tune, so the check's
 numbers (largest logit difference, greedy-token agreement) are returned and written to
-`fuse_report.json`. The GGUF export is `gguf_export.py`; loading models is `models.py`.
+`fuse_report.json`. The GGUF export is `models/gguf_export.py`; loading models is `models/`.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
     from .checkpoints import atomic_folder
     from .evaluate import adapters_disabled
     from .frozen_matmul import use_fast_frozen_layers
-    from .gguf_export import export_gguf
+    from .models.gguf_export import export_gguf
     from .lora import fuse_lora
     from .models import load_model
 

@@ -2,7 +2,7 @@
 affine-quantized, NF4) and `fuse()` returns a plain layer. `apply_lora` walks a model.
 
 Parameter names follow mlx-lm (`<path>.lora_a` of shape (in, rank), `<path>.lora_b` of shape
-(rank, out)), so mlx-lm loads our adapters; `adapters.py` maps them to PEFT's names.
+(rank, out)), so mlx-lm loads our adapters; `adapters/peft_format.py` maps them to PEFT's names.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
                     resume=resume, callbacks=[metrics, ProgressBar()])
     save_adapters(out, model, config)
-    from .peft_format import export_peft
+    from .adapters.peft_format import export_peft
 
     export_peft(out, out / "peft")  # the same adapters for transformers / PEFT / vLLM users
     rows = metrics.rows

@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_importing_the_backend_imports_neither_torch_nor_mlx():
-    code = ("import sys, mlx_lora, mlx_lora.backends.cuda, mlx_lora.backends.cuda_loop, mlx_lora.peft_format; "
+    code = ("import sys, mlx_lora, mlx_lora.backends.cuda, mlx_lora.backends.cuda_loop, mlx_lora.adapters.peft_format; "
             "print(sorted(m for m in ('torch', 'mlx', 'peft', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
@@ -253,7 +253,7 @@ def test_qlora_of_smollm2_on_gpu_and_its_adapter_on_mlx(smollm2_gguf, tmp_path):
     from mlx_lora.data import load_datasets
     from mlx_lora.evaluate import generate_answers, normalize, prompt_tokens
     from mlx_lora.models import load_model
-    from mlx_lora.peft_format import convert_adapter
+    from mlx_lora.adapters.peft_format import convert_adapter
 
     cfg = load_config(REPO / "configs" / "cuda" / "qlora.yaml",
                       [f"model={smollm2_gguf}", f"output_dir={tmp_path / 'run'}", "eval.limit=40"])

@@ -103,8 +103,8 @@ def test_verdict_warns_only_when_the_finetune_is_lost():
 def test_gguf_export_reads_back(fused_f32, tiny_model_dir):
     from gguf import GGUFReader
 
-    from mlx_lora.gguf_export import permute_rows
-    from mlx_lora.gguf import load_gguf, unpermute_rows
+    from mlx_lora.models.gguf_export import permute_rows
+    from mlx_lora.models.gguf import load_gguf, unpermute_rows
     from mlx_lora.models import load_model
 
     path = fused_f32.gguf_path

@@ -19,8 +19,8 @@ gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as T  # noqa: E402
 from gguf.quants import dequantize, quantize  # noqa: E402
 
-from mlx_lora.gguf import load_gguf, permute_rows, unpermute_rows  # noqa: E402
-from mlx_lora.gguf_tokenizer import load_gguf_tokenizer  # noqa: E402
+from mlx_lora.models.gguf import load_gguf, permute_rows, unpermute_rows  # noqa: E402
+from mlx_lora.models.gguf_tokenizer import load_gguf_tokenizer  # noqa: E402
 
 HIDDEN, FFN, HEADS, KV_HEADS, LAYERS = 256, 512, 4, 2, 2  # 256: K-quant rows hold 256-weight super-blocks
 PROMPT_IDS = [5, 17, 42, 99, 3, 250, 7, 1]
@@ -188,7 +188,7 @@ def test_logits_match_reference_built_from_decoded_weights(tmp_path, case):
 
 
 def test_reference_comparison_detects_a_missing_unpermute(tmp_path, monkeypatch):
-    import mlx_lora.gguf as gguf_module
+    import mlx_lora.models.gguf as gguf_module
 
     path, config, weights = write_tiny_gguf(tmp_path, {"linear": T.Q4_1, "embed": T.Q8_0}, tied=True)
     monkeypatch.setattr(gguf_module, "unpermute_rows", lambda w, heads: w)
@@ -379,8 +379,8 @@ def test_smollm2_tokenizer_matches_transformers_rebuild_with_llama_cpp_split(smo
     pytest.importorskip("torch")  # transformers' GGUF reader needs it; ours does not
     from transformers import AutoTokenizer
 
-    from mlx_lora.gguf import read_header
-    from mlx_lora.gguf_tokenizer import _pre_tokenizer_for
+    from mlx_lora.models.gguf_file import read_header
+    from mlx_lora.models.gguf_tokenizer import _pre_tokenizer_for
 
     header = read_header(smollm2_gguf)
     ours = load_gguf_tokenizer(smollm2_gguf)
@@ -397,7 +397,7 @@ def test_byte_level_tokenizer_loads_without_torch(tmp_path):
     path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
     script = (
         "import sys; sys.modules['torch'] = None\n"  # any `import torch` now fails
-        "from mlx_lora.gguf_tokenizer import load_gguf_tokenizer\n"
+        "from mlx_lora.models.gguf_tokenizer import load_gguf_tokenizer\n"
         f"tokenizer = load_gguf_tokenizer({str(path)!r})\n"
         "print(tokenizer.decode(tokenizer.encode('2021-03-07 ok')))\n"
     )

@@ -22,7 +22,7 @@ from mlx_lora.adapters import adapter_config, load_adapters, save_adapters  # no
 from mlx_lora.config import HF_TARGET_MODULES, LoraConfig  # noqa: E402
 from mlx_lora.lora import apply_lora, lora_layers  # noqa: E402
 from mlx_lora.models import load_model  # noqa: E402
-from mlx_lora.peft_format import convert_adapter, export_peft, main, mlx_key_to_peft, peft_key_to_mlx  # noqa: E402
+from mlx_lora.adapters.peft_format import convert_adapter, export_peft, main, mlx_key_to_peft, peft_key_to_mlx  # noqa: E402
 from tiny_torch import make_torch_model_dir  # noqa: E402
 
 TOLERANCE = 1e-4

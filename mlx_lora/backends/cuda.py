@@ -256,7 +256,7 @@ def save_adapters(model, cfg: Config, info: dict, out: Path) -> None:
 
     from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
     from ..checkpoints import atomic_path
-    from ..peft_format import block_relative_keys, peft_to_mlx_weights
+    from ..adapters.peft_format import block_relative_keys, peft_to_mlx_weights
 
     model.save_pretrained(str(out / PEFT_SUBDIR))
     peft_weights = {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()}

@@ -1,7 +1,7 @@
 """Model sources: a local Hugging Face folder, a hub id, a GGUF file, or the built-in demo model.
 
 Architectures, weights and tokenizers come from mlx-lm's model zoo; GGUF files go through
-`mlx_lora.gguf`. This module only decides where a model lives and turns mistakes into errors
+`models/gguf.py`. This module only decides where a model lives and turns mistakes into errors
 that say what to do.
 """
 

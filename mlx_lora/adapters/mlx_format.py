@@ -3,7 +3,8 @@
 `adapters.safetensors` holds `<module path>.lora_a` (in, rank) and `.lora_b` (rank, out);
 `adapter_config.json` holds what mlx-lm needs (`fine_tune_type`, `num_layers`,
 `lora_parameters` with `rank`, `scale`, `dropout`, `keys`) plus our own fields (`alpha`,
-`target_modules`, `quantization`, `model`). PEFT conversion lives in `peft_format.py`.
+`target_modules`, `quantization`, `model`). PEFT conversion lives in `peft_format.py`; reading either
+format into a model in `load.py`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .checkpoints import save_safetensors, write_json
-from .config import LoraConfig
+from ..checkpoints import save_safetensors, write_json
+from ..config import LoraConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -67,51 +68,3 @@ def read_adapter_config(folder: str | Path) -> tuple[dict, LoraConfig]:
 
 def is_peft_adapter(folder: str | Path) -> bool:
     return (Path(folder) / "adapter_model.safetensors").is_file()
-
-
-def read_adapter(folder: str | Path) -> tuple[dict, LoraConfig, dict]:
-    """(raw config, LoraConfig, weights by MLX key) of an MLX or PEFT adapter folder."""
-    import mlx.core as mx
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"adapter folder not found: {folder}")
-    if is_peft_adapter(folder):
-        from .peft_format import read_peft_adapter
-
-        return read_peft_adapter(folder)
-    raw, lora = read_adapter_config(folder)
-    weights_path = folder / ADAPTER_WEIGHTS
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    return raw, lora, mx.load(str(weights_path))
-
-
-def check_adapter_weights(model, weights: dict, source: str) -> None:
-    """Raise listing every tensor that is missing, unexpected or of the wrong shape."""
-    from mlx.utils import tree_flatten
-
-    expected = dict(tree_flatten(model.trainable_parameters()))
-    problems = [f"{k}: not an adapter parameter of this model" for k in weights if k not in expected]
-    problems += [f"{k}: missing from the adapter" for k in expected if k not in weights]
-    problems += [f"{k}: adapter shape {tuple(weights[k].shape)} != model shape {tuple(expected[k].shape)}"
-                 for k in weights if k in expected and weights[k].shape != expected[k].shape]
-    if problems:
-        raise ValueError(f"{source} does not fit this model:\n  " + "\n  ".join(problems[:20]))
-
-
-def load_adapters(model, folder: str | Path) -> dict:
-    """Wrap `model` with the LoRA layers of an MLX or PEFT adapter folder and load their weights.
-
-    Returns the raw adapter config.
-    """
-    import mlx.core as mx
-
-    from .lora import apply_lora
-
-    raw, lora, weights = read_adapter(folder)
-    apply_lora(model, lora)
-    check_adapter_weights(model, weights, str(folder))
-    model.load_weights(list(weights.items()), strict=False)
-    mx.eval(model.parameters())
-    return raw

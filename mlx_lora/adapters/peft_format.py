@@ -2,7 +2,7 @@
 
 A PEFT LoRA folder holds `adapter_config.json` (`r`, `lora_alpha`, `target_modules`, ...) and
 `adapter_model.safetensors` with `base_model.model.<module>.lora_A.weight` (rank, in) and
-`.lora_B.weight` (out, rank). Our MLX format (`adapters.py`) stores the same matrices
+`.lora_B.weight` (out, rank). Our MLX format (`mlx_format.py`) stores the same matrices
 transposed under `<module>.lora_a` (in, rank) and `.lora_b` (rank, out). Module paths are the
 same on both sides (mlx-lm keeps the transformers names), so only the prefix, the parameter
 name and the transpose change. The mapping functions work on any array type with `.T`
@@ -18,9 +18,9 @@ import re
 import sys
 from pathlib import Path
 
-from .adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, is_peft_adapter
-from .checkpoints import write_json
-from .config import LoraConfig
+from .mlx_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, is_peft_adapter
+from ..checkpoints import write_json
+from ..config import LoraConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
@@ -255,7 +255,7 @@ def _load_mlx_tensors(path: Path) -> dict:
 def _save_mlx_tensors(path: Path, tensors: dict, fmt: str) -> None:
     import mlx.core as mx
 
-    from .checkpoints import save_safetensors
+    from ..checkpoints import save_safetensors
 
     # mx.save_safetensors needs row-contiguous data; .T is a view.
     save_safetensors(path, {k: mx.contiguous(v) for k, v in tensors.items()}, metadata={"format": fmt})

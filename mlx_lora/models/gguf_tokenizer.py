@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .gguf import GGUFHeader, _required, read_header
+from .gguf_file import GGUFHeader, read_header, required_key
 
 # llama.cpp's pre-tokenizer (llama-vocab.cpp) for each `tokenizer.ggml.pre` of a byte-level BPE vocabulary.
 _LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -116,8 +116,8 @@ def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
 
     header = header or read_header(path)
     path, meta = header.path, header.metadata
-    model_type = _required(header, "tokenizer.ggml.model")
-    _required(header, "tokenizer.ggml.tokens")
+    model_type = required_key(header, "tokenizer.ggml.model")
+    required_key(header, "tokenizer.ggml.tokens")
     if model_type == "gpt2":
         tokenizer = _byte_level_tokenizer(header)
     else:

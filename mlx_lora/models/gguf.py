@@ -20,12 +20,12 @@ What `mx.load` does with each GGML type (checked on mlx 0.32), and so what we ac
 
 from __future__ import annotations
 
-import mmap
-import struct
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .gguf_file import GGUFHeader, TensorInfo, read_header, required_key
+from .gguf_tokenizer import load_gguf_tokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 GGUF_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks hold 32 weights each
@@ -42,116 +42,6 @@ BLOCK_NAMES = {
 }
 TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 
-@dataclass
-class TensorInfo:
-    """One tensor's entry in a GGUF header."""
-
-    name: str
-    type_name: str  # GGML type, e.g. "Q4_1"
-    shape: tuple[int, ...]  # numpy order: (rows, ..., row length)
-    offset: int  # from the start of the data section
-
-
-@dataclass
-class GGUFHeader:
-    """A GGUF file's metadata and tensor directory (no tensor data)."""
-
-    path: Path
-    metadata: dict[str, Any] = field(default_factory=dict)
-    tensors: dict[str, TensorInfo] = field(default_factory=dict)
-    data_start: int = 0
-
-
-def read_header(path: str | Path) -> GGUFHeader:
-    """Parse a GGUF header: metadata (strings, numbers, lists) and the tensor directory.
-
-    Ours rather than `gguf.GGUFReader`, which takes seconds on a 49k-token vocabulary.
-    """
-    from gguf import GGMLQuantizationType
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such GGUF file")
-    with open(path, "rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic number); "
-                             "pass a .gguf file from llama.cpp's converter or a Hugging Face model folder")
-        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            try:
-                return _parse_header(path, buf, GGMLQuantizationType)
-            except (struct.error, UnicodeDecodeError, IndexError) as err:
-                raise ValueError(f"{path}: the GGUF header is truncated or corrupt ({err}); "
-                                 "download the file again") from err
-
-
-def _parse_header(path: Path, buf, type_enum) -> GGUFHeader:
-    import numpy as np
-
-    # GGUF metadata value types 0-12 except 8 (string) and 9 (array): struct and numpy formats
-    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-    numpy_of = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-                10: "<u8", 11: "<i8", 12: "<f8"}
-    pos = 4
-
-    def take(fmt: str):
-        nonlocal pos
-        (value,) = struct.unpack_from(fmt, buf, pos)
-        pos += struct.calcsize(fmt)
-        return value
-
-    def string() -> str:
-        nonlocal pos
-        length = take("<Q")
-        pos += length
-        return bytes(buf[pos - length: pos]).decode("utf-8")
-
-    def value(kind: int):
-        nonlocal pos
-        if kind in scalar:
-            return take(scalar[kind])
-        if kind == 8:
-            return string()
-        if kind == 9:
-            item_kind, count = take("<I"), take("<Q")
-            if item_kind in numpy_of:  # numbers in one read; kept as a list like the rest
-                if pos + count * np.dtype(numpy_of[item_kind]).itemsize > len(buf):
-                    raise struct.error(f"an array of {count} numbers runs past the end of the file")
-                items = np.frombuffer(buf, dtype=numpy_of[item_kind], count=count, offset=pos)
-                pos += items.nbytes
-                return items.tolist()
-            return [value(item_kind) for _ in range(count)]
-        raise ValueError(f"{path}: unknown GGUF metadata value type {kind}; the file is corrupt or from a newer format")
-
-    version = take("<I")
-    if version not in (2, 3):
-        raise ValueError(f"{path}: GGUF version {version} is not supported (2 and 3 are); "
-                         "re-convert the model with a current llama.cpp")
-    n_tensors, n_kv = take("<Q"), take("<Q")
-    header = GGUFHeader(path=path)
-    for _ in range(n_kv):
-        key = string()
-        header.metadata[key] = value(take("<I"))
-    for _ in range(n_tensors):
-        name = string()
-        dims = [take("<Q") for _ in range(take("<I"))]
-        type_id, offset = take("<I"), take("<Q")
-        try:
-            type_name = type_enum(type_id).name
-        except ValueError:
-            type_name = f"type {type_id}"
-        header.tensors[name] = TensorInfo(name, type_name, tuple(reversed(dims)), offset)
-    alignment = int(header.metadata.get("general.alignment", 32))
-    header.data_start = -(-pos // alignment) * alignment
-    return header
-
-
-def _required(header: GGUFHeader, key: str) -> Any:
-    if key not in header.metadata:
-        raise ValueError(f"{header.path}: GGUF metadata has no '{key}'; the file is incomplete or not a "
-                         "llama-family model. Re-convert it with llama.cpp's convert_hf_to_gguf.py")
-    return header.metadata[key]
-
-
 def _as_float32_text(x: float) -> float:
     """GGUF stores floats in 32 bits: 1e-5 reads back as 9.99999974e-06; give the value that was meant."""
     return float(f"{x:.7g}")
@@ -160,7 +50,7 @@ def _as_float32_text(x: float) -> float:
 def hf_config_from_header(header: GGUFHeader) -> dict:
     """A Hugging Face style config.json for a llama GGUF."""
     meta, path = header.metadata, header.path
-    arch = _required(header, "general.architecture")
+    arch = required_key(header, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{path}: general.architecture is '{arch}', which is not supported (supported: "
                          f"{', '.join(SUPPORTED_ARCHITECTURES)}); use the model's Hugging Face folder instead")
@@ -169,8 +59,8 @@ def hf_config_from_header(header: GGUFHeader) -> dict:
                          "from GGUF; use the model's Hugging Face folder instead")
     if "token_embd.weight" not in header.tensors:
         raise ValueError(f"{path}: the file has no token_embd.weight tensor; it is incomplete")
-    heads = int(_required(header, f"{arch}.attention.head_count"))
-    hidden = int(_required(header, f"{arch}.embedding_length"))
+    heads = int(required_key(header, f"{arch}.attention.head_count"))
+    hidden = int(required_key(header, f"{arch}.embedding_length"))
     head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
     rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
     if rope_dims != head_dim:
@@ -180,12 +70,12 @@ def hf_config_from_header(header: GGUFHeader) -> dict:
         "model_type": "llama",
         "architectures": ["LlamaForCausalLM"],
         "hidden_size": hidden,
-        "num_hidden_layers": int(_required(header, f"{arch}.block_count")),
-        "intermediate_size": int(_required(header, f"{arch}.feed_forward_length")),
+        "num_hidden_layers": int(required_key(header, f"{arch}.block_count")),
+        "intermediate_size": int(required_key(header, f"{arch}.feed_forward_length")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
         "head_dim": head_dim,
-        "rms_norm_eps": _as_float32_text(_required(header, f"{arch}.attention.layer_norm_rms_epsilon")),
+        "rms_norm_eps": _as_float32_text(required_key(header, f"{arch}.attention.layer_norm_rms_epsilon")),
         "rope_theta": _as_float32_text(meta.get(f"{arch}.rope.freq_base", 10000.0)),
         "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
         # the embedding's row count, not the metadata's, is what the weights need
@@ -200,7 +90,7 @@ def hf_config_from_header(header: GGUFHeader) -> dict:
     scaling = meta.get(f"{arch}.rope.scaling.type", "none")
     if scaling == "linear":
         config["rope_scaling"] = {"type": "linear",
-                                  "factor": _as_float32_text(_required(header, f"{arch}.rope.scaling.factor"))}
+                                  "factor": _as_float32_text(required_key(header, f"{arch}.rope.scaling.factor"))}
     elif scaling != "none":
         raise ValueError(f"{path}: {arch}.rope.scaling.type '{scaling}' is not supported from GGUF "
                          "(none and linear are); use the model's Hugging Face folder instead")
@@ -318,8 +208,6 @@ def load_gguf(path: str | Path):
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models import llama
-
-    from .gguf_tokenizer import load_gguf_tokenizer  # here: that module imports this one
 
     header = read_header(path)
     path = header.path

@@ -1,0 +1,55 @@
+"""Reading adapters into a model: an MLX or a PEFT adapter folder, checked tensor by tensor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..config import LoraConfig
+from .mlx_format import ADAPTER_WEIGHTS, is_peft_adapter, read_adapter_config
+from .peft_format import read_peft_adapter
+
+
+def read_adapter(folder: str | Path) -> tuple[dict, LoraConfig, dict]:
+    """(raw config, LoraConfig, weights by MLX key) of an MLX or PEFT adapter folder."""
+    import mlx.core as mx
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"adapter folder not found: {folder}")
+    if is_peft_adapter(folder):
+        return read_peft_adapter(folder)
+    raw, lora = read_adapter_config(folder)
+    weights_path = folder / ADAPTER_WEIGHTS
+    if not weights_path.is_file():
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS}")
+    return raw, lora, mx.load(str(weights_path))
+
+
+def check_adapter_weights(model, weights: dict, source: str) -> None:
+    """Raise listing every tensor that is missing, unexpected or of the wrong shape."""
+    from mlx.utils import tree_flatten
+
+    expected = dict(tree_flatten(model.trainable_parameters()))
+    problems = [f"{k}: not an adapter parameter of this model" for k in weights if k not in expected]
+    problems += [f"{k}: missing from the adapter" for k in expected if k not in weights]
+    problems += [f"{k}: adapter shape {tuple(weights[k].shape)} != model shape {tuple(expected[k].shape)}"
+                 for k in weights if k in expected and weights[k].shape != expected[k].shape]
+    if problems:
+        raise ValueError(f"{source} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+
+
+def load_adapters(model, folder: str | Path) -> dict:
+    """Wrap `model` with the LoRA layers of an MLX or PEFT adapter folder and load their weights.
+
+    Returns the raw adapter config.
+    """
+    import mlx.core as mx
+
+    from ..lora import apply_lora
+
+    raw, lora, weights = read_adapter(folder)
+    apply_lora(model, lora)
+    check_adapter_weights(model, weights, str(folder))
+    model.load_weights(list(weights.items()), strict=False)
+    mx.eval(model.parameters())
+    return raw
