@@ -259,3 +259,24 @@ def test_adapter_that_does_not_fit_is_refused(tiny_model_dir, tmp_path):
         Engine.from_source(str(tiny_model_dir), {"wrong": wrong})
     with pytest.raises(ValueError, match="adapter name"):
         Engine.from_source(str(tiny_model_dir), {"../etc": wrong})
+
+
+NULL_BODIES = json.loads((Path(__file__).parent / "cases" / "server_null_params.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(NULL_BODIES))
+def test_null_means_default(server, case):
+    """A user's failing bodies (shared case server_null_params): `null` for an optional field is its default."""
+    client, _ = server
+    body = NULL_BODIES[case]
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    defaults = client.post(path, json={k: v for k, v in body.items() if v is not None}).json()
+    assert response.json()["choices"] == defaults["choices"]
+
+
+def test_n_above_one_is_refused_naming_n(server):
+    client, _ = server
+    response = client.post("/v1/chat/completions", json={"messages": CHAT, "n": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"
