@@ -38,12 +38,12 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, magnitude: float = 0.
 
 
 @contextmanager
-def start_server(model_dir: Path, adapters: dict, **limits):
+def start_server(model_dir: Path, adapters: dict, engine_limits=None, **limits):
     """(base url, engine) of a live server on a free loopback port; stops it on exit."""
     from mlx_lora.serve.app import ServerLimits, ServerThread, create_app
     from mlx_lora.serve.engine import Engine
 
-    engine = Engine.from_source(str(model_dir), adapters, base_name="base")
+    engine = Engine.from_source(str(model_dir), adapters, base_name="base", limits=engine_limits)
     limits = {"max_tokens": 4096, "default_max_tokens": 16, **limits}
     with ServerThread(create_app(engine, ServerLimits(**limits))) as url:
         yield url, engine
