@@ -26,7 +26,6 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..frozen_matmul import frozen_linear
 from ..lora import is_linear, linear_dims
 
 NO_ADAPTER = 0  # slot 0: the bare base
@@ -104,7 +103,7 @@ class MultiLoRALinear(nn.Module):
             self._bank.restack()
 
     def __call__(self, x):
-        y = frozen_linear(self.linear, x)  # (B, L, out)
+        y = self.linear(x)  # (B, L, out); the base's own product (see decode_weights.py)
         bank, rows = self._bank, self._rows
         if rows.uniform is not None:
             entry = bank.entries.get(rows.uniform)
