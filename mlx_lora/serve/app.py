@@ -222,7 +222,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
               dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        from .constraints import constraint_for
+        from .constraints import ConstraintError, constraint_for
 
         gen = common(body, body.max_completion_tokens or body.max_tokens)
         if body.top_logprobs and not body.logprobs:
@@ -235,7 +235,14 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
                 raise APIError(400, "tools: this model's chat template has no tool support (no tool-call format "
                                     "known for it); send the request without tools", "tools", "unsupported")
             gen.tools = [t.model_dump() for t in body.tools]
-        gen.constraint_factory = constraint_for(engine.tokenizer, body.response_format, gen.tools, body.tool_choice)
+        if body.response_format is not None and body.response_format.type != "text" or body.tool_choice not in (
+                None, "auto", "none"):
+            try:
+                compiler = await asyncio.to_thread(engine.grammar_compiler)
+                gen.constraint_factory = constraint_for(compiler, engine.tokenizer, body.response_format, gen.tools,
+                                                        body.tool_choice)
+            except ConstraintError as err:
+                raise APIError(400, str(err), err.param, "invalid_value") from None
         return await respond(gen, body, request, chat=True, logprobs=bool(body.logprobs))
 
     @app.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES,

@@ -117,6 +117,21 @@ class Engine:
         self._wake = threading.Event()  # set when a job arrives
         self.history: deque = deque(maxlen=HISTORY)
         self.created = int(time.time())
+        self._grammar = None
+        self._grammar_lock = threading.Lock()
+
+    def grammar_compiler(self):
+        """The llguidance tokenizer for constrained decoding, built on first use (~1 s); None when impossible."""
+        from .constraints import GrammarCompiler
+
+        with self._grammar_lock:
+            if self._grammar is None:
+                vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
+                try:
+                    self._grammar = GrammarCompiler(self.tokenizer, vocab)
+                except (ValueError, TypeError):  # not a fast HF tokenizer
+                    self._grammar = False
+            return self._grammar or None
 
     @classmethod
     def from_source(cls, source: str, adapters: dict[str, str | Path] | None = None, base_name: str | None = None,
