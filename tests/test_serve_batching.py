@@ -168,8 +168,6 @@ def test_prompt_cache_gives_identical_tokens_and_counts_cached_tokens(engine):
 
 
 def test_logprobs_are_normalised_and_rank_the_sampled_token(engine):
-    from mlx_lora.serve.scheduler import TokenEvent  # noqa: F401 - the event type the test reads
-
     events = []
     sched = scheduler(engine)
     out = {}

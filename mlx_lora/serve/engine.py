@@ -24,7 +24,7 @@ import mlx.nn as nn
 from .multi_lora import NO_ADAPTER, RowAdapters, install_adapter, read_checked_adapter, remove_adapter
 from .sampling import SamplingParams
 from .scheduler import Scheduler, Sequence
-from .text import StopMatcher, TextStream  # noqa: F401 - StopMatcher is re-exported for callers
+from .text import TextStream
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 HISTORY = 256  # finished-job summaries kept for /health and tests
