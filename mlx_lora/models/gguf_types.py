@@ -16,22 +16,43 @@ names, models) to `gguf.py`. Layout per type and how it is held:
   Q4_K     256    144  native 4-bit affine g32    sub-block of 32: (d*sc)*q - dmin*m
   Q5_K     256    176  native 5-bit affine g32    same, 5-bit codes
   Q6_K     256    210  re-quantized 8-bit g32     sub-blocks of 16 (d*sc*q, q in -32..31): MLX
-                                                  has no group size 16, so not exact
-  Q3_K     256    110  re-quantized 8-bit g32     sub-blocks of 16, as Q6_K
-  Q2_K     256     84  re-quantized 8-bit g32     sub-blocks of 16 with a min, as Q6_K
+                                                  has no group size 16, so no exact form
+  Q3_K     256    110  re-quantized 6-bit g32     sub-blocks of 16, as Q6_K
+  Q2_K     256     84  re-quantized 6-bit g32     sub-blocks of 16 with a min, as Q6_K
 
 "native" forms are exact: scales and biases are float32, where d*sc (11 + 6 bits) and
 (d*sc)*q (<= 24 bits) are exact, so `mx.dequantize` returns the same float32 values as
 `gguf.quants.dequantize`, bit for bit (tested). Re-quantized forms start from the reference
-decoder's float32 values and go through `mx.quantize(..., group_size=32, bits=8)`.
+decoder's float32 values and go through `mx.quantize(..., group_size=32, bits=8 or 6)`.
 
-Measured relative weight errors: to be filled from `python bench/gguf_types_error.py`.
+Measured relative weight error ||held - reference|| / ||reference|| (Frobenius) of the forms
+MLX could use, and bits per weight (file; held, with a float32 scale and bias per 32 weights),
+from `python bench/gguf_types_error.py` (seed 0, 256 x 4096 weights per type):
+
+  type  held as      random blocks  realistic  type's own error  file bpw  held bpw
+  Q6_K  8-bit g32       4.4e-03      4.7e-03       1.9e-02          6.56      10   <- chosen
+  Q6_K  6-bit g32       1.7e-02      1.9e-02                                   8
+  Q6_K  float16         2.1e-04      2.1e-04                                  16
+  Q3_K  8-bit g32       4.4e-03      4.7e-03       1.6e-01          3.44      10
+  Q3_K  6-bit g32       1.3e-02      1.6e-02                                   8   <- chosen
+  Q3_K  4-bit g32       7.5e-02      7.5e-02                                   6
+  Q2_K  8-bit g32       1.9e-03      4.5e-03       3.3e-01          2.62      10
+  Q2_K  6-bit g32       7.7e-03      1.8e-02                                   8   <- chosen
+  Q2_K  4-bit g32       3.2e-02      7.6e-02                                   6
+
+"realistic": gaussian weights (std 0.02) quantized to the type by `tests/gguf_blocks.py`'s
+round-to-nearest quantizers; "type's own error": that quantization against the gaussian weights.
+Errors add in quadrature, so Q6_K at 8 bits makes the total error 3 % larger than Q6_K's own, at
+10 instead of 16 bits per weight (Q4_K_M files hold output.weight and about half of ffn_down and
+attn_v in Q6_K: about 1.5e9 weights, 1.1 GB less than float16 for Llama 3.1 8B); 6 bits would
+make it 40 % larger. Q3_K / Q2_K at 6 bits add under 1 % to their own error; 4 bits would add
+11 % / 3 %. The catch: a re-quantized tensor is not bit-exact, so logits from a Q6_K / Q3_K / Q2_K
+tensor differ from an exact float32 decoding by about its error (`typical_error` below).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
 from typing import Callable
 
 import numpy as np
@@ -83,6 +104,7 @@ class BlockType:
     codes: Codes | None = None  # native affine forms: the block decoder
     float_dtype: str | None = None  # float forms: numpy dtype of the stored values
     mx_dtype: str | None = None  # float forms: the mx dtype they are viewed as, bit for bit
+    typical_error: float = 0.0  # re-quantized forms: measured relative weight error (table above)
 
     def hold(self, blocks: np.ndarray, rows: int, cols: int) -> HeldTensor:
         """blocks: (rows * cols // block_size, block_bytes) uint8 -> the tensor as MLX holds it."""
@@ -113,14 +135,13 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """Codes (rows, cols) < 2**bits -> MLX's affine packing (rows, cols * bits // 32) uint32.
 
     MLX packs each row as one little-endian bit stream (code i in bits i*bits .. i*bits+bits-1),
-    for every width 2..8 (checked against mx.quantize in tests). We pack `per` codes at a time
-    into a uint64, `per` being the fewest codes that fill whole bytes (8 for 3 or 5 bits).
+    for every width 2..8 (checked against mx.quantize in tests). Eight codes fill `bits` whole
+    bytes, so we build each run of eight in a uint64 and keep its low `bits` bytes.
     """
     rows, cols = q.shape
-    per = 8 // gcd(bits, 8)
-    shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits)).astype(np.uint64)
-    chunks = (q.reshape(rows, cols // per, per).astype(np.uint64) << shifts).sum(axis=-1, dtype=np.uint64)
-    stream = chunks.astype("<u8").view(np.uint8).reshape(rows, cols // per, 8)[..., : per * bits // 8]
+    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
+    runs = (q.reshape(rows, cols // 8, 8).astype(np.uint64) << shifts).sum(axis=-1, dtype=np.uint64)
+    stream = runs.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[..., :bits]
     return np.ascontiguousarray(stream).reshape(rows, -1).view("<u4").astype(np.uint32)
 
 
@@ -203,8 +224,8 @@ def _native(name: str, size: int, nbytes: int, bits: int, codes: Codes) -> Block
     return BlockType(name, size, nbytes, f"native {bits}-bit g{GROUP}", bits=bits, codes=codes)
 
 
-def _requantized(name: str, nbytes: int, bits: int) -> BlockType:
-    return BlockType(name, QK_K, nbytes, f"re-quantized {bits}-bit g{GROUP}", bits=bits)
+def _requantized(name: str, nbytes: int, bits: int, typical_error: float) -> BlockType:
+    return BlockType(name, QK_K, nbytes, f"re-quantized {bits}-bit g{GROUP}", bits=bits, typical_error=typical_error)
 
 
 TENSOR_TYPES: dict[str, BlockType] = {t.name: t for t in (
@@ -218,9 +239,9 @@ TENSOR_TYPES: dict[str, BlockType] = {t.name: t for t in (
     _native("Q5_1", 32, 2 + 2 + 4 + 16, 5, _q5_1),
     _native("Q4_K", QK_K, 2 + 2 + 12 + 128, 4, _q4_k),
     _native("Q5_K", QK_K, 2 + 2 + 12 + 32 + 128, 5, _q5_k),
-    _requantized("Q6_K", 128 + 64 + 16 + 2, 8),  # low nibbles, high 2 bits, int8 scales, d
-    _requantized("Q3_K", 32 + 64 + 12 + 2, 8),  # high-bit mask, 2-bit codes, 6-bit scales, d
-    _requantized("Q2_K", 16 + 64 + 2 + 2, 8),  # 4-bit scales and mins, 2-bit codes, d, dmin
+    _requantized("Q6_K", 128 + 64 + 16 + 2, 8, 4.7e-3),  # low nibbles, high 2 bits, int8 scales, d
+    _requantized("Q3_K", 32 + 64 + 12 + 2, 6, 1.6e-2),  # high-bit mask, 2-bit codes, 6-bit scales, d
+    _requantized("Q2_K", 16 + 64 + 2 + 2, 6, 1.8e-2),  # 4-bit scales and mins, 2-bit codes, d, dmin
 )}
 
 
