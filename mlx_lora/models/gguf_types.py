@@ -136,13 +136,18 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
 
     MLX packs each row as one little-endian bit stream (code i in bits i*bits .. i*bits+bits-1),
     for every width 2..8 (checked against mx.quantize in tests). Eight codes fill `bits` whole
-    bytes, so we build each run of eight in a uint64 and keep its low `bits` bytes.
+    bytes; we OR each code into the one or two bytes it lands in (uint8 shifts drop the bits
+    that belong to the next byte).
     """
     rows, cols = q.shape
-    shifts = np.arange(8, dtype=np.uint64) * np.uint64(bits)
-    runs = (q.reshape(rows, cols // 8, 8).astype(np.uint64) << shifts).sum(axis=-1, dtype=np.uint64)
-    stream = runs.astype("<u8").view(np.uint8).reshape(rows, cols // 8, 8)[..., :bits]
-    return np.ascontiguousarray(stream).reshape(rows, -1).view("<u4").astype(np.uint32)
+    runs = q.reshape(rows, cols // 8, 8)
+    out = np.zeros((rows, cols // 8, bits), dtype=np.uint8)
+    for i in range(8):
+        byte, shift = divmod(i * bits, 8)
+        out[..., byte] |= runs[..., i] << shift
+        if shift + bits > 8:
+            out[..., byte + 1] |= runs[..., i] >> (8 - shift)
+    return out.reshape(rows, -1).view("<u4").astype(np.uint32)
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -174,7 +179,7 @@ def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
 
 def _q8_0(b):  # d (f16), 32 x int8
     d = _f16(b, 0)
-    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
+    return b[:, 2:] ^ 0x80, d, -128 * d  # flipping the sign bit of an int8 x gives the uint8 x + 128
 
 
 def _q4_0(b):  # d, 16 bytes of 4-bit codes
