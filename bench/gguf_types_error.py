@@ -4,8 +4,9 @@
 Run: `python bench/gguf_types_error.py [--rows 256] [--cols 4096] [--seed 0]`. For each type it
 prints ||held - reference|| / ||reference|| (reference: gguf.quants.dequantize of the same bytes)
 for MLX affine 8/6/4-bit with group size 32 (mx.quantize of the reference floats, float32 scales)
-and for float16, on (a) random valid blocks and (b) "realistic" blocks: gaussian weights
-(std 0.02) quantized to the type by tests/gguf_blocks.py; "own" is that quantization's own error
+and for float16, on (a) random valid blocks, (b) "realistic" blocks: gaussian weights (std 0.02)
+quantized to the type by tests/gguf_blocks.py, and (c) the same for heavy-tailed weights (Student
+t, 4 degrees of freedom, as trained weights have outliers); "own" is the quantization's own error
 against the gaussian weights. Held bits per weight: b + 2 for affine (a float32 scale and bias per
 32 weights), 16 for float16. The row the registry uses is checked against `decode_tensor`.
 """
@@ -52,18 +53,21 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     shape = (args.rows, args.cols)
     weights = (0.02 * rng.standard_normal(shape)).astype(np.float32)
+    heavy = (0.02 * rng.standard_t(4, shape)).astype(np.float32)
     bpw = {name: 8 * kind.block_bytes / kind.block_size for name, kind in TENSOR_TYPES.items()}
-    print(f"{'type':5} {'form':10} {'random':>9} {'realistic':>10} {'own':>8} {'file bpw':>9} {'held bpw':>9}")
+    print(f"{'type':5} {'form':10} {'random':>9} {'realistic':>10} {'t(4)':>9} {'own':>8} {'file bpw':>9} {'held bpw':>9}")
     for name in ("Q6_K", "Q3_K", "Q2_K"):
         random_raw = random_blocks(name, shape, rng)
         real_raw = quantize(weights, name)
         random_ref = reference_dequantize(name, random_raw, shape)
         real_ref = reference_dequantize(name, real_raw, shape)
+        heavy_ref = reference_dequantize(name, quantize(heavy, name), shape)
         own = rel(real_ref.astype(np.float64), weights.astype(np.float64))
         for form in FORMS:
-            errors = [rel(held_floats(ref, form), ref.astype(np.float64)) for ref in (random_ref, real_ref)]
+            errors = [rel(held_floats(ref, form), ref.astype(np.float64)) for ref in (random_ref, real_ref, heavy_ref)]
             held_bpw = 16 if form == "float16" else int(form.split("-")[0]) + 2
-            print(f"{name:5} {form:10} {errors[0]:9.2e} {errors[1]:10.2e} {own:8.2e} {bpw[name]:9.2f} {held_bpw:9}")
+            print(f"{name:5} {form:10} {errors[0]:9.2e} {errors[1]:10.2e} {errors[2]:9.2e} {own:8.2e} "
+                  f"{bpw[name]:9.2f} {held_bpw:9}")
             if TENSOR_TYPES[name].how == f"re-quantized {form}":  # the registry's choice, through its own path
                 from mlx_lora.models.gguf_types import relative_error
 

@@ -145,3 +145,24 @@ def test_test_quantizers_decode_close_to_their_weights(name, bound):
     assert error < bound, f"{name}: {error:.3g}"
     # more bits, less error: the quantizers use their codes' whole range
     assert error > {"Q8_0": 1e-3, "Q6_K": 5e-3}.get(name, 1e-2)
+
+
+@pytest.mark.slow
+def test_every_tensor_of_the_demo_gguf_decodes_exactly(smollm2_gguf):
+    """Blocks made by llama.cpp's own quantizer (SmolLM2's Q4_1 and Q8_0 tensors), not ours."""
+    from mlx_lora.models.gguf_file import read_header
+
+    header = read_header(smollm2_gguf)
+    seen = set()
+    for name, info in header.tensors.items():
+        if len(info.shape) != 2:
+            continue
+        kind = TENSOR_TYPES[info.type_name]
+        nbytes = info.shape[0] * info.shape[1] // kind.block_size * kind.block_bytes
+        raw = np.memmap(smollm2_gguf, dtype=np.uint8, mode="r", offset=header.data_start + info.offset,
+                        shape=(nbytes,))
+        expected = reference_dequantize(info.type_name, raw, info.shape)
+        got = held_floats(decode_tensor(info.type_name, raw, info.shape))
+        assert np.array_equal(got, expected), name
+        seen.add(info.type_name)
+    assert seen == {"Q4_1", "Q8_0"}

@@ -29,18 +29,19 @@ Measured relative weight error ||held - reference|| / ||reference|| (Frobenius) 
 MLX could use, and bits per weight (file; held, with a float32 scale and bias per 32 weights),
 from `python bench/gguf_types_error.py` (seed 0, 256 x 4096 weights per type):
 
-  type  held as      random blocks  realistic  type's own error  file bpw  held bpw
-  Q6_K  8-bit g32       4.4e-03      4.7e-03       1.9e-02          6.56      10   <- chosen
-  Q6_K  6-bit g32       1.7e-02      1.9e-02                                   8
-  Q6_K  float16         2.1e-04      2.1e-04                                  16
-  Q3_K  8-bit g32       4.4e-03      4.7e-03       1.6e-01          3.44      10
-  Q3_K  6-bit g32       1.3e-02      1.6e-02                                   8   <- chosen
-  Q3_K  4-bit g32       7.5e-02      7.5e-02                                   6
-  Q2_K  8-bit g32       1.9e-03      4.5e-03       3.3e-01          2.62      10
-  Q2_K  6-bit g32       7.7e-03      1.8e-02                                   8   <- chosen
-  Q2_K  4-bit g32       3.2e-02      7.6e-02                                   6
+  type  held as     random blocks  gaussian  t(4)     type's own error  file bpw  held bpw
+  Q6_K  8-bit g32      4.4e-03     4.7e-03  5.6e-03     1.9e-02          6.56      10  <- chosen
+  Q6_K  6-bit g32      1.7e-02     1.9e-02  2.2e-02                                 8
+  Q6_K  float16        2.1e-04     2.1e-04  2.1e-04                                16
+  Q3_K  8-bit g32      4.4e-03     4.7e-03  5.0e-03     1.6e-01          3.44      10
+  Q3_K  6-bit g32      1.3e-02     1.6e-02  1.9e-02                                 8  <- chosen
+  Q3_K  4-bit g32      7.5e-02     7.5e-02  8.1e-02                                 6
+  Q2_K  8-bit g32      1.9e-03     4.5e-03  5.3e-03     3.3e-01          2.62      10
+  Q2_K  6-bit g32      7.7e-03     1.8e-02  2.2e-02                                 8  <- chosen
+  Q2_K  4-bit g32      3.2e-02     7.6e-02  9.0e-02                                 6
 
-"realistic": gaussian weights (std 0.02) quantized to the type by `tests/gguf_blocks.py`'s
+"gaussian", "t(4)": weights drawn from a gaussian (std 0.02) or a heavy-tailed Student t (4
+degrees of freedom, scaled by 0.02), quantized to the type by `tests/gguf_blocks.py`'s
 round-to-nearest quantizers; "type's own error": that quantization against the gaussian weights.
 Errors add in quadrature, so Q6_K at 8 bits makes the total error 3 % larger than Q6_K's own, at
 10 instead of 16 bits per weight (Q4_K_M files hold output.weight and about half of ffn_down and
