@@ -117,7 +117,9 @@ K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q
 
 
 def quantize(weights: np.ndarray, type_name: str) -> np.ndarray:
-    """Float32 weights (rows, cols) -> the tensor's raw bytes (rows, row_bytes) uint8."""
+    """Float32 weights (rows, cols) -> the tensor's raw bytes (rows, row_bytes) uint8, for any type
+    in the registry: `GGUFWriter.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[type_name])`
+    writes it (the writer takes the shape from the bytes)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
