@@ -261,12 +261,12 @@ def block_type(type_name: str) -> BlockType:
 def _blocks(kind: BlockType, raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The tensor's bytes as (blocks, block_bytes), after checking they fit `shape`."""
     rows, cols = shape
-    if cols % kind.block_size or (kind.bits and cols % GROUP):
+    if cols % kind.block_size:  # block sizes are 1, 32 or 256, so affine rows hold whole groups of 32
         raise ValueError(f"a {kind.name} tensor of shape {shape}: rows must hold whole blocks "
-                         f"of {max(kind.block_size, GROUP if kind.bits else 1)} weights")
+                         f"of {kind.block_size} weights")
     expected = rows * cols // kind.block_size * kind.block_bytes
-    if raw.size != expected:
-        raise ValueError(f"a {kind.name} tensor of shape {shape} takes {expected} bytes, got {raw.size}; "
+    if raw.nbytes != expected:
+        raise ValueError(f"a {kind.name} tensor of shape {shape} takes {expected} bytes, got {raw.nbytes}; "
                          "the file is truncated or corrupt")
     return np.ascontiguousarray(raw).view(np.uint8).reshape(-1, kind.block_bytes)
 
