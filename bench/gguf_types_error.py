@@ -9,6 +9,10 @@ quantized to the type by tests/gguf_blocks.py, and (c) the same for heavy-tailed
 t, 4 degrees of freedom, as trained weights have outliers); "own" is the quantization's own error
 against the gaussian weights. Held bits per weight: b + 2 for affine (a float32 scale and bias per
 32 weights), 16 for float16. The row the registry uses is checked against `decode_tensor`.
+
+`--logits` also loads tests/test_gguf.py's tiny llama GGUFs with Q3_K linears / Q2_K head and
+with Q4_K linears / Q6_K head, holding the re-quantized types at 6 and 8 bits, and prints how far
+the logits move from a float32 model built from the gguf package's exact decoding.
 """
 
 from __future__ import annotations
@@ -44,11 +48,42 @@ def rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def logits_shift() -> None:
+    """max |logits - exact| / max |exact| and the Frobenius ratio, per case and bit width."""
+    import dataclasses
+    import tempfile
+
+    import mlx.core as mx
+    import test_gguf
+
+    from mlx_lora.models import gguf_types
+    from mlx_lora.models.gguf import load_gguf
+
+    saved = dict(gguf_types.TENSOR_TYPES)
+    try:
+        for bits in (6, 8):
+            for name in ("Q6_K", "Q3_K", "Q2_K"):
+                gguf_types.TENSOR_TYPES[name] = dataclasses.replace(saved[name], bits=bits,
+                                                                    how=f"re-quantized {bits}-bit g32")
+            for case in ("q3_k-q2_k", "q4_k-q6_k"):
+                types, tied = test_gguf.CASES[case]
+                with tempfile.TemporaryDirectory() as folder:
+                    path, config, weights = test_gguf.write_tiny_gguf(Path(folder), types, tied=tied)
+                    model = load_gguf(path)[0]
+                model.set_dtype(mx.float32)
+                exact, got = test_gguf.reference_logits(config, weights), test_gguf.model_logits(model)
+                print(f"{bits}-bit {case:10} max {np.abs(got - exact).max() / np.abs(exact).max():.2e}"
+                      f"  frobenius {rel(got, exact):.2e}")
+    finally:
+        gguf_types.TENSOR_TYPES.update(saved)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--logits", action="store_true", help="also the tiny-model logits shift")
     args = parser.parse_args()
     rng = np.random.default_rng(args.seed)
     shape = (args.rows, args.cols)
@@ -74,7 +109,10 @@ def main() -> None:
                 chosen = relative_error(decode_tensor(name, real_raw, shape), real_ref)
                 if not np.isclose(chosen, errors[1], rtol=1e-6):
                     raise SystemExit(f"{name}: decode_tensor's error {chosen:.3e} differs from {errors[1]:.3e}")
+    if args.logits:
+        logits_shift()
 
 
 if __name__ == "__main__":
     main()
+
