@@ -127,6 +127,8 @@ def quantize(weights: np.ndarray, type_name: str) -> np.ndarray:
     if type_name not in K_QUANTIZERS:
         return gguf_quantize(weights, GGMLQuantizationType[type_name]).view(np.uint8).reshape(len(weights), -1)
     rows, cols = weights.shape
+    if cols % QK_K:  # llama.cpp falls back to another type for such tensors (e.g. SmolLM2's 576-wide ones)
+        raise ValueError(f"{type_name} needs rows of whole {QK_K}-weight super-blocks; shape {weights.shape}")
     raw = K_QUANTIZERS[type_name](weights.reshape(-1, QK_K))
     return raw.reshape(rows, -1)
 
