@@ -3,6 +3,10 @@
     python bench/bench_serve.py                       # fused demo run (runs/demo/fused, fused if missing)
     python bench/bench_serve.py --model runs/demo/fused --clients 1,4,8 --requests 3 --json bench/serve.json
 
+On the CPU give it a float32 folder (`mlx-lora fuse --dtype float32`): mlx_lm.server computes in
+the folder's dtype and MLX's CPU float16 matmul has no BLAS behind it, while this server widens
+to float32 at load; a float32 folder runs both at their best.
+
 For each server (both with their batching on; mlx_lm.server batches by default): N concurrent
 clients (1, 4, 8) each send `--requests` streamed greedy chat requests of `--max-tokens` tokens,
 one after another. Reported per N: aggregate generated tokens/s (content chunks over wall time),
@@ -148,6 +152,7 @@ def bench(kind: str, model: str, adapters: dict[str, str], args) -> dict:
         result = {"server": kind, "runs": []}
         for clients in args.clients:
             result["runs"].append({"mix": "base", **load(url, [{**base, "model": name}], clients, args.requests)})
+            print_row(kind, result["runs"][-1])
         if adapters:
             if kind == "mlx-lora":
                 one = [{**base, "model": "adapter0"}]
@@ -157,11 +162,18 @@ def bench(kind: str, model: str, adapters: dict[str, str], args) -> dict:
                 mixed = [{**base, "model": model, "adapters": path} for path in adapters.values()]
             for mix, bodies in (("1 adapter", one), (f"{len(adapters)} adapters", mixed)):
                 result["runs"].append({"mix": mix, **load(url, bodies, 8, args.requests)})
+                print_row(kind, result["runs"][-1])
         return result
     finally:
         proc.terminate()
         proc.wait(30)
         os.unlink(proc.log_path)
+
+
+def print_row(kind: str, run: dict) -> None:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
+    print(f"| {kind} | {run['clients']} | {run['mix']} | {fmt(run['tokens_per_s'])} | {fmt(run['p50_s'])} | "
+          f"{fmt(run['p95_s'])} | {fmt(run['ttft_p50_s'])} | {run['errors']}/{run['requests']} |", flush=True)
 
 
 def ensure_model(model: str | None) -> str:
@@ -190,15 +202,10 @@ def main() -> int:
     args = parser.parse_args()
     model = ensure_model(args.model)
     adapters = make_adapters(model, Path(args.adapter_dir), args.adapters) if args.adapters else {}
-    results = [bench(kind, model, adapters, args) for kind in args.servers.split(",")]
     print(f"model: {model}; {args.requests} streamed requests of {args.max_tokens} tokens per client")
     print("| server | clients | adapters | aggregate tok/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
-    for r in results:
-        for run in r["runs"]:
-            print(f"| {r['server']} | {run['clients']} | {run['mix']} | {fmt(run['tokens_per_s'])} | {fmt(run['p50_s'])} | "
-                  f"{fmt(run['p95_s'])} | {fmt(run['ttft_p50_s'])} | {run['errors']}/{run['requests']} |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    results = [bench(kind, model, adapters, args) for kind in args.servers.split(",")]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"model": model, "args": vars(args), "results": results}, indent=2) + "\n")
     return 0

@@ -69,19 +69,21 @@ class TextStream:
         return stopped
 
     def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
-        if reason != "cancelled":
-            self.detokenizer.finalize()
-            tail, stopped = self.matcher.feed(self.detokenizer.last_segment)
-            self._emit(tail + ("" if stopped else self.matcher.flush()), None)
-            if self.held:
-                self.sink(("delta", self.held, None))
-            if self.tool_text is not None:
-                calls = self._parse_tools(self.tool_text)
-                if calls:
-                    self.sink(("tool_calls", calls))
-                    reason = "tool_calls"
-                else:  # not a parsable call after all: show it as text
-                    self.sink(("delta", self.tool_text, None))
+        if reason == "cancelled":  # the client went away, or the server is shutting down
+            self.sink(("error", 503, "the request was cancelled (client disconnected or server shutting down)", None))
+            return
+        self.detokenizer.finalize()
+        tail, stopped = self.matcher.feed(self.detokenizer.last_segment)
+        self._emit(tail + ("" if stopped else self.matcher.flush()), None)
+        if self.held:
+            self.sink(("delta", self.held, None))
+        if self.tool_text is not None:
+            calls = self._parse_tools(self.tool_text)
+            if calls:
+                self.sink(("tool_calls", calls))
+                reason = "tool_calls"
+            else:  # not a parsable call after all: show it as text
+                self.sink(("delta", self.tool_text, None))
         self.sink(("done", reason, prompt_tokens, completion_tokens, cached_tokens))
 
     def _emit(self, text: str, logprobs) -> None:
