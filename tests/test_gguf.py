@@ -401,6 +401,60 @@ def test_byte_level_tokenizer_loads_without_torch(tmp_path):
     assert result.stdout.strip().endswith("2021-03-07 ok")
 
 
+def write_sentencepiece_gguf(path: Path, arch: str) -> Path:
+    """A GGUF with a small SentencePiece-style vocabulary (`tokenizer.ggml.model` 'llama': Mistral,
+    Gemma and Phi-3 files): byte fallback tokens, scored pieces with the U+2581 word marker."""
+    pieces = ["\u2581", "\u2581h", "\u2581he", "\u2581hello", "l", "o", "e", "h", "\u2581w", "\u2581wor",
+              "\u2581world", "r", "d", "w", "\u25812", "0", "1", "<|user|>", "<|end|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 2) + [3, 3]  # unknown, control, byte, normal
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+SENTENCEPIECE_TEXTS = ["hello world", " hello", "héllo wörld\n x 2021", "<|user|>hello<|end|>", ""]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_sentencepiece_tokenizer_equals_transformers_gguf_reader(tmp_path, arch):
+    pytest.importorskip("torch", reason="the reference, transformers' GGUF reader, needs PyTorch")
+    from transformers import AutoTokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf", arch)
+    ours = load_gguf_tokenizer(path)
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in SENTENCEPIECE_TEXTS:
+        assert ours.encode(text) == reference.encode(text), text
+    assert ours.encode("hello")[0] == 1  # llama.cpp adds BOS to a SentencePiece vocabulary
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|user|>hi<|end|>"
+
+
+def test_sentencepiece_tokenizer_loads_without_torch(tmp_path):
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf", "llama")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mlx_lora.models.gguf_tokenizer import load_gguf_tokenizer\n"
+        f"tokenizer = load_gguf_tokenizer({str(path)!r})\n"
+        "print(tokenizer.encode('hello world'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("[1, ")
+
+
 @pytest.mark.slow
 def test_smollm2_as_q4_k_m_still_answers_paris(smollm2_gguf, tmp_path):
     """The demo rewritten with K-quant blocks by our own block writer, as in a Q4_K_M file: ffn_down
