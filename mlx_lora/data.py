@@ -60,8 +60,8 @@ class DataStats:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a JSONL file; errors name the file and line."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found (data.path must hold {', '.join(s + '.jsonl' for s in SPLITS)}; "
-                        "make them with data_transform.py)")
+        raise DataError(f"{path}: file not found (data.path must hold train.jsonl; valid.jsonl and test.jsonl "
+                        "are optional; make them with data_transform.py)")
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -175,10 +175,16 @@ def tokenize_row(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> Examp
 
 def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | None = None) -> list[Example]:
     """Tokenize one JSONL split, applying the overlong policy and counting what was changed."""
+    return tokenize_rows(path, read_jsonl(path), tokenizer, config, stats)
+
+
+def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: DataConfig,
+                  stats: DataStats | None = None) -> list[Example]:
+    """Tokenize (line number, row) pairs read from `path`, applying the overlong policy and counting."""
     stats = stats if stats is not None else DataStats()
     examples = []
     formats: dict[str, int] = {}
-    for line_number, row in read_jsonl(path):
+    for line_number, row in rows:
         where = f"{path}:{line_number}"
         fmt = row_format(row, where)
         formats.setdefault(fmt, line_number)
@@ -211,16 +217,57 @@ def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | Non
     return examples
 
 
-def load_datasets(config: DataConfig, tokenizer, splits=SPLITS) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """Tokenized examples and statistics for each requested split of `config.path`."""
+def carve_valid(rows: list[tuple[int, dict]], fraction: float, seed: int, path: Path) -> tuple[list, list]:
+    """(train rows, valid rows): `fraction` of `rows` (at least one) held out by a seeded shuffle.
+
+    The held-out rows keep their line numbers, so errors still point into train.jsonl.
+    """
+    count = max(1, int(len(rows) * fraction + 0.5))
+    if count >= len(rows):
+        raise DataError(f"{path}: {len(rows)} row(s), too few to hold out data.valid_fraction={fraction:g} "
+                        "and keep training rows; add rows, lower data.valid_fraction or add a valid.jsonl")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(rows))[:count].tolist())
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """Tokenized examples and statistics for each requested split of `config.path`.
+
+    train.jsonl and test.jsonl must exist when asked for. valid.jsonl is optional: without it,
+    `config.valid_fraction` > 0 holds out that part of train.jsonl (seeded by `seed`), and 0
+    gives an empty valid split (no validation loss). `stats[split]["source"]` says which.
+    """
     folder = Path(config.path)
     if not folder.is_dir():
-        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl, valid.jsonl and test.jsonl")
+        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl "
+                        "(valid.jsonl and test.jsonl are optional; make them with data_transform.py)")
     datasets, stats = {}, {}
+    rows = {split: None for split in splits}
+    paths = {split: folder / f"{split}.jsonl" for split in splits}
+    sources = {split: f"{split}.jsonl" for split in splits}
+    if "valid" in splits and not (folder / "valid.jsonl").is_file():
+        if config.valid_fraction > 0:
+            train_path = paths["valid"] = folder / "train.jsonl"
+            rows["train"], rows["valid"] = carve_valid(read_jsonl(train_path), config.valid_fraction, seed, train_path)
+            sources["valid"] = f"{len(rows['valid'])} row(s) held out of train.jsonl (data.valid_fraction {config.valid_fraction:g})"
+            sources["train"] = "train.jsonl less the held-out rows"
+        else:
+            rows["valid"] = []
+            sources["valid"] = "none (no valid.jsonl and data.valid_fraction is 0: no validation loss)"
+    elif "valid" in splits and config.valid_fraction > 0:
+        raise DataError(f"data.valid_fraction {config.valid_fraction:g} asks to hold out part of train.jsonl, but "
+                        f"{folder / 'valid.jsonl'} exists; use one or the other (set data.valid_fraction: 0)")
     for split in splits:
         split_stats = DataStats()
-        datasets[split] = load_split(folder / f"{split}.jsonl", tokenizer, config, split_stats)
-        stats[split] = split_stats.summary()
+        path = paths[split]
+        if split == "test" and not path.is_file():
+            raise DataError(f"{path}: file not found; evaluation needs a test split: make one with "
+                            "data_transform.py --test-fraction F, or set eval.enabled: false")
+        split_rows = rows[split]
+        if split_rows is None:
+            split_rows = read_jsonl(path)
+        datasets[split] = tokenize_rows(path, split_rows, tokenizer, config, split_stats) if split_rows else []
+        stats[split] = {**split_stats.summary(), "source": sources[split]}
     return datasets, stats
 
 

@@ -26,6 +26,10 @@ Inputs: files or folders of .jsonl, .json (an array, or an object holding one li
 (messages of role/content, tool calls kept), prompt/completion (any two columns, see
 --prompt-key) and plain text. Empty records and duplicates are dropped and counted; the counts
 are printed and saved in DIR/transform_report.json.
+
+The output folder is what training reads: train.jsonl always; valid.jsonl (optional: without it
+training has no validation loss, or holds out data.valid_fraction of train.jsonl) and test.jsonl
+(needed only when eval.enabled) unless their fraction is 0.
 """
 
 EPILOG = """\

@@ -33,8 +33,8 @@ class PrepareOptions:
     output_dir: Path
     input_format: str = field(default="auto", **_help("Record format of the inputs: auto (detected per record) or one of " + ", ".join(formats.INPUT_FORMATS) + "."))
     output_format: str = field(default="chat", **_help("Rows to write: chat ({messages}), completions ({prompt, completion}) or text ({text})."))
-    valid_fraction: float = field(default=0.1, **_help("Fraction of the examples for valid.jsonl (0 writes no file)."))
-    test_fraction: float = field(default=0.1, **_help("Fraction of the examples for test.jsonl (0 writes no file)."))
+    valid_fraction: float = field(default=0.1, **_help("Fraction of the examples for valid.jsonl (0 writes no file: training then runs without validation loss, or holds out data.valid_fraction of train.jsonl)."))
+    test_fraction: float = field(default=0.1, **_help("Fraction of the examples for test.jsonl (0 writes no file: then train with eval.enabled: false)."))
     seed: int = field(default=0, **_help("Seed of the shuffle before splitting (same inputs + seed = same files)."))
     system: str | None = field(default=None, **_help("System prompt added to every example that has none (completions: put before the prompt)."))
     dedupe: bool = field(default=True, **_help("Drop exact duplicates after whitespace normalisation (counted in the report)."))
