@@ -24,8 +24,11 @@ Inputs: files or folders of .jsonl, .json (an array, or an object holding one li
 .txt, .md, each optionally gzipped. Record formats are detected per record: Alpaca
 (instruction/input/output[/system]), ShareGPT (conversations of from/value), OpenAI chat
 (messages of role/content, tool calls kept), prompt/completion (any two columns, see
---prompt-key) and plain text. Empty records and duplicates are dropped and counted; the counts
-are printed and saved in DIR/transform_report.json.
+--prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
+turns; a top-level `system` becomes the system message. Empty records and duplicates are dropped
+and counted; fields a format does not read (e.g. an `id`) are not carried over and are named with
+their row counts. All of it is printed and saved in DIR/transform_report.json. Output lines escape
+U+2028, U+2029 and U+0085, so line-splitting readers see one row per line.
 
 The output folder is what training reads: train.jsonl always; valid.jsonl (optional: without it
 training has no validation loss, or holds out data.valid_fraction of train.jsonl) and test.jsonl
@@ -99,6 +102,10 @@ def format_report(report: dict, out_dir: Path) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in report["inputs"]:
+        if r["dropped_fields"]:
+            named = ", ".join(f"{name} ({count} rows)" for name, count in r["dropped_fields"].items())
+            lines.append(f"fields not carried into the output: {r['path']}: {named}")
     for path in report["ignored_files"]:
         lines.append(f"ignored (not an input type): {path}")
     sizes = report["splits"]

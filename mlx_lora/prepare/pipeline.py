@@ -58,6 +58,7 @@ class FileReport:
     converted: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: list[dict] = field(default_factory=list)
+    dropped_fields: Counter = field(default_factory=Counter)  # field name -> rows whose field was left out
     _first_lines: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def skip(self, line: int, reason: str, message: str = "") -> None:
@@ -67,7 +68,8 @@ class FileReport:
 
     def to_json(self) -> dict:
         return {"path": self.path, "formats": dict(self.formats), "rows_read": self.rows_read,
-                "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+                "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples,
+                "dropped_fields": dict(sorted(self.dropped_fields.items()))}
 
 
 def _validate(options: PrepareOptions) -> None:
@@ -142,6 +144,7 @@ class _Run:
                 raise _mixed_error(record.path, report._first_lines)
         row = self.converter.convert(record, fmt)
         report.formats[fmt] += 1
+        report.dropped_fields.update(formats.dropped_fields(record.value, fmt, self.keys, self.options.output_format))
         if row is None:
             report.skip(record.line, "empty", "no reply / text to learn from")
             return
@@ -211,8 +214,10 @@ def _skip_summary(file_reports: list[FileReport]) -> str:
 def _report(options: PrepareOptions, file_reports: list[FileReport], ignored: list[Path],
             sizes: dict[str, int], indices: dict[str, list[int]], lengths: array | None) -> dict:
     skipped: Counter = Counter()
+    dropped: Counter = Counter()
     for r in file_reports:
         skipped.update(r.skipped)
+        dropped.update(r.dropped_fields)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     settings["inputs"] = [str(p) for p in options.inputs]
     token_stats = None
@@ -226,7 +231,8 @@ def _report(options: PrepareOptions, file_reports: list[FileReport], ignored: li
         "inputs": [r.to_json() for r in file_reports],
         "ignored_files": [str(p) for p in ignored],
         "totals": {"rows_read": sum(r.rows_read for r in file_reports),
-                   "converted": sum(r.converted for r in file_reports), "skipped": dict(skipped)},
+                   "converted": sum(r.converted for r in file_reports), "skipped": dict(skipped),
+                   "dropped_fields": dict(sorted(dropped.items()))},
         "splits": sizes,
         "token_stats": token_stats,
     }
