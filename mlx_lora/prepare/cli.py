@@ -21,10 +21,13 @@ DESCRIPTION = """\
 Convert raw datasets into train.jsonl / valid.jsonl / test.jsonl for training.
 
 Inputs: files or folders of .jsonl, .json (an array, or an object holding one list), .csv, .tsv,
-.txt, .md, each optionally gzipped. Record formats are detected per record: Alpaca
-(instruction/input/output[/system]), ShareGPT (conversations of from/value), OpenAI chat
-(messages of role/content, tool calls kept), prompt/completion (any two columns, see
---prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
+.txt, .md, each optionally gzipped. CSV as spreadsheets save it: the delimiter is detected
+(, ; tab |; --delimiter overrides), a byte-order mark is skipped, CRLF inside quoted cells becomes
+LF, and header names match the keys below without regard to case.
+
+Record formats are detected per record: Alpaca (instruction/input/output[/system/history/tools]),
+ShareGPT (conversations of from/value), OpenAI chat (messages of role/content, tool calls kept),
+prompt/completion (any two columns, see --prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
 turns; a top-level `system` becomes the system message. Empty records and duplicates are dropped
 and counted; fields a format does not read (e.g. an `id`) are not carried over and are named with
 their row counts. All of it is printed and saved in DIR/transform_report.json. Output lines escape
@@ -39,6 +42,7 @@ EPILOG = """\
 examples:
   %(prog)s alpaca.json -o data
   %(prog)s qa.csv --prompt-key question --completion-key answer -o data
+  %(prog)s export.csv --delimiter ';' --prompt-key Frage --completion-key Antwort -o data
   %(prog)s chats/ -o data --model demo --max-seq-length 1024
 """
 
@@ -52,6 +56,11 @@ def _help(name: str) -> str:
     default = field.default
     shown = "none" if default is None else ("on" if default is True else "off" if default is False else default)
     return f"{field.metadata['help']} (default: {shown})"
+
+
+def _delimiter(text: str) -> str:
+    """--delimiter value: one character, with 'tab' and '\\t' for a tab (hard to type in a shell)."""
+    return "\t" if text.lower() in ("tab", "\\t") else text
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -74,6 +83,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-key", metavar="NAME", help=_help("prompt_key"))
     parser.add_argument("--completion-key", metavar="NAME", help=_help("completion_key"))
     parser.add_argument("--text-key", metavar="NAME", help=_help("text_key"))
+    parser.add_argument("--delimiter", type=_delimiter, metavar="CHAR", help=_help("delimiter"))
     parser.add_argument("--text-unit", choices=TEXT_UNITS, help=_help("text_unit"))
     parser.add_argument("--model", metavar="SOURCE",
                         help="Tokenizer for token statistics: a local Hugging Face folder, a .gguf file, a hub id, "
