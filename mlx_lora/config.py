@@ -39,6 +39,7 @@ class DataConfig:
     max_seq_length: int = field(default=512, **_help("Longest sequence in tokens; longer examples are truncated or dropped (see `overlong`)."))
     overlong: str = field(default="truncate", **_help("What to do with examples longer than max_seq_length: truncate | drop. Always counted in the summary."))
     train_on_prompt: bool = field(default=False, **_help("Compute the loss on every token, not only on assistant/completion tokens."))
+    chat_template: Optional[str] = field(default=None, **_help("A Jinja chat template file to use instead of the model's own, for training and eval (resolved like `path`)."))
     valid_fraction: float = field(default=0.0, **_help("When the folder has no valid.jsonl: hold out this fraction of train.jsonl's rows (seeded by `seed`) for the validation loss. 0 trains without validation loss."))
 
 
@@ -299,7 +300,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         base_dir = path.resolve().parent
     data = apply_overrides(data, list(overrides))
     cfg = config_from_dict(data, source)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir)))
+    template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
+                                                             chat_template=template or None))
 
 
 def resolve_data_path(path: str, base_dir: Path) -> str:

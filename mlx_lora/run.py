@@ -30,6 +30,10 @@ def load_base(cfg: Config):
     from .quantize import quantize_model
 
     model, tokenizer, info = load_model(cfg.model)
+    if cfg.data.chat_template:
+        from .chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     q = cfg.quantization
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
@@ -67,6 +71,11 @@ def describe_data(data_stats: dict) -> list[str]:
         source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"
         lines.append(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
                      f"(longest {stats['max_length']}){changed}{source}")
+        if stats.get("rewritten_turns"):
+            lines.append(f"data {split}: the chat template rewrites {stats['rewritten_turns']} earlier assistant "
+                         f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
+                         f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
+                         "as the template renders it when generating that turn")
     return lines
 
 

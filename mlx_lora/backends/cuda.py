@@ -89,6 +89,10 @@ def load_base(cfg: Config, device, dtype):
     kind, path = resolve_source(cfg.model)
     folder = float_folder_from_gguf(path) if kind in ("gguf", "demo") else path
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if cfg.data.chat_template:
+        from ..chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     quantization = None
     if cfg.quantization.mode == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",

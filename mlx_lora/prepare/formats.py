@@ -7,7 +7,6 @@ files is `readers.py`'s job; counting, dedupe and splitting are `pipeline.py`'s.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 

@@ -182,9 +182,11 @@ class _Run:
         if self.tokenizer is not None:
             try:
                 self.lengths.append(stats.token_length(self.tokenizer, row))
+            except ValueError as err:  # a ChatTemplateError names the template's file:line
+                raise TransformError(f"{record.where()}: {err}") from None
             except Exception as err:  # noqa: BLE001 - third-party tokenizer code: report where it failed
                 raise TransformError(f"{record.where()}: the tokenizer could not encode this row "
-                                     f"({type(err).__name__}: {err})") from err
+                                     f"({type(err).__name__}: {err})") from None
         self.spool.append(line)
         report.converted += 1
 

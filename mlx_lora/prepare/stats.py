@@ -31,8 +31,10 @@ def token_length(tokenizer: Any, row: dict) -> int:
     if "prompt" in row and has_chat_template(tokenizer):
         row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
     if "messages" in row:
-        kwargs = {"tools": row["tools"]} if row.get("tools") is not None else {}
-        return len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True, **kwargs)))
+        from mlx_lora.chat import render  # errors inside the template name its file:line
+
+        text = render(tokenizer, row["messages"], add_generation_prompt=False, tools=row.get("tools"))
+        return len(_ids(tokenizer.encode(text, add_special_tokens=False)))
     if "prompt" in row:
         return len(tokenizer.encode(row["prompt"])) + len(tokenizer.encode(row["completion"], add_special_tokens=False)) + 1
     return len(tokenizer.encode(row["text"])) + 1
