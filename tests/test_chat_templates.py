@@ -21,6 +21,7 @@ from mlx_lora.chat import render
 from mlx_lora.config import DataConfig
 from mlx_lora.data import DataError, load_split, row_examples
 from mlx_lora.models import load_model
+from mlx_lora.prepare.stats import token_length
 
 CASES = Path(__file__).parent / "cases"
 # A Qwen2.5-style tool template, reduced: tools in the system turn, calls as <tool_call> JSON.
@@ -140,6 +141,8 @@ def test_shared_reasoning_case_trains_each_turn_as_generated(tmp_path, tokenizer
         "<|im_start|>user\nWhat is 6 times 7?<|im_end|>\n<|im_start|>assistant\n42<|im_end|>\n"
         "<|im_start|>user\nAnd plus 1?<|im_end|>\n<|im_start|>assistant\n<think>42+1 is 43.</think>\n43<|im_end|>\n")
     assert second.prompt_messages == row["messages"][:3] and first.prompt_messages is None
+    # The converter's token statistics count what training holds: the longest example.
+    assert token_length(tokenizer, row) == max(len(first.tokens), len(second.tokens))
 
 
 def test_template_that_redates_every_prefix_gives_one_example_per_turn(tokenizer):
