@@ -154,6 +154,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
 
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
+    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
+        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
     write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
     return summary
 
