@@ -26,7 +26,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..lora import is_linear, linear_dims
+from ..lora import is_linear, linear_dims, transformer_blocks
 
 NO_ADAPTER = 0  # slot 0: the bare base
 
@@ -144,7 +144,7 @@ def read_checked_adapter(model: nn.Module, folder: str | Path) -> tuple[dict[str
     """
     from ..adapters import read_adapter
 
-    _, lora, weights = read_adapter(folder)
+    _, lora, weights = read_adapter(folder, len(transformer_blocks(model)))
     modules = dict(model.named_modules())
     paths = sorted({key.rsplit(".", 1)[0] for key in weights})
     problems, found = [], {}
