@@ -25,7 +25,7 @@ from mlx_lora.adapters import load_adapters  # noqa: E402
 from mlx_lora.adapters.peft_format import main  # noqa: E402
 from mlx_lora.lora import fuse_lora, lora_layers  # noqa: E402
 from mlx_lora.models import load_model  # noqa: E402
-from mlx_lora.serve.engine import ActiveAdapter, install_adapter  # noqa: E402
+from mlx_lora.serve.multi_lora import RowAdapters, install_adapter, read_checked_adapter  # noqa: E402
 from test_peft_interop import PROMPT, TOLERANCE, mlx_logits, relative_error, torch_base, torch_logits  # noqa: E402
 from tiny_torch import make_torch_model_dir  # noqa: E402
 
@@ -72,11 +72,12 @@ def check_everywhere(base_dir, prompt_ids, peft_dir, mlx_dir, expected, tmp_path
     assert relative_error(mlx_logits(theirs, prompt_ids), expected) < TOLERANCE
     # The server's adapter bank, both folders side by side on one base.
     served, _, _ = load_model(str(base_dir))
-    active = ActiveAdapter()
-    install_adapter(served, "peft", peft_dir, active)
-    install_adapter(served, "mlx", mlx_dir, active)
+    rows = RowAdapters()
+    slots = {"peft": 1, "mlx": 2}
+    for name, folder in (("peft", peft_dir), ("mlx", mlx_dir)):
+        install_adapter(served, slots[name], *read_checked_adapter(served, folder), rows)
     for name in ("peft", "mlx"):
-        active.name = name
+        rows.set([slots[name]])
         assert relative_error(mlx_logits(served, prompt_ids), expected) < TOLERANCE, name
 
 
