@@ -23,7 +23,7 @@ from mlx.utils import tree_map
 from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
-from .loss import enable_chunked_loss, masked_loss
+from .loss import batch_loss, enable_chunked_loss, target_positions
 
 
 class TrainingStopped(RuntimeError):
@@ -78,7 +78,7 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, ma
         enable_chunked_loss(model, mx.array([examples[0].tokens]))
     total, count = 0.0, 0.0
     for tokens, mask, _ in iterate_eval(examples, batch_size, max_batches):
-        loss, n = masked_loss(model, mx.array(tokens), mx.array(mask))
+        loss, n = batch_loss(model, mx.array(tokens), mx.array(mask), *map(mx.array, target_positions(mask)))
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
@@ -155,12 +155,12 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         enable_grad_checkpoint(model)
     enable_chunked_loss(model, mx.array([max(train_set, key=lambda e: len(e.tokens)).tokens]))
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    loss_and_grad = nn.value_and_grad(model, batch_loss)
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(tokens, mask, previous_grad, do_update):
-        (loss, count), grad = loss_and_grad(model, tokens, mask)
+    def step_fn(tokens, mask, positions, weights, previous_grad, do_update):
+        (loss, count), grad = loss_and_grad(model, tokens, mask, positions, weights)
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
@@ -209,7 +209,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
                 mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
                 tokens, mask, n_tokens = next(batches)
-                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), grad, micro == accumulation - 1)
+                positions, weights = target_positions(mask)
+                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions), mx.array(weights),
+                                            grad, micro == accumulation - 1)
                 mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
                 step_loss += loss.item() / accumulation
                 step_tokens += n_tokens
