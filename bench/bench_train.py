@@ -282,7 +282,8 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--slow-iters", type=int, default=4, help="iterations for the slow mlx_lm 4-bit run")
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
-    parser.add_argument("--skip", default="", help="comma-separated runs to skip (names with - for spaces)")
+    parser.add_argument("--skip", default="", help="comma-separated runs to skip: mlx-lora-4bit, mlx_lm-4bit, "
+                        "mlx_lm-float32, torch-float32, torch-nf4")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
     parser.add_argument("--quant", default="none", help=argparse.SUPPRESS)
@@ -306,7 +307,7 @@ def main() -> None:
         "torch float32": lambda: run_worker("torch", peer_env(), *torch_args),
         "torch nf4": lambda: run_worker("torch", peer_env(), *torch_args, "--quant", "nf4"),
     }
-    runs = {name: run for name, run in runs.items() if name.replace(" ", "-") not in skip}
+    runs = {name: run for name, run in runs.items() if name.replace(" ", "-").replace("-bit", "bit") not in skip}
     peaks = [run_worker("peak", fast)[0]["matmul_gflops"]]
     results: dict[str, list] = {name: [] for name in runs}
     checks: dict[str, dict] = {}
