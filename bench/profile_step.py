@@ -100,6 +100,7 @@ def main() -> None:
                 kept.__exit__(None, None, None)
             if round_index:
                 times[name].append(seconds)
+            print(f"round {round_index} {name}: {seconds:.2f} s/step", flush=True)
     base = statistics.median(times["current"])
     print(f"demo step, batch {cfg.training.batch_size}, {args.steps} steps x {args.rounds} rounds (median s/step):")
     for name, values in times.items():
