@@ -235,7 +235,7 @@ def run_worker(kind: str, env: dict, *extra: str) -> tuple[dict, dict]:
 def run_ours(iters: int, workdir: Path) -> dict:
     out = workdir / f"ours-{time.monotonic_ns()}"
     cmd = [sys.executable, "-m", "mlx_lora", "train", str(ROOT / "configs" / "demo.yaml"), f"training.iters={iters}",
-           "training.epochs=null", f"output_dir={out}", "eval.enabled=false", "training.steps_per_eval=0",
+           "training.epochs=null", "training.early_stop_patience=null", f"output_dir={out}", "eval.enabled=false", "training.steps_per_eval=0",
            "training.save_every=0", "training.steps_per_report=5", f"data.max_seq_length={MAX_LEN}"]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, env=peer_env())  # the CLI preloads itself
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default="current,full-head,kept-float,no-lora", help="comma-separated")
     args = parser.parse_args()
 
     import mlx.core as mx
@@ -83,6 +84,7 @@ def main() -> None:
 
     variants = {"current": make_step(batch_loss), "full-head": make_step(full_head),
                 "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only)}
+    variants = {name: variants[name] for name in args.variants.split(",")}
     batches = iterate_train(train, cfg.training.batch_size, 0, BatchPosition())
     fixed = [next(batches) for _ in range(args.steps)]
     times = {name: [] for name in variants}
