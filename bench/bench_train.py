@@ -300,12 +300,12 @@ def main() -> None:
     flops_per_token = work_per_token(f32)
     fast = mlx_env()
     torch_args = ("--model-dir", str(f32), "--iters", str(args.iters))
-    runs = {
+    runs = {  # the Hugging Face peers right after ours: the ratios that matter most, least apart in time
         "mlx-lora 4-bit": lambda: (run_ours(args.iters, workdir), {}),
-        "mlx_lm 4-bit": lambda: run_worker("mlx_lm", fast, "--model-dir", str(q4), "--iters", str(args.slow_iters)),
-        "mlx_lm float32": lambda: run_worker("mlx_lm", fast, "--model-dir", str(f32), "--iters", str(args.iters)),
         "torch float32": lambda: run_worker("torch", peer_env(), *torch_args),
         "torch nf4": lambda: run_worker("torch", peer_env(), *torch_args, "--quant", "nf4"),
+        "mlx_lm float32": lambda: run_worker("mlx_lm", fast, "--model-dir", str(f32), "--iters", str(args.iters)),
+        "mlx_lm 4-bit": lambda: run_worker("mlx_lm", fast, "--model-dir", str(q4), "--iters", str(args.slow_iters)),
     }
     runs = {name: run for name, run in runs.items() if name.replace(" ", "-").replace("-bit", "bit") not in skip}
     peaks = [run_worker("peak", fast)[0]["matmul_gflops"]]
