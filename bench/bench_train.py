@@ -45,14 +45,14 @@ DATA = ROOT / "mlx_lora" / "demo" / "dates"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 RANK, ALPHA, BATCH, MAX_LEN, LR = 8, 16.0, 4, 128, 2e-4
-OUR_ENV_KEYS = ("LD_PRELOAD", "MLX_LORA_BLAS", "MLX_LORA_NO_BLAS_PRELOAD")
+OUR_ENV_KEYS = ("LD_PRELOAD",)  # and every MLX_LORA_* variable
 
 
 # --- environments -----------------------------------------------------------------------------
 
 def peer_env() -> dict:
     """The caller's environment without anything this project sets for MLX."""
-    return {k: v for k, v in os.environ.items() if k not in OUR_ENV_KEYS}
+    return {k: v for k, v in os.environ.items() if k not in OUR_ENV_KEYS and not k.startswith("MLX_LORA_")}
 
 
 def mlx_env() -> dict:
@@ -212,7 +212,12 @@ def inspect_process(pid: int, seen: dict) -> None:
         return
     seen["ld_preload"] = seen.get("ld_preload") or any(e.startswith(b"LD_PRELOAD=") for e in environ)
     seen["ours_env"] = seen.get("ours_env") or any(e.startswith(b"MLX_LORA_") for e in environ)
+    from mlx_lora.blas import find_fast_blas
+
     libs = {line.split()[-1] for line in maps.splitlines() if "/" in line}
+    ours = find_fast_blas()
+    seen["ours_mapped"] = seen.get("ours_mapped") or (ours is not None and os.path.realpath(ours) in
+                                                      {os.path.realpath(p) for p in libs})
     seen.setdefault("blas", set()).update(os.path.basename(p) for p in libs if "blas" in p.lower() or "mkl" in p.lower())
     seen["torch_mapped"] = seen.get("torch_mapped") or any("libtorch_cpu" in p for p in libs)
 
@@ -342,8 +347,10 @@ def main() -> None:
         threads = results[name][0].get("torch_threads")
         blas = ", ".join(sorted(seen.get("blas", []))) or "none"
         print(f"  {name:16s} LD_PRELOAD: {'set' if seen.get('ld_preload') else 'unset'}; MLX_LORA_* env: "
-              f"{'present' if seen.get('ours_env') else 'absent'}; BLAS libraries mapped: {blas}"
+              f"{'present' if seen.get('ours_env') else 'absent'}; the OpenBLAS we preload for MLX mapped: "
+              f"{'YES' if seen.get('ours_mapped') else 'no'}; BLAS-named libraries mapped: {blas}"
               + (f"; torch threads: {threads}" if threads else ""))
+    print("  (numpy's own bundled libscipy_openblas64_ is mapped in any process that imports transformers)")
     (workdir / "results.json").write_text(json.dumps({"results": results, "peaks": peaks,
                                                       "useful_flops_per_token": flops_per_token}, indent=2))
     print(f"\nresults: {workdir / 'results.json'}")
