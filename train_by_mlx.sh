@@ -5,6 +5,7 @@
 #   ./train_by_mlx.sh configs/my.yaml --resume          # continue after Ctrl-C or a crash
 set -euo pipefail
 cd "$(dirname "$0")"
+export MLX_LORA_STARTED_AT="${MLX_LORA_STARTED_AT:-$(date +%s.%N)}"  # for the per-phase timing line
 echo "==> checking the environment"
 PYTHON="$(python3 -m mlx_lora.bootstrap)"
 echo "==> mlx-lora train $*"

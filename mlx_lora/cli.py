@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+STARTED_ENV = "MLX_LORA_STARTED_AT"  # set by train_by_mlx.sh: when the user's command began (epoch seconds)
 REPO_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # Subcommands implemented by other modules, each exposing main(argv) -> int.
@@ -47,8 +48,19 @@ def cmd_train(args) -> int:
         return 0
     from .run import run_training
 
-    run_training(cfg, resume=args.resume)
+    run_training(cfg, resume=args.resume, setup_s=_setup_seconds())
     return 0
+
+
+def _setup_seconds() -> float | None:
+    """Seconds since the shell script started (it exports MLX_LORA_STARTED_AT, epoch seconds)."""
+    import time
+
+    started = os.environ.get(STARTED_ENV)
+    try:
+        return max(0.0, time.time() - float(started)) if started else None
+    except ValueError:
+        return None
 
 
 def cmd_eval(args) -> int:

@@ -102,6 +102,9 @@ class TrainingConfig:
     val_batches: int = field(default=8, **_help("Validation batches per evaluation (-1 for the whole split)."))
     save_every: int = field(default=100, **_help("Write a resumable checkpoint every N steps (0: only at the end or on interruption)."))
     keep_checkpoints: int = field(default=2, **_help("How many step checkpoints to keep."))
+    early_stop_patience: Optional[int] = field(default=None, **_help(
+        "Stop when the validation loss has not improved by 1% on its best for this many evaluations in a row "
+        "(null: run all iters/epochs). With `epochs` as the upper bound, the run length follows the data."))
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,10 @@ def _check_ranges(cfg: Config) -> list[str]:
     t = cfg.training
     need(t.iters > 0, "training.iters", f"must be positive, got {t.iters}")
     need(t.epochs is None or t.epochs > 0, "training.epochs", f"must be positive or null, got {t.epochs}")
+    need(t.early_stop_patience is None or t.early_stop_patience > 0, "training.early_stop_patience",
+         f"must be a positive number of evaluations or null, got {t.early_stop_patience}")
+    need(t.early_stop_patience is None or t.steps_per_eval > 0, "training.early_stop_patience",
+         "needs validation during training: set training.steps_per_eval > 0")
     need(t.batch_size > 0, "training.batch_size", f"must be positive, got {t.batch_size}")
     need(t.grad_accumulation > 0, "training.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
     need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -91,14 +92,27 @@ def adapter_extra(cfg: Config, info, quant_report) -> dict:
     }
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict:
-    """Train per `cfg` and write the output folder; returns the run summary."""
+def phases_line(phases: dict) -> str:
+    """One line with the seconds of each phase of a run and their total."""
+    parts = [f"{name} {seconds:.0f}s" for name, seconds in phases.items()]
+    return f"time: {', '.join(parts)} (total {sum(phases.values()):.0f}s)"
+
+
+def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None) -> dict:
+    """Train per `cfg` and write the output folder; returns the run summary.
+
+    `setup_s`: seconds spent before this call (environment set-up by the shell scripts), shown
+    in the closing per-phase timing line when given.
+    """
     import mlx.core as mx
 
     from .adapters import adapter_config, save_adapters
     from .data import load_datasets
     from .lora import count_trainable, transformer_blocks
-    from .train import train
+    from .train import still_improving, train
+
+    phases = {"set-up": setup_s} if setup_s is not None else {}
+    clock = time.perf_counter()
 
     out = Path(cfg.output_dir)
     if out.exists() and not resume and (out / "checkpoints").exists():
@@ -134,6 +148,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     if not resume:
         metrics.rows = []
+    phases["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
                     resume=resume, callbacks=[metrics, ProgressBar()])
     save_adapters(out, model, config)
@@ -151,11 +167,24 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     log(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s, "
         f"{summary['tokens_per_second']:.0f} tok/s, peak memory {summary['peak_memory_gb']:.2f} GB; "
         f"adapters in {out}")
+    if summary["stopped_early"]:
+        log(f"stopped early at step {summary['steps']} of {summary['planned_steps']}: the validation loss had not "
+            f"improved for {cfg.training.early_stop_patience} evaluations")
+    falling = still_improving(summary["val_history"])
+    summary["val_loss_still_falling"] = falling is not None
+    if falling:
+        log(f"note: the validation loss was still falling when training stopped ({falling[0]:.3f} -> {falling[1]:.3f} "
+            "over the last evaluations); more training may help: raise training.epochs (or training.iters)")
+    phases["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
+        phases["eval"] = time.perf_counter() - clock
     if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
         summary["gguf_tensor_types"] = info.gguf_report.as_dict()
+    summary["phases_s"] = phases
+    log(phases_line(phases))
     write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
     return summary
 

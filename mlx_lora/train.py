@@ -23,7 +23,10 @@ from mlx.utils import tree_map
 from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
-from .loss import enable_chunked_loss, masked_loss
+from .loss import batch_loss, enable_chunked_loss, target_positions
+
+
+EARLY_STOP_MIN_IMPROVEMENT = 0.01  # a validation loss counts as better when 1% under the best so far
 
 
 class TrainingStopped(RuntimeError):
@@ -78,11 +81,20 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, ma
         enable_chunked_loss(model, mx.array([examples[0].tokens]))
     total, count = 0.0, 0.0
     for tokens, mask, _ in iterate_eval(examples, batch_size, max_batches):
-        loss, n = masked_loss(model, mx.array(tokens), mx.array(mask))
+        loss, n = batch_loss(model, mx.array(tokens), mx.array(mask), *map(mx.array, target_positions(mask)))
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
     return total / max(count, 1)
+
+
+def still_improving(val_history: list[dict]) -> tuple[float, float] | None:
+    """(previous, last) validation loss when the last evaluation was still 1% under the one
+    before it (training stopped while the model was still getting better), else None."""
+    if len(val_history) < 2:
+        return None
+    previous, last = val_history[-2]["val_loss"], val_history[-1]["val_loss"]
+    return (previous, last) if last < previous * (1 - EARLY_STOP_MIN_IMPROVEMENT) else None
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -136,6 +148,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
+    With `config.early_stop_patience`, training ends once that many validation losses in a row
+    were not 1% under the best one (`summary["stopped_early"]`); `summary["val_history"]` lists
+    this session's validation losses.
     """
     output_dir = Path(output_dir)
     steps = total_steps(config, len(train_set))
@@ -155,12 +170,12 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         enable_grad_checkpoint(model)
     enable_chunked_loss(model, mx.array([max(train_set, key=lambda e: len(e.tokens)).tokens]))
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    loss_and_grad = nn.value_and_grad(model, batch_loss)
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(tokens, mask, previous_grad, do_update):
-        (loss, count), grad = loss_and_grad(model, tokens, mask)
+    def step_fn(tokens, mask, positions, weights, previous_grad, do_update):
+        (loss, count), grad = loss_and_grad(model, tokens, mask, positions, weights)
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
@@ -186,6 +201,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     last_good = None
     step = start_step
     val_loss = None
+    val_history: list[tuple[int, float]] = []  # (step, validation loss) of this session
+    stale_evals = 0  # evaluations in a row without a 1% improvement on the best
+    stopped_early = False
     mx.reset_peak_memory()
 
     def save(at_step: int) -> Path:
@@ -209,7 +227,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
                 mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
                 tokens, mask, n_tokens = next(batches)
-                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), grad, micro == accumulation - 1)
+                positions, weights = target_positions(mask)
+                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions), mx.array(weights),
+                                            grad, micro == accumulation - 1)
                 mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
                 step_loss += loss.item() / accumulation
                 step_tokens += n_tokens
@@ -229,6 +249,11 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 model.eval()
                 val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
                 model.train()
+                best = min((loss for _, loss in val_history), default=math.inf)
+                stale_evals = 0 if val_loss < best * (1 - EARLY_STOP_MIN_IMPROVEMENT) else stale_evals + 1
+                val_history.append((step, val_loss))
+                if config.early_stop_patience and stale_evals >= config.early_stop_patience and not is_last:
+                    stopped_early = is_last = True
             else:
                 val_loss = None
             if step % config.steps_per_report == 0 or is_last or val_loss is not None:
@@ -246,11 +271,15 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 window_start = time.perf_counter()
             if config.save_every and step % config.save_every == 0 and not is_last:
                 last_good = save(step)
+            if stopped_early:
+                break
     final = save(step)
     summary = {
         "steps": step, "final_checkpoint": str(final),
         "elapsed_s": elapsed_before + time.perf_counter() - run_start,
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": val_loss,
+        "planned_steps": steps, "stopped_early": stopped_early,
+        "val_history": [{"step": s, "val_loss": v} for s, v in val_history],
     }
     for callback in callbacks:
         callback.on_end(summary)
