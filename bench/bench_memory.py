@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import gc
 import json
+import os
 import sys
 import tempfile
 import time
@@ -117,6 +118,11 @@ def main(argv=None) -> int:
                         "fewer of them; the prediction uses the same truncated config)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
+    from mlx_lora.blas import preload_command_env
+
+    env = preload_command_env()
+    if env is not None:  # OpenBLAS, as the mlx-lora CLI does for itself (the wheel's BLAS is ~40x slower)
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
     checkpoints = [False, True] if args.checkpoint is None else [args.checkpoint]
     all_linear = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     rows = []

@@ -152,3 +152,114 @@ def test_lora_parameters_match_apply_lora(tiny_model_dir):
     apply_lora(model, LoraConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj"), num_layers=1))
     settings = StepSettings(rank=4, target_modules=("q_proj", "v_proj", "down_proj"), num_layers=1)
     assert lora_parameters(shape_from_config(info.hf_config), settings) == count_trainable(model)
+
+
+# --- predicted against measured peaks (real training steps on small random models) --------
+
+SMALL = tiny.tiny_config(vocab_size=8192, hidden_size=256, layers=4)
+SEQ = 512
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def small_model():
+    """A 4-block llama (hidden 256, vocab 8192), affine 4-bit as a run holds it, LoRA rank 16 on all."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.frozen_matmul import use_fast_frozen_layers
+    from mlx_lora.lora import apply_lora
+    from mlx_lora.quantize import quantize_model
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(SMALL))
+    quantize_model(model, "affine", bits=4, group_size=64)
+    use_fast_frozen_layers(model)
+    apply_lora(model, LoraConfig(rank=16, alpha=32, target_modules=ALL))
+    mx.eval(model.parameters())
+    return model
+
+
+def examples(count, length=SEQ):
+    import numpy as np
+
+    from mlx_lora.data import Example
+
+    rng = np.random.default_rng(0)
+    return [Example(tokens=rng.integers(0, SMALL["vocab_size"], length).tolist(), mask=[True] * length) for _ in range(count)]
+
+
+def run_steps(model, batch, out, steps=1, grad_checkpoint=False, memory_limit=None, resume=False):
+    import gc
+
+    import mlx.core as mx
+
+    from mlx_lora.config import TrainingConfig
+    from mlx_lora.train import train
+
+    config = TrainingConfig(iters=steps, batch_size=batch, grad_checkpoint=grad_checkpoint, steps_per_eval=0,
+                            save_every=1, steps_per_report=1, learning_rate=1e-5)
+    gc.collect()
+    mx.clear_cache()
+    return train(model, examples(batch * 2), [], config, out, resume=resume, memory_limit=memory_limit)
+
+
+def settings(batch, grad_checkpoint=False):
+    from mlx_lora.frozen_matmul import use_dequantize_path
+
+    return StepSettings(rank=16, target_modules=ALL, batch_size=batch, seq_length=SEQ, grad_checkpoint=grad_checkpoint,
+                        dequantize_path=use_dequantize_path())
+
+
+def predicted(batch, grad_checkpoint=False):
+    return sum(components(shape_from_config(SMALL), settings(batch, grad_checkpoint)).values())
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_predicted_peak_within_ten_percent_of_measured(tmp_path, grad_checkpoint):
+    model = small_model()
+    measured = run_steps(model, 4, tmp_path, grad_checkpoint=grad_checkpoint)["peak_memory_gb"] * 1e9
+    parts = components(shape_from_config(SMALL), settings(4, grad_checkpoint))
+    # the frozen base and adapters are exact (see test_frozen_base_bytes_match_the_loaded_model);
+    # the rest is what the planner models: compare it with the overhead taken out of both
+    prediction = sum(parts.values()) - FIXED_OVERHEAD_BYTES
+    assert prediction == pytest.approx(measured - FIXED_OVERHEAD_BYTES, rel=0.10), parts
+    assert prediction >= 0.95 * (measured - FIXED_OVERHEAD_BYTES)  # never under by more than 5%
+
+
+def test_auto_batch_runs_under_the_limit_and_one_larger_would_not(tmp_path):
+    from mlx_lora.memory.plan import SAFETY_MARGIN, auto_batch
+    from mlx_lora.train import MemoryLimitExceeded
+
+    limit = predicted(2) / SAFETY_MARGIN * 1.02  # batch 2 fits with the margin, batch 4 does not
+    batch, accumulation = auto_batch(shape_from_config(SMALL), settings(1), limit, effective=8)
+    assert (batch, accumulation) == (2, 4)
+    summary = run_steps(small_model(), batch, tmp_path / "fits", memory_limit=limit)
+    assert summary["peak_memory_gb"] * 1e9 < limit
+    with pytest.raises(MemoryLimitExceeded):
+        run_steps(small_model(), 4, tmp_path / "larger", memory_limit=limit)
+
+
+def test_guard_stops_with_one_line_and_a_resumable_checkpoint(tmp_path):
+    from mlx_lora.checkpoints import latest
+    from mlx_lora.train import MemoryLimitExceeded
+
+    model = small_model()
+    with pytest.raises(MemoryLimitExceeded) as stopped:
+        run_steps(model, 2, tmp_path, steps=3, memory_limit=30e6)
+    message = str(stopped.value)
+    assert "\n" not in message and "over the memory limit of 0.03 GB" in message and "--resume" in message
+    checkpoint = latest(tmp_path)
+    assert checkpoint is not None and json.loads((checkpoint / "state.json").read_text())["step"] == 1
+    summary = run_steps(model, 2, tmp_path, steps=3, resume=True)  # no limit now: it finishes
+    assert summary["steps"] == 3
+
+
+def test_train_config_records_the_batch_auto_chose(tiny_model_dir, tiny_data_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mlx_lora", "train", write_config(tmp_path, tiny_model_dir, tiny_data_dir,
+                             batch_size="auto", effective_batch_size=4, iters=1)], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1"), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "memory plan:" in result.stdout and "predicted peak" in result.stdout
+    recorded = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["training"]
+    assert recorded["batch_size"] == 4 and recorded["grad_accumulation"] == 1  # a tiny model: the whole batch fits

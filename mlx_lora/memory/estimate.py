@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .shape import GGML_FLOAT_BYTES, ModelShape, gguf_tensor_bytes
+from .shape import ModelShape, gguf_tensor_bytes
 
 GB = 1e9
-FIXED_OVERHEAD_BYTES = 40e6  # MLX's own allocations during a step (RoPE tables, masks, small buffers)
+FIXED_OVERHEAD_BYTES = 10e6  # MLX's own allocations during a step (measured: 7-10 MB on tiny models)
 HEAD_CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # loss.CHUNK_LOGITS_BYTES: a chunk's float32 logits
 HEAD_CHUNK_LIVE = 10  # a chunk's backward holds ~10 logits-sized arrays (loss.py)
 ROW_CHUNK = 8192  # frozen_matmul.ROW_CHUNK: output rows dequantized at a time in very wide layers
@@ -72,7 +72,7 @@ def base_bytes(shape: ModelShape, s: StepSettings) -> float:
     if shape.gguf_tensors is not None:  # quantized tensors stay as stored; float matrices follow `mode`
         total = 0.0
         for _, type_name, elements, matrix in shape.gguf_tensors:
-            stored = gguf_tensor_bytes(type_name, elements, sb)
+            stored = gguf_tensor_bytes(type_name, elements)
             if stored is not None:
                 total += stored
             elif matrix and s.mode == "affine":
@@ -80,7 +80,7 @@ def base_bytes(shape: ModelShape, s: StepSettings) -> float:
             elif matrix and s.mode == "nf4" and elements != shape.vocab * shape.hidden:
                 total += _nf4_bytes(elements, s.block_size, s.double_quant)
             else:
-                total += elements * GGML_FLOAT_BYTES.get(type_name, 4)
+                total += elements * {"F16": 2, "BF16": 2}.get(type_name, 4)
         return total
     embed = shape.vocab * shape.hidden
     head = 0 if shape.tied else embed
@@ -107,57 +107,77 @@ def lora_parameters(shape: ModelShape, s: StepSettings) -> int:
 
 
 def block_saved_elements(shape: ModelShape, s: StepSettings) -> float:
-    """Elements one block keeps for the backward pass, per token (scores excluded).
+    """Elements one block keeps for the backward pass, per token (attention scores apart).
 
-    Counted from the block: the residual input and the two norm outputs (hidden each, more
-    norms for gemma2), q/k/v before and after RoPE, the attention output, gate, up, their
-    SwiGLU product and activation, plus each adapted projection's rank-wide intermediate.
+    3 x hidden + 3 x intermediate (norm outputs and residuals; gate, up and their product),
+    plus q/k/v again when they carry biases (qwen2) and two more hidden-sized norms (gemma2).
+    Measured on llama and qwen2 shapes: 4450 and 3718 elements against 4608 and 3584 from this
+    count (`bench/bench_memory.py --config-dir`, README).
     """
-    d, f, q, kv = shape.hidden, shape.intermediate, shape.q_dim, shape.kv_dim
-    targets = set(s.target_modules)
-    lora = sum(s.rank for p in shape.projections() if "all-linear" in targets or p.name in targets)
-    return (2 + shape.norms_per_block) * d + 3 * q + 4 * kv + 4 * f + 2 * lora
+    d, f = shape.hidden, shape.intermediate
+    extra = (shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0
+    return 3 * d + 3 * f + extra + (shape.norms_per_block - 2) * d
+
+
+SAVED_SCORE_COPIES = 1.0  # the softmax output of each block waits for the backward pass
+SAVED_SCORE_COPIES_SOFTCAP = 3.0  # gemma2: scores / cap, tanh and softmax (counted, not measured)
+BACKWARD_SCORE_COPIES = 7.5  # one block's softmax backward at once (measured: 7.3-7.6 copies)
 
 
 def score_elements(shape: ModelShape, s: StepSettings) -> float:
-    """Elements of one block's attention scores and probabilities: 2 x (batch, heads, T, T)."""
-    return 2.0 * s.batch_size * shape.heads * s.seq_length * s.seq_length
+    """Elements of one block's attention scores: batch x heads x T x T."""
+    return float(s.batch_size * shape.heads * s.seq_length * s.seq_length)
+
+
+def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
+    """The output head and loss at the start of the backward pass, in bytes.
+
+    Chunked loss (loss.py): ~10 chunks' worth of float32 logits, the hidden states and their
+    gradient, and on the CPU path the dequantized head (measured: one float32 copy of it).
+    Soft-capped logits (gemma2) keep the plain loss: whole logits, softmax and gradient.
+    """
+    tokens = s.batch_size * s.seq_length
+    if shape.logit_softcap:
+        return 3.0 * tokens * shape.vocab * 4
+    dequantized = shape.vocab * shape.hidden * 4 if s.dequantize_path and s.mode != "none" else 0
+    return HEAD_CHUNK_LIVE * HEAD_CHUNK_LOGITS_BYTES + dequantized + 2 * tokens * shape.hidden * 4
 
 
 def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
-    """Named parts of the predicted training-step peak, in bytes (see the module docstring)."""
+    """Named parts of the predicted training-step peak, in bytes; their sum is the peak.
+
+    The peak comes during the backward pass with every block's saved activations alive, plus
+    the larger of two working sets: the output head / loss, or one block's attention backward
+    (the other is reported as 0). The dequantized layer (CPU path) is alive in either.
+    """
     a = activation_bytes(shape, s)
     tokens = s.batch_size * s.seq_length
-    blocks = shape.layers
     trainable = lora_parameters(shape, s)
-    # float32 adapters, AdamW's two moments, the gradient (and the running sum when accumulating)
+    # the gradient, and the running sum when micro-batches are accumulated
     grads = trainable * 4 * (2 if s.grad_accumulation > 1 else 1)
     per_block = block_saved_elements(shape, s) * tokens * a
     scores = score_elements(shape, s) * a
+    saved_copies = SAVED_SCORE_COPIES_SOFTCAP if shape.attention_softcap else SAVED_SCORE_COPIES
     if s.grad_checkpoint:  # each block keeps its input; one block is recomputed at a time
-        activations = blocks * tokens * shape.hidden * a + per_block
-        attention = scores
+        activations = shape.layers * tokens * shape.hidden * a + per_block
+        saved_scores = saved_copies * scores
     else:
-        activations = blocks * per_block
-        attention = blocks * scores
-    if shape.logit_softcap:  # the plain loss: whole float32 logits, their softmax and gradient
-        head = 3.0 * tokens * shape.vocab * 4
-    else:
-        rows = max(512, min(ROW_CHUNK, HEAD_CHUNK_LOGITS_BYTES // (4 * max(tokens, 1))))
-        head = HEAD_CHUNK_LIVE * tokens * rows * 4 + 2 * tokens * shape.hidden * 4
+        activations = shape.layers * per_block
+        saved_scores = shape.layers * saved_copies * scores
+    head = head_working_bytes(shape, s)
+    attention_backward = BACKWARD_SCORE_COPIES * scores
     transient = 0.0
     if s.dequantize_path and s.mode != "none":
         widest = max(p.inputs * min(p.outputs, ROW_CHUNK) for p in shape.projections())
-        head_block = min(shape.vocab, ROW_CHUNK) * shape.hidden
-        transient = 2 * max(widest, head_block) * 4  # forward and backward copies may overlap
+        transient = 2.0 * widest * 4  # the forward and backward copies may overlap
     return {
         "frozen base": base_bytes(shape, s),
         "LoRA parameters": trainable * 4.0,
         "AdamW state": trainable * 8.0,
         "gradients": float(grads),
         "activations": float(activations),
-        "attention scores": float(attention),
-        "output head / loss": float(head),
+        "attention scores": float(saved_scores + (attention_backward if attention_backward > head else 0.0)),
+        "output head / loss": float(head if head >= attention_backward else 0.0),
         "dequantized layer": float(transient),
         "fixed overhead": FIXED_OVERHEAD_BYTES,
     }

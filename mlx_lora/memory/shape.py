@@ -18,14 +18,6 @@ QKV_BIAS_BY_TYPE = {"qwen2": True}  # Qwen2's config.json has no attention_bias,
 NORMS_PER_BLOCK = {"gemma2": 4, "gemma3_text": 4, "gemma3": 4}  # pre/post attention and MLP norms
 KNOWN_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "gemma3_text", "phi3"}
 
-# GGML tensor types -> (bits per weight, weights per scale/bias group) as MLX holds them once
-# loaded; the GGUF loader keeps Q4_0/Q4_1/Q8_0 as MLX affine groups of 32 (scale and bias each).
-GGML_AS_MLX = {"Q4_0": (4, 32), "Q4_1": (4, 32), "Q8_0": (8, 32)}
-GGML_FLOAT_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
-# K-quants keep their super-block sizes (bits per weight incl. scales, from ggml's block layouts)
-GGML_BITS_PER_WEIGHT = {"Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625,
-                        "Q5_0": 5.5, "Q5_1": 6.0}
-
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
@@ -128,24 +120,23 @@ def shape_from_config(config: dict, where: str = "config.json") -> ModelShape:
     )
 
 
-def gguf_tensor_bytes(type_name: str, elements: int, scale_bytes: int) -> float | None:
-    """Bytes of a GGUF tensor as MLX holds it once loaded; None for a float type (the run may
-    quantize it). `scale_bytes`: 4 on the CPU, where scales are widened to float32, else 2."""
-    if type_name in GGML_AS_MLX:
-        bits, group = GGML_AS_MLX[type_name]
-        return elements * bits / 8 + 2 * (elements / group) * scale_bytes
-    if type_name in GGML_BITS_PER_WEIGHT:
-        return elements * GGML_BITS_PER_WEIGHT[type_name] / 8
-    if type_name in GGML_FLOAT_BYTES:
+def gguf_tensor_bytes(type_name: str, elements: int) -> float | None:
+    """Bytes of a GGUF tensor as MLX holds it once loaded (`models/gguf_types.py`: every
+    quantized type as affine groups of 32 with float32 scales and biases); None for a float type
+    (the run may quantize it). Raises ValueError for a type the loader does not know."""
+    from ..models.gguf_types import GROUP, block_type
+
+    kind = block_type(type_name)
+    if kind.bits is None:
         return None
-    raise ValueError(f"GGML type {type_name} is not one the planner can size")
+    return elements * kind.bits / 8 + 2 * (elements / GROUP) * 4
 
 
 def shape_from_gguf(path: str | Path) -> ModelShape:
     """A ModelShape from a GGUF header: the llama config it implies and its tensor directory."""
     from collections import Counter
 
-    from ..models.gguf import hf_config_from_header
+    from ..models.gguf_arch import hf_config_from_header
     from ..models.gguf_file import read_header
 
     header = read_header(path)
@@ -155,7 +146,7 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
         elements = 1
         for size in info.shape:
             elements *= size
-        gguf_tensor_bytes(info.type_name, elements, 4)  # an unknown type fails here, with its name
+        gguf_tensor_bytes(info.type_name, elements)  # an unknown type fails here, with its name
         tensors.append((name, info.type_name, elements, len(info.shape) == 2))
     formats = Counter(t for _, t, _, _ in tensors)
     dtype_bytes = 2 if any(t in ("F16", "BF16") for _, t, _, _ in tensors) else 4
