@@ -113,15 +113,18 @@ class Plan:
         s, shape = self.settings, self.shape
         base = {"none": "float base", "affine": f"affine {s.bits}-bit group {s.group_size}",
                 "nf4": f"nf4 block {s.block_size}{' + double quant' if s.double_quant else ''}"}[s.mode]
-        if shape.source_formats:
-            base += " (source-quantized layers kept: " + ", ".join(sorted(shape.source_formats)) + ")"
+        if shape.gguf_tensors is not None:
+            base += " for float tensors; GGUF tensors kept as held: " + ", ".join(
+                f"{name} x {count}" for name, count in sorted(shape.source_formats.items()))
+        elif shape.source_bits:
+            base = f"source-quantized {shape.source_bits}-bit group {shape.source_group}"
         lines = [
             f"memory plan: {self.model}: {shape.model_type}, {shape.parameters() / 1e9:.2f}B parameters, {base}",
             f"  LoRA rank {s.rank} on {', '.join(s.target_modules)} x {adapted_blocks(shape, s)} blocks "
             f"({lora_parameters(shape, s):,} parameters); batch {s.batch_size} x {s.seq_length} tokens"
             f"{f' x {s.grad_accumulation} accumulated' if s.grad_accumulation > 1 else ''}, "
             f"grad checkpoint {'on' if s.grad_checkpoint else 'off'}"
-            f"{', CPU path (dequantize + BLAS)' if s.dequantize_path else ''}",
+            f"{', CPU path (dequantize + BLAS)' if s.dequantize_path else ''}; every batch counted at max_seq_length",
         ]
         lines += [f"  {name:20s} {value / GB:8.2f} GB" for name, value in self.components.items()]
         verdict = "fits" if self.fits else "does NOT fit"

@@ -155,7 +155,8 @@ def shape_from_gguf(path: str | Path) -> ModelShape:
 
 
 def read_shape(source: str) -> ModelShape:
-    """The shape of a model source (folder, .gguf, hub id, `demo`) without loading its weights.
+    """The shape of a model source (folder, .gguf, hub id, `demo`, or a config.json file) without
+    loading its weights.
 
     A hub id downloads config.json only. Raises FileNotFoundError / ValueError with the reason.
     """
@@ -166,7 +167,9 @@ def read_shape(source: str) -> ModelShape:
     path = Path(source).expanduser()
     if path.suffix.lower() == ".gguf":
         return shape_from_gguf(path)
-    if path.is_dir():
+    if path.suffix.lower() == ".json" and path.is_file():  # a config.json on its own (configs/models/hf_config/)
+        config_file = path
+    elif path.is_dir():
         config_file = path / "config.json"
         if not config_file.is_file():
             ggufs = sorted(path.glob("*.gguf"))
