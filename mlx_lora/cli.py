@@ -72,7 +72,7 @@ def cmd_plan(args) -> int:
     memory = parse_memory(args.memory) if args.memory is not None else None
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
-    plan = make_plan(cfg, memory, f"--memory {args.memory}" if memory else None)
+    plan = make_plan(cfg, memory, f"--memory {args.memory}" if memory else None, dequantize_path=False if args.mac else None)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
 
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory", help="memory to fit in: 16GB, 32GB, 64GB, ... (default: this machine's; "
                                        "on a Mac the GPU working set)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (peak_gb, fits, components, ...)")
+    plan.add_argument("--mac", action="store_true", help="plan the Apple GPU path (fused 4-bit products, checkpoint-dtype "
+                                                        "activations) from any machine")
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="print device, versions, BLAS and memory")
     doctor.set_defaults(func=cmd_doctor)
