@@ -89,6 +89,14 @@ def cmd_eval(args) -> int:
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
     datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
+    if cfg.training.batch_size == "auto":  # the batch the training run chose, recorded in its folder
+        import dataclasses
+
+        import yaml
+
+        recorded = adapter_dir / "train_config.yaml"
+        batch = yaml.safe_load(recorded.read_text())["training"]["batch_size"] if recorded.is_file() else 1
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=int(batch)))
     run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
     return 0
 

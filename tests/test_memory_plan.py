@@ -263,3 +263,42 @@ def test_train_config_records_the_batch_auto_chose(tiny_model_dir, tiny_data_dir
     assert "memory plan:" in result.stdout and "predicted peak" in result.stdout
     recorded = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["training"]
     assert recorded["batch_size"] == 4 and recorded["grad_accumulation"] == 1  # a tiny model: the whole batch fits
+
+
+@pytest.mark.parametrize("value, problem", [("auto", None), (3, None), ("big", "positive integer or auto"), (0, "positive integer or auto")])
+def test_batch_size_takes_a_number_or_auto(value, problem):
+    from mlx_lora.config import ConfigError, config_from_dict
+
+    data = {"model": "x", "data": "d", "training": {"batch_size": value}}
+    if problem is None:
+        assert config_from_dict(data).training.batch_size == value
+    else:
+        with pytest.raises(ConfigError, match=problem):
+            config_from_dict(data)
+
+
+def test_memory_limit_setting_is_checked():
+    from mlx_lora.config import ConfigError, config_from_dict
+    from mlx_lora.memory.plan import guard_limit
+
+    with pytest.raises(ConfigError, match="16GB, 32GB, 64GB"):
+        config_from_dict({"model": "x", "data": "d", "training": {"memory_limit": "lots"}})
+    assert guard_limit("none") is None and guard_limit("24GB") == 24e9 and guard_limit("auto") > 0
+
+
+@pytest.mark.parametrize("types", [{"linear": "Q4_1", "embed": "Q8_0"}, {"linear": "Q4_K", "embed": "F16", "output": "Q6_K"}])
+def test_gguf_base_bytes_match_the_loaded_model(tmp_path, types):
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import write_tiny_gguf
+
+    from mlx_lora.frozen_matmul import use_dequantize_path, use_fast_frozen_layers
+    from mlx_lora.models import load_model
+    from mlx_lora.quantize import model_nbytes, quantize_model
+    from mlx_lora.memory.shape import shape_from_gguf
+
+    path, _, _ = write_tiny_gguf(tmp_path, {key: T[name] for key, name in types.items()}, tied="output" not in types)
+    model, _, _ = load_model(str(path))
+    quantize_model(model, "affine", group_size=32)  # float tensors (an F16 embedding) are quantized by the run
+    use_fast_frozen_layers(model)
+    settings = StepSettings(mode="affine", group_size=32, dequantize_path=use_dequantize_path())
+    assert base_bytes(shape_from_gguf(path), settings) == pytest.approx(model_nbytes(model), rel=0.02)
