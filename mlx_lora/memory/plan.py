@@ -171,16 +171,20 @@ def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple
             found.append(([f"quantization.mode={lower[0]}", f"quantization.bits={lower[1]}"], peak))
             break
         lower = ("affine", 4) if lower[1] > 4 else None
-    if found or shape is None:
+    if found:
         return found
+    # nothing alone is enough: checkpointing and batch 1 (same effective batch), then halve the
+    # sequence length, then the adapted blocks, until it fits
     combined = replace(s, grad_checkpoint=True, batch_size=1, grad_accumulation=s.grad_accumulation * s.batch_size)
     overrides = ["training.grad_checkpoint=true", "training.batch_size=1", f"training.grad_accumulation={combined.grad_accumulation}"]
-    for field_name, key in (("seq_length", "data.max_seq_length"), ("num_layers", "lora.num_layers")):
+    for field_name, key, lowest in (("seq_length", "data.max_seq_length", 128), ("num_layers", "lora.num_layers", 1)):
         value = combined.seq_length if field_name == "seq_length" else adapted_blocks(shape, combined)
-        while value > 1 and predict(shape, combined) > memory and value // 2 >= (128 if field_name == "seq_length" else 1):
+        changed = False
+        while predict(shape, combined) > memory and value // 2 >= lowest:
             value //= 2
             combined = replace(combined, **{field_name: value})
-        if combined != s and value != getattr(s, field_name):
+            changed = True
+        if changed:
             overrides.append(f"{key}={value}")
         if predict(shape, combined) <= memory:
             return [(overrides, predict(shape, combined))]
