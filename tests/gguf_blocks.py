@@ -117,7 +117,9 @@ K_QUANTIZERS = {"Q4_K": quantize_q4_k, "Q5_K": quantize_q5_k, "Q6_K": quantize_q
 
 
 def quantize(weights: np.ndarray, type_name: str) -> np.ndarray:
-    """Float32 weights (rows, cols) -> the tensor's raw bytes (rows, row_bytes) uint8."""
+    """Float32 weights (rows, cols) -> the tensor's raw bytes (rows, row_bytes) uint8, for any type
+    in the registry: `GGUFWriter.add_tensor(name, raw, raw_dtype=GGMLQuantizationType[type_name])`
+    writes it (the writer takes the shape from the bytes)."""
     from gguf import GGMLQuantizationType
     from gguf.quants import quantize as gguf_quantize
 
@@ -125,6 +127,8 @@ def quantize(weights: np.ndarray, type_name: str) -> np.ndarray:
     if type_name not in K_QUANTIZERS:
         return gguf_quantize(weights, GGMLQuantizationType[type_name]).view(np.uint8).reshape(len(weights), -1)
     rows, cols = weights.shape
+    if cols % QK_K:  # llama.cpp falls back to another type for such tensors (e.g. SmolLM2's 576-wide ones)
+        raise ValueError(f"{type_name} needs rows of whole {QK_K}-weight super-blocks; shape {weights.shape}")
     raw = K_QUANTIZERS[type_name](weights.reshape(-1, QK_K))
     return raw.reshape(rows, -1)
 

@@ -175,3 +175,19 @@ def test_hub_id_without_network_or_cache_names_the_cache(monkeypatch, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"'nobody/no-such-model' is not in the Hugging Face cache \(.*hub\)") as err:
         resolve_source("nobody/no-such-model")
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batched_generation_equals_one_by_one(family_dirs, family):
+    """Evaluation generates in padded batches; prompts of different lengths must not change the answers
+    (mlx-lm's Gemma 2 mask broadcast fault is fixed by models/compat.py)."""
+    from mlx_lm.generate import stream_generate
+
+    from mlx_lora.evaluate import generate_answers
+
+    model, tokenizer, _ = load_model(str(family_dirs(family)))
+    random_adapter(model)
+    prompts = [tokenizer.encode(p) for p in ("say hello", "say hello world what is the capital", "hi")]
+    batched = generate_answers(model, tokenizer, prompts, max_new_tokens=5)
+    alone = [tokenizer.decode([r.token for r in stream_generate(model, tokenizer, p, max_tokens=5)]) for p in prompts]
+    assert batched == alone

@@ -344,7 +344,7 @@ def test_smollm2_quantized_logits_match_dequantized_float_model(smollm2_gguf):
 def test_smollm2_answers_paris(smollm2):
     from mlx_lm import generate
 
-    model, tokenizer, _ = smollm2
+    model, tokenizer, *_ = smollm2
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, tokenize=False)
     assert "Paris" in generate(model, tokenizer, prompt, max_tokens=20)
@@ -352,7 +352,7 @@ def test_smollm2_answers_paris(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_splits_digits_and_uses_chatml(smollm2):
-    _, tokenizer, hf_config = smollm2
+    _, tokenizer, hf_config, _ = smollm2
     ids = tokenizer.encode("2021-03-07")
     assert [tokenizer.decode([i]) for i in ids] == list("2021-03-07")
     assert tokenizer.eos_token_ids == {2} and tokenizer.convert_ids_to_tokens(2) == "<|im_end|>"
@@ -399,3 +399,32 @@ def test_byte_level_tokenizer_loads_without_torch(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().endswith("2021-03-07 ok")
+
+
+@pytest.mark.slow
+def test_smollm2_as_q4_k_m_still_answers_paris(smollm2_gguf, tmp_path):
+    """The demo rewritten with K-quant blocks by our own block writer, as in a Q4_K_M file: ffn_down
+    Q4_K and Q6_K in alternate blocks. SmolLM2's other rows (576 wide) are not whole 256-weight
+    super-blocks, so llama.cpp falls back there; we use Q8_0 (its Q5_0 fallback, a second lossy
+    rounding of the Q4_1 weights, already makes this 135M model miss the answer)."""
+    from mlx_lm import generate
+
+    from mlx_lm.utils import dequantize_model
+
+    from mlx_lora.models.gguf_export import export_gguf
+
+    model, tokenizer, config, _ = load_gguf(smollm2_gguf)
+    float_model = dequantize_model(model)
+
+    def encode(name, array):
+        kind = ("Q6_K" if int(name.split(".")[1]) % 2 else "Q4_K") if "ffn_down" in name else "Q8_0"
+        return gguf_blocks.quantize(array, kind), T[kind]
+
+    path = export_gguf(tmp_path / "q4_k_m.gguf", float_model, {k: v for k, v in config.items() if "quantiz" not in k},
+                       tokenizer, source_gguf=smollm2_gguf, encode=encode)
+    converted, tokenizer, _, report = load_gguf(path)
+    assert {"Q4_K", "Q6_K", "Q8_0"} <= set(report.tensor_types)
+    assert report.tensor_types["Q4_K"].held_as.startswith("native")
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, tokenize=False)
+    assert "Paris" in generate(converted, tokenizer, prompt, max_tokens=20)

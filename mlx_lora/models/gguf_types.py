@@ -16,7 +16,7 @@ names, models) to `gguf.py`. Layout per type and how it is held:
   Q4_K     256    144  native 4-bit affine g32    sub-block of 32: (d*sc)*q - dmin*m
   Q5_K     256    176  native 5-bit affine g32    same, 5-bit codes
   Q6_K     256    210  re-quantized 8-bit g32     sub-blocks of 16 (d*sc*q, q in -32..31): MLX
-                                                  has no group size 16, so not exact
+                                                  has no group size 16, so no exact form
   Q3_K     256    110  re-quantized 8-bit g32     sub-blocks of 16, as Q6_K
   Q2_K     256     84  re-quantized 8-bit g32     sub-blocks of 16 with a min, as Q6_K
 
@@ -25,13 +25,38 @@ names, models) to `gguf.py`. Layout per type and how it is held:
 `gguf.quants.dequantize`, bit for bit (tested). Re-quantized forms start from the reference
 decoder's float32 values and go through `mx.quantize(..., group_size=32, bits=8)`.
 
-Measured relative weight errors: to be filled from `python bench/gguf_types_error.py`.
+Measured relative weight error ||held - reference|| / ||reference|| (Frobenius) of the forms
+MLX could use, and bits per weight (file; held, with a float32 scale and bias per 32 weights),
+from `python bench/gguf_types_error.py` (seed 0, 256 x 4096 weights per type):
+
+  type  held as     random blocks  gaussian  t(4)     type's own error  file bpw  held bpw
+  Q6_K  8-bit g32      4.4e-03     4.7e-03  5.6e-03     1.9e-02          6.56      10  <- chosen
+  Q6_K  6-bit g32      1.7e-02     1.9e-02  2.2e-02                                 8
+  Q6_K  float16        2.1e-04     2.1e-04  2.1e-04                                16
+  Q3_K  8-bit g32      4.4e-03     4.7e-03  5.0e-03     1.6e-01          3.44      10  <- chosen
+  Q3_K  6-bit g32      1.3e-02     1.6e-02  1.9e-02                                 8
+  Q3_K  4-bit g32      7.5e-02     7.5e-02  8.1e-02                                 6
+  Q2_K  8-bit g32      1.9e-03     4.5e-03  5.3e-03     3.3e-01          2.62      10  <- chosen
+  Q2_K  6-bit g32      7.7e-03     1.8e-02  2.2e-02                                 8
+  Q2_K  4-bit g32      3.2e-02     7.6e-02  9.0e-02                                 6
+
+"gaussian", "t(4)": weights drawn from a gaussian (std 0.02) or a heavy-tailed Student t (4
+degrees of freedom, scaled by 0.02), quantized to the type by `tests/gguf_blocks.py`'s
+round-to-nearest quantizers; "type's own error": that quantization against the gaussian weights.
+Errors add in quadrature, so Q6_K at 8 bits makes the total error 3 % larger than Q6_K's own, at
+10 instead of 16 bits per weight (Q4_K_M files hold output.weight and about half of ffn_down and
+attn_v in Q6_K: about 1.5e9 weights, 1.1 GB less than float16 for Llama 3.1 8B); 6 bits would
+make it 40 % larger. Q3_K / Q2_K: 6 bits would add under 1 % to their own (large) error and save
+2 bits per weight, but the error is paid in every layer: a tiny Q3_K model's logits moved 3.5 %
+(of their largest) from the exact decoding's, against 0.9 % at 8 bits (`... --logits`, the
+q3_k-q2_k case); we keep the file's model, so 8 bits for every type without an exact form.
+A re-quantized tensor is not bit-exact: its logits differ from an exact float32 decoding by about
+its error (`typical_error` below).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from math import gcd
 from typing import Callable
 
 import numpy as np
@@ -83,6 +108,7 @@ class BlockType:
     codes: Codes | None = None  # native affine forms: the block decoder
     float_dtype: str | None = None  # float forms: numpy dtype of the stored values
     mx_dtype: str | None = None  # float forms: the mx dtype they are viewed as, bit for bit
+    typical_error: float = 0.0  # re-quantized forms: measured relative weight error (table above)
 
     def hold(self, blocks: np.ndarray, rows: int, cols: int) -> HeldTensor:
         """blocks: (rows * cols // block_size, block_bytes) uint8 -> the tensor as MLX holds it."""
@@ -113,15 +139,19 @@ def pack_codes(q: np.ndarray, bits: int) -> np.ndarray:
     """Codes (rows, cols) < 2**bits -> MLX's affine packing (rows, cols * bits // 32) uint32.
 
     MLX packs each row as one little-endian bit stream (code i in bits i*bits .. i*bits+bits-1),
-    for every width 2..8 (checked against mx.quantize in tests). We pack `per` codes at a time
-    into a uint64, `per` being the fewest codes that fill whole bytes (8 for 3 or 5 bits).
+    for every width 2..8 (checked against mx.quantize in tests). Eight codes fill `bits` whole
+    bytes; we OR each code into the one or two bytes it lands in (uint8 shifts drop the bits
+    that belong to the next byte).
     """
     rows, cols = q.shape
-    per = 8 // gcd(bits, 8)
-    shifts = (np.arange(per, dtype=np.uint64) * np.uint64(bits)).astype(np.uint64)
-    chunks = (q.reshape(rows, cols // per, per).astype(np.uint64) << shifts).sum(axis=-1, dtype=np.uint64)
-    stream = chunks.astype("<u8").view(np.uint8).reshape(rows, cols // per, 8)[..., : per * bits // 8]
-    return np.ascontiguousarray(stream).reshape(rows, -1).view("<u4").astype(np.uint32)
+    runs = q.reshape(rows, cols // 8, 8)
+    out = np.zeros((rows, cols // 8, bits), dtype=np.uint8)
+    for i in range(8):
+        byte, shift = divmod(i * bits, 8)
+        out[..., byte] |= runs[..., i] << shift
+        if shift + bits > 8:
+            out[..., byte + 1] |= runs[..., i] >> (8 - shift)
+    return out.reshape(rows, -1).view("<u4").astype(np.uint32)
 
 
 def unpack_codes(packed: np.ndarray, bits: int) -> np.ndarray:
@@ -153,7 +183,7 @@ def _high_bits(qh: np.ndarray, count: int) -> np.ndarray:
 
 def _q8_0(b):  # d (f16), 32 x int8
     d = _f16(b, 0)
-    return (b[:, 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8), d, -128 * d
+    return b[:, 2:] ^ 0x80, d, -128 * d  # flipping the sign bit of an int8 x gives the uint8 x + 128
 
 
 def _q4_0(b):  # d, 16 bytes of 4-bit codes
@@ -203,8 +233,8 @@ def _native(name: str, size: int, nbytes: int, bits: int, codes: Codes) -> Block
     return BlockType(name, size, nbytes, f"native {bits}-bit g{GROUP}", bits=bits, codes=codes)
 
 
-def _requantized(name: str, nbytes: int, bits: int) -> BlockType:
-    return BlockType(name, QK_K, nbytes, f"re-quantized {bits}-bit g{GROUP}", bits=bits)
+def _requantized(name: str, nbytes: int, bits: int, typical_error: float) -> BlockType:
+    return BlockType(name, QK_K, nbytes, f"re-quantized {bits}-bit g{GROUP}", bits=bits, typical_error=typical_error)
 
 
 TENSOR_TYPES: dict[str, BlockType] = {t.name: t for t in (
@@ -218,9 +248,9 @@ TENSOR_TYPES: dict[str, BlockType] = {t.name: t for t in (
     _native("Q5_1", 32, 2 + 2 + 4 + 16, 5, _q5_1),
     _native("Q4_K", QK_K, 2 + 2 + 12 + 128, 4, _q4_k),
     _native("Q5_K", QK_K, 2 + 2 + 12 + 32 + 128, 5, _q5_k),
-    _requantized("Q6_K", 128 + 64 + 16 + 2, 8),  # low nibbles, high 2 bits, int8 scales, d
-    _requantized("Q3_K", 32 + 64 + 12 + 2, 8),  # high-bit mask, 2-bit codes, 6-bit scales, d
-    _requantized("Q2_K", 16 + 64 + 2 + 2, 8),  # 4-bit scales and mins, 2-bit codes, d, dmin
+    _requantized("Q6_K", 128 + 64 + 16 + 2, 8, 4.7e-3),  # low nibbles, high 2 bits, int8 scales, d
+    _requantized("Q3_K", 32 + 64 + 12 + 2, 8, 4.7e-3),  # high-bit mask, 2-bit codes, 6-bit scales, d
+    _requantized("Q2_K", 16 + 64 + 2 + 2, 8, 4.5e-3),  # 4-bit scales and mins, 2-bit codes, d, dmin
 )}
 
 
@@ -234,12 +264,12 @@ def block_type(type_name: str) -> BlockType:
 def _blocks(kind: BlockType, raw: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The tensor's bytes as (blocks, block_bytes), after checking they fit `shape`."""
     rows, cols = shape
-    if cols % kind.block_size or (kind.bits and cols % GROUP):
+    if cols % kind.block_size:  # block sizes are 1, 32 or 256, so affine rows hold whole groups of 32
         raise ValueError(f"a {kind.name} tensor of shape {shape}: rows must hold whole blocks "
-                         f"of {max(kind.block_size, GROUP if kind.bits else 1)} weights")
+                         f"of {kind.block_size} weights")
     expected = rows * cols // kind.block_size * kind.block_bytes
-    if raw.size != expected:
-        raise ValueError(f"a {kind.name} tensor of shape {shape} takes {expected} bytes, got {raw.size}; "
+    if raw.nbytes != expected:
+        raise ValueError(f"a {kind.name} tensor of shape {shape} takes {expected} bytes, got {raw.nbytes}; "
                          "the file is truncated or corrupt")
     return np.ascontiguousarray(raw).view(np.uint8).reshape(-1, kind.block_bytes)
 

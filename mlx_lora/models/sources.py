@@ -184,6 +184,9 @@ def load_model(source: str):
             raise ValueError(f"model: {path}: {str(err).splitlines()[0] if str(err) else err!r}") from err
         except FileNotFoundError as err:
             raise FileNotFoundError(f"model: {path} is incomplete: {err}") from err
+    from .compat import apply_fixes
+
+    apply_fixes(model, hf_config.get("model_type", ""))
     model.eval()
     return model, tokenizer, ModelInfo(source=source, kind=kind, path=str(path), hf_config=dict(hf_config),
                                        gguf_report=report)
