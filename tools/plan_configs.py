@@ -3,7 +3,7 @@
     python tools/plan_configs.py            # rewrite the comment line in every ready config
     python tools/plan_configs.py --check    # exit 1 if any comment is missing or stale
 
-Each config's shape comes from configs/models/hf_config/<name>.json (no download). The plan is
+Each config's shape comes from the hf_config/*.json its header names (no download). The plan is
 the Mac GPU path (bfloat16 activations, no dequantized copies) against 32 GB, the memory size
 `mlx-lora plan CONFIG --memory 32GB` uses; the line starts with MARKER and is replaced in place.
 """
@@ -11,6 +11,7 @@ the Mac GPU path (bfloat16 activations, no dequantized copies) against 32 GB, th
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -26,16 +27,17 @@ def figure(config_path: Path) -> str:
     from mlx_lora.config import load_config
     from mlx_lora.memory.plan import make_plan, parse_memory
 
-    shape_file = config_path.parent / "hf_config" / f"{config_path.stem}.json"
+    named = re.search(r"hf_config/(\S+\.json)", config_path.read_text())  # the config's own comment names it
+    shape_file = config_path.parent / "hf_config" / (named.group(1) if named else f"{config_path.stem}.json")
     if not shape_file.is_file():
-        raise FileNotFoundError(f"{config_path}: no {shape_file.relative_to(ROOT)} to size the model from")
+        raise FileNotFoundError(f"{config_path}: no {shape_file} to size the model from")
     cfg = load_config(config_path, [f"model={shape_file}"])
     plan = make_plan(cfg, parse_memory("32GB"), "32 GB", dequantize_path=False)
     s = plan.settings
     verdict = "fits" if plan.fits else "does NOT fit"
     return (f"{MARKER} predicted peak {plan.peak / 1e9:.1f} GB on a 32 GB Mac ({verdict}; batch {s.batch_size} x "
             f"{s.seq_length} tokens, grad checkpoint {'on' if s.grad_checkpoint else 'off'}); "
-            f"`mlx-lora plan {config_path.relative_to(ROOT)} --memory 32GB` for the breakdown")
+            f"breakdown: mlx-lora plan {config_path.relative_to(ROOT)} model={shape_file.relative_to(ROOT)} --memory 32GB --mac")
 
 
 def updated(text: str, line: str) -> str:
