@@ -73,7 +73,8 @@ def synthetic_examples(count: int, length: int, vocab: int, seed: int = 0):
     return [Example(tokens=rng.integers(0, vocab, length).tolist(), mask=[True] * length) for _ in range(count)]
 
 
-def measure(config: dict, settings: StepSettings, steps: int = 2, rank: int = 16, model=None) -> tuple[float, object]:
+def measure(config: dict, settings: StepSettings, steps: int = 2, rank: int = 16, model=None,
+            compile_step: bool = True) -> tuple[float, object]:
     """Peak bytes (mx.get_peak_memory) over `steps` real training steps at `settings`; also the model."""
     import mlx.core as mx
 
@@ -90,7 +91,7 @@ def measure(config: dict, settings: StepSettings, steps: int = 2, rank: int = 16
                                   config["vocab_size"])
     training = TrainingConfig(iters=steps, batch_size=settings.batch_size, grad_accumulation=settings.grad_accumulation,
                               grad_checkpoint=settings.grad_checkpoint, steps_per_eval=0, save_every=0,
-                              steps_per_report=1, learning_rate=1e-5)
+                              steps_per_report=1, learning_rate=1e-5, compile=compile_step)
     gc.collect()
     mx.clear_cache()
     with tempfile.TemporaryDirectory() as out:
@@ -116,6 +117,9 @@ def main(argv=None) -> int:
     parser.add_argument("--config-dir", type=Path, default=CONFIGS, help="folder of <model>.json shapes")
     parser.add_argument("--layers", type=int, help="keep only this many blocks of each model (real block shapes, "
                         "fewer of them; the prediction uses the same truncated config)")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="training.compile=false: MLX's CPU backend compiles a kernel per vocabulary chunk of the "
+                             "loss on first use, which takes long for 150k-token vocabularies on a busy machine")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     from mlx_lora.blas import preload_command_env
@@ -139,14 +143,14 @@ def main(argv=None) -> int:
                     settings = StepSettings(rank=args.rank, target_modules=all_linear, batch_size=batch, seq_length=seq,
                                             grad_checkpoint=checkpoint)
                     peak, parts = predicted(config, settings)
-                    row = {"model": name, "layers": config["num_hidden_layers"], "batch": batch, "seq": seq, "grad_checkpoint": checkpoint,
+                    row = {"model": name, "layers": config["num_hidden_layers"], "compiled": not args.no_compile, "batch": batch, "seq": seq, "grad_checkpoint": checkpoint,
                            "predicted_gb": round(peak / GB, 3), "components_gb": {k: round(v / GB, 3) for k, v in parts.items()}}
                     if peak / GB > args.max_gb:
                         row["skipped"] = f"predicted {peak / GB:.1f} GB > {args.max_gb:g} GB"
                         print(f"| {name} | {config['num_hidden_layers']} | {batch} | {seq} | {checkpoint} | {peak / GB:.2f} | skipped: over {args.max_gb:g} GB | | |", flush=True)
                     else:
                         start = time.perf_counter()
-                        measured, model = measure(config, settings, args.steps, args.rank, model)
+                        measured, model = measure(config, settings, args.steps, args.rank, model, not args.no_compile)
                         seconds = (time.perf_counter() - start) / args.steps
                         row.update(measured_gb=round(measured / GB, 3), error=round(peak / measured - 1, 4), s_per_step=round(seconds, 1))
                         print(f"| {name} | {config['num_hidden_layers']} | {batch} | {seq} | {checkpoint} | {peak / GB:.2f} | {measured / GB:.2f} | "
