@@ -30,6 +30,10 @@ def load_base(cfg: Config):
     from .quantize import quantize_model
 
     model, tokenizer, info = load_model(cfg.model)
+    if cfg.data.chat_template:
+        from .chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     q = cfg.quantization
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
@@ -48,6 +52,31 @@ def prepare_model(cfg: Config):
     keys = apply_lora(model, cfg.lora)
     mx.eval(model.parameters())
     return model, tokenizer, info, quant_report, keys
+
+
+def data_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits a training run reads: test.jsonl only when evaluation follows."""
+    return ("train", "valid", "test") if cfg.eval.enabled else ("train", "valid")
+
+
+def describe_data(data_stats: dict) -> list[str]:
+    """One log line per split: where it came from, its size, and what was changed."""
+    lines = []
+    for split, stats in data_stats.items():
+        if not stats["examples"]:
+            lines.append(f"data {split}: {stats['source']}")
+            continue
+        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
+            if stats["truncated"] or stats["dropped_overlong"] else ""
+        source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"
+        lines.append(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
+                     f"(longest {stats['max_length']}){changed}{source}")
+        if stats.get("rewritten_turns"):
+            lines.append(f"data {split}: the chat template rewrites {stats['rewritten_turns']} earlier assistant "
+                         f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
+                         f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
+                         "as the template renders it when generating that turn")
+    return lines
 
 
 def adapter_extra(cfg: Config, info, quant_report) -> dict:
@@ -128,12 +157,9 @@ def run_training(cfg: Config, resume: bool = False, memory_limit: float | None =
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer)
-    for split, stats in data_stats.items():
-        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
-            if stats["truncated"] or stats["dropped_overlong"] else ""
-        log(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
-            f"(longest {stats['max_length']}){changed}")
+    datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats):
+        log(line)
     if cfg.training.batch_size == "auto":
         cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
         write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -169,6 +195,8 @@ def run_training(cfg: Config, resume: bool = False, memory_limit: float | None =
 
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
+    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
+        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
     write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
     return summary
 

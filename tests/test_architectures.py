@@ -191,3 +191,28 @@ def test_batched_generation_equals_one_by_one(family_dirs, family):
     batched = generate_answers(model, tokenizer, prompts, max_new_tokens=5)
     alone = [tokenizer.decode([r.token for r in stream_generate(model, tokenizer, p, max_tokens=5)]) for p in prompts]
     assert batched == alone
+
+
+@pytest.mark.parametrize("bits, group_size", [(4, 64), (8, 32)])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mlx_quantized_folder_keeps_its_layers(family_dirs, family, bits, group_size, tmp_path):
+    """An mlx-community style folder (mlx_lm.convert -q): its quantized layers are the frozen base as they
+    are, whatever the run's own quantization settings say."""
+    import mlx.nn as nn
+    from mlx_lm.utils import quantize_model as mlx_lm_quantize, save_config, save_model
+
+    folder = family_dirs(family)
+    model, tokenizer, info = load_model(str(folder))
+    model, config = mlx_lm_quantize(model, dict(info.hf_config), group_size=group_size, bits=bits)
+    out = tmp_path / "mlx-community"
+    save_model(out, model)
+    save_config(config, out / "config.json")
+    tokenizer.save_pretrained(str(out))
+
+    ours, _, _ = load_model(str(out))
+    report = quantize_model(ours, "affine", bits=4, group_size=32)  # the run's settings do not re-quantize
+    layers = [m for _, m in ours.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all((m.bits, m.group_size) == (bits, group_size) for m in layers)
+    assert report.source_quantized
+    ids = tokenizer.encode(PROMPT)
+    assert relative_error(mlx_logits(ours, ids), mlx_logits(model, ids)) < 1e-5

@@ -58,8 +58,9 @@ FAMILIES = {
 }
 
 
-def make_family_dir(folder: Path, family: str, seed: int = 0) -> Path:
-    """config.json + model.safetensors (float32) + tokenizer of a random model of `family` (FAMILIES)."""
+def make_family_dir(folder: Path, family: str, seed: int = 0, overrides: dict | None = None) -> Path:
+    """config.json + model.safetensors (float32) + tokenizer of a random model of `family` (FAMILIES),
+    with `overrides` on top of the family's settings."""
     import torch
     import transformers
 
@@ -71,7 +72,7 @@ def make_family_dir(folder: Path, family: str, seed: int = 0) -> Path:
                     num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=512,
                     rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
                     bos_token_id=None, pad_token_id=tokenizer.pad_token_id, initializer_range=0.15)
-    config = getattr(transformers, class_name)(**{**settings, **extra})
+    config = getattr(transformers, class_name)(**{**settings, **extra, **(overrides or {})})
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).to(torch.float32)
     with torch.no_grad():  # random norm weights and biases, so a mis-mapped one cannot hide behind ones / zeros

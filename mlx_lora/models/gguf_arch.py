@@ -49,7 +49,7 @@ def _llama_rope(header: GGUFHeader, config: dict) -> None:
     freqs = base ** (np.arange(0, dims, 2) / dims)
     wavelens = 2 * math.pi * freqs
     factor = float(factors.max())
-    for original in (8192, 4096, 2048, 16384, 32768, 131072):
+    for original in [8192] + [2 ** k for k in range(4, 21) if k != 13]:  # 8192 first: Llama 3.1 / 3.2
         for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0), (2.0, 8.0)):
             # transformers' _compute_llama3_parameters, as factors on the wavelength
             low_wl, high_wl = original / low, original / high
