@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -87,8 +87,10 @@ class LoraConfig:
 class TrainingConfig:
     iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
     epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
-    batch_size: int = field(default=4, **_help("Examples per micro-batch."))
-    grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step."))
+    batch_size: Union[int, str] = field(default=4, **_help("Examples per micro-batch, or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
+    grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step (with batch_size: auto and effective_batch_size set, derived)."))
+    effective_batch_size: Optional[int] = field(default=None, **_help("With batch_size: auto: examples per optimizer step; the micro-batch is its largest divisor that fits and grad_accumulation = this / micro-batch. null: grad_accumulation stays, micro-batch up to 32."))
+    memory_limit: str = field(default="auto", **_help("Stop with a resumable checkpoint when a step's peak memory passes this: auto (this machine's memory as the planner sees it), a size such as 24GB, or none."))
     learning_rate: float = field(default=1e-4, **_help("Peak learning rate of AdamW."))
     lr_schedule: str = field(default="constant", **_help("constant | linear | cosine decay after warmup."))
     warmup_steps: int = field(default=0, **_help("Steps of linear warmup from 0 to learning_rate."))
@@ -163,7 +165,12 @@ def _check_ranges(cfg: Config) -> list[str]:
          f"must be a positive number of evaluations or null, got {t.early_stop_patience}")
     need(t.early_stop_patience is None or t.steps_per_eval > 0, "training.early_stop_patience",
          "needs validation during training: set training.steps_per_eval > 0")
-    need(t.batch_size > 0, "training.batch_size", f"must be positive, got {t.batch_size}")
+    need(t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size > 0), "training.batch_size",
+         f"must be a positive integer or auto, got {t.batch_size!r}")
+    need(t.effective_batch_size is None or t.effective_batch_size > 0, "training.effective_batch_size",
+         f"must be positive or null, got {t.effective_batch_size}")
+    need(t.memory_limit in ("auto", "none") or _is_memory_size(t.memory_limit), "training.memory_limit",
+         f"{t.memory_limit!r} is not auto, none or a size such as 16GB, 32GB, 64GB, 24GiB or 512MB")
     need(t.grad_accumulation > 0, "training.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
     need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}")
     need(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
@@ -176,6 +183,16 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(t.val_batches == -1 or t.val_batches > 0, "training.val_batches", f"must be -1 or positive, got {t.val_batches}")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
     return problems
+
+
+def _is_memory_size(text: str) -> bool:
+    from .memory.plan import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError:
+        return False
+    return True
 
 
 # --- building dataclasses from plain data -------------------------------------------------
@@ -191,7 +208,12 @@ def _coerce(value: Any, tp, key: str, problems: list[str]) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, problems)
+        for arg in args[:-1]:  # Union[int, str]: the first type that takes the value
+            trial: list[str] = []
+            converted = _coerce(value, arg, key, trial)
+            if not trial:
+                return converted
+        return _coerce(value, args[-1], key, problems)
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if isinstance(value, str):

@@ -98,11 +98,47 @@ def phases_line(phases: dict) -> str:
     return f"time: {', '.join(parts)} (total {sum(phases.values()):.0f}s)"
 
 
-def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None) -> dict:
+def memory_plan(cfg: Config):
+    """The memory plan of `cfg`, printed; None (with a warning) when the model cannot be sized."""
+    from .memory.plan import make_plan
+
+    try:
+        plan = make_plan(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        log(f"warning: no memory prediction was made ({err}); training runs without one")
+        return None
+    log(plan.table())
+    return plan
+
+
+def resolve_auto_batch(cfg: Config, plan, train_examples: int) -> Config:
+    """`cfg` with `batch_size: auto` replaced by the planned micro-batch and accumulation
+    (capped by the training split's size); unchanged when the batch size is a number."""
+    import dataclasses
+
+    from .memory.plan import auto_batch
+
+    t = cfg.training
+    if t.batch_size != "auto":
+        return cfg
+    if plan is None:
+        batch, accumulation = 1, (t.effective_batch_size or t.grad_accumulation)
+        log(f"batch_size auto: no prediction, so micro-batch 1 x {accumulation} accumulated")
+    else:
+        batch, accumulation = auto_batch(plan.shape, plan.settings, plan.memory, t.effective_batch_size,
+                                         largest=train_examples)
+        log(f"batch_size auto: micro-batch {batch} x {accumulation} accumulated "
+            f"(predicted peak {plan.peak / 1e9:.2f} GB at the planned batch, limit {plan.memory / 1e9:.1f} GB)")
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch, grad_accumulation=accumulation))
+
+
+def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None,
+                 memory_limit: float | None = None) -> dict:
     """Train per `cfg` and write the output folder; returns the run summary.
 
     `setup_s`: seconds spent before this call (environment set-up by the shell scripts), shown
-    in the closing per-phase timing line when given.
+    in the closing per-phase timing line when given. `memory_limit` (bytes) is the memory guard
+    handed to `train` (see `memory.plan.guard_limit`).
     """
     import mlx.core as mx
 
@@ -122,6 +158,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     log(f"mlx-lora {__version__} | device {mx.default_device()} | model {cfg.model}")
+    plan = memory_plan(cfg)
     model, tokenizer, info, quant_report, keys = prepare_model(cfg)
     blocks = transformer_blocks(model)
     trainable = count_trainable(model)
@@ -136,6 +173,9 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
     for line in describe_data(data_stats):
         log(line)
+    if cfg.training.batch_size == "auto":
+        cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
+        write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)
@@ -151,7 +191,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
-                    resume=resume, callbacks=[metrics, ProgressBar()])
+                    resume=resume, callbacks=[metrics, ProgressBar()], memory_limit=memory_limit)
     save_adapters(out, model, config)
     from .adapters.peft_format import export_peft
 

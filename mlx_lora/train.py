@@ -30,7 +30,11 @@ EARLY_STOP_MIN_IMPROVEMENT = 0.01  # a validation loss counts as better when 1% 
 
 
 class TrainingStopped(RuntimeError):
-    """Training ended early (non-finite loss); the message says why and what was kept."""
+    """Training ended early (non-finite loss, memory); the message says why and what was kept."""
+
+
+class MemoryLimitExceeded(TrainingStopped):
+    """A step's peak memory passed the run's limit; a resumable checkpoint was written first."""
 
 
 @dataclass
@@ -144,13 +148,16 @@ class GracefulInterrupt:
 
 
 def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
-          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=()) -> dict:
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), memory_limit: float | None = None) -> dict:
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
     With `config.early_stop_patience`, training ends once that many validation losses in a row
     were not 1% under the best one (`summary["stopped_early"]`); `summary["val_history"]` lists
     this session's validation losses.
+    `memory_limit` (bytes): the memory guard. After any step whose peak (`mx.get_peak_memory()`)
+    passed it, a checkpoint is written and MemoryLimitExceeded is raised, so the run stops before
+    a larger batch pushes the machine into swap; `--resume` continues from that checkpoint.
     """
     output_dir = Path(output_dir)
     steps = total_steps(config, len(train_set))
@@ -223,16 +230,23 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             position_before = BatchPosition(position.epoch, position.index)
             grad = None
             step_loss, step_tokens = 0.0, 0
-            for micro in range(accumulation):
-                # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
-                mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
-                tokens, mask, n_tokens = next(batches)
-                positions, weights = target_positions(mask)
-                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions), mx.array(weights),
-                                            grad, micro == accumulation - 1)
-                mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
-                step_loss += loss.item() / accumulation
-                step_tokens += n_tokens
+            try:
+                for micro in range(accumulation):
+                    # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
+                    mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
+                    tokens, mask, n_tokens = next(batches)
+                    positions, weights = target_positions(mask)
+                    loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions),
+                                                mx.array(weights), grad, micro == accumulation - 1)
+                    mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
+                    step_loss += loss.item() / accumulation
+                    step_tokens += n_tokens
+            except RuntimeError as err:  # Metal refuses an allocation: the step is lost, earlier ones are kept
+                if "memory" not in str(err).lower() and "malloc" not in str(err).lower():
+                    raise
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise MemoryLimitExceeded(f"step {step + 1} ran out of memory ({err}); stopped ({kept}). "
+                                          "`mlx-lora plan CONFIG` lists settings that fit") from err
             if not math.isfinite(step_loss):
                 position.epoch, position.index = position_before.epoch, position_before.index
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -241,6 +255,13 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     "Lower training.learning_rate, enable training.grad_clip, or check the data."
                 )
             step += 1
+            if memory_limit is not None and mx.get_peak_memory() > memory_limit:
+                path = save(step)
+                raise MemoryLimitExceeded(
+                    f"step {step} peaked at {mx.get_peak_memory() / 1e9:.2f} GB, over the memory limit of "
+                    f"{memory_limit / 1e9:.2f} GB (training.memory_limit); stopped with a checkpoint at {path}. "
+                    "Lower training.batch_size or data.max_seq_length, or set training.grad_checkpoint=true "
+                    "(`mlx-lora plan CONFIG` lists settings that fit), then rerun with --resume")
             window_loss += step_loss
             window_tokens += step_tokens
             window_steps += 1
