@@ -36,6 +36,10 @@ class Example:
     prompt_text: str | None = None
     reference: str | None = None
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
 
 @dataclass
 class DataStats:
@@ -43,6 +47,7 @@ class DataStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    dropped_identical: int = 0  # preference pairs whose chosen and rejected are the same
     tokens: int = 0
     target_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
@@ -52,7 +57,7 @@ class DataStats:
         return {
             "rows": self.rows, "examples": len(self.lengths), "truncated": self.truncated,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
-            "tokens": self.tokens, "target_tokens": self.target_tokens,
+            "dropped_identical": self.dropped_identical, "tokens": self.tokens, "target_tokens": self.target_tokens,
             "max_length": lengths[-1], "median_length": lengths[len(lengths) // 2],
         }
 
@@ -94,6 +99,9 @@ def _check_messages(messages, where: str) -> None:
 
 
 def row_format(row: dict, where: str) -> str:
+    if "chosen" in row or "rejected" in row:
+        raise DataError(f"{where}: a preference row (chosen/rejected) in an SFT run; set training.objective: dpo "
+                        "or orpo, or give rows with 'messages', 'prompt'+'completion' or 'text'")
     if "messages" in row:
         _check_messages(row["messages"], where)
         return "chat"
@@ -117,8 +125,12 @@ def _render(tokenizer, messages, add_generation_prompt: bool, tools=None) -> str
     return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[bool]]:
-    """Tokens of a chat with the mask set on every assistant turn (its content and end-of-turn)."""
+def tokenize_chat(tokenizer, messages: list[dict], tools=None, first_target: int = 0) -> tuple[list[int], list[bool]]:
+    """Tokens of a chat with the mask set on every assistant turn (its content and end-of-turn).
+
+    Assistant turns before message index `first_target` are context, not targets (a preference
+    pair's shared conversation prefix).
+    """
     # Render growing prefixes: the text between "prompt up to turn i" and "conversation up to
     # turn i" is assistant turn i. Each piece is tokenized alone, as at inference time. The
     # template writes any BOS itself, so no special tokens are added on top (no double BOS).
@@ -133,7 +145,7 @@ def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int
         if not prompt.startswith(rendered) or not full.startswith(prompt):
             raise DataError("the chat template does not render conversations prefix by prefix; "
                             "set data.train_on_prompt: true or use a completions dataset")
-        for piece, is_target in ((prompt[len(rendered):], False), (full[len(prompt):], True)):
+        for piece, is_target in ((prompt[len(rendered):], False), (full[len(prompt):], i >= first_target)):
             ids = _encode(tokenizer, piece, first=False) if piece else []
             tokens += ids
             mask += [is_target] * len(ids)
@@ -211,15 +223,21 @@ def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | Non
     return examples
 
 
-def load_datasets(config: DataConfig, tokenizer, splits=SPLITS) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """Tokenized examples and statistics for each requested split of `config.path`."""
+def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, objective: str = "sft") -> tuple[dict[str, list], dict[str, dict]]:
+    """Tokenized examples (or preference pairs, for dpo/orpo) and statistics for each split of `config.path`."""
     folder = Path(config.path)
     if not folder.is_dir():
         raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl, valid.jsonl and test.jsonl")
+    loader = load_split
+    if objective != "sft":
+        from .preference_data import load_preference_split
+
+        def loader(path, tokenizer, config, stats):
+            return load_preference_split(path, tokenizer, config, stats, objective)
     datasets, stats = {}, {}
     for split in splits:
         split_stats = DataStats()
-        datasets[split] = load_split(folder / f"{split}.jsonl", tokenizer, config, split_stats)
+        datasets[split] = loader(folder / f"{split}.jsonl", tokenizer, config, split_stats)
         stats[split] = split_stats.summary()
     return datasets, stats
 
@@ -230,7 +248,7 @@ def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     """Index lists of `batch_size` examples of similar length (sorted, then chunked)."""
     if len(examples) < batch_size:
         raise DataError(f"the split has {len(examples)} examples, fewer than training.batch_size={batch_size}")
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     return [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
@@ -260,24 +278,28 @@ class BatchPosition:
     index: int = 0
 
 
-def iterate_train(examples: list[Example], batch_size: int, seed: int, position: BatchPosition) -> Iterator[tuple]:
-    """Endless shuffled batches from `position` on; advances `position` as it yields."""
+def iterate_train(examples: list, batch_size: int, seed: int, position: BatchPosition,
+                  collate_fn=collate) -> Iterator[tuple]:
+    """Endless shuffled batches from `position` on; advances `position` as it yields.
+
+    `examples` are Examples (batched by `collate`) or preference pairs (`preference_data.collate_pairs`).
+    """
     batches = make_batches(examples, batch_size)
     while True:
         order = epoch_order(len(batches), seed, position.epoch)
         while position.index < len(order):
-            batch = collate(examples, batches[order[position.index]])
+            batch = collate_fn(examples, batches[order[position.index]])
             position.index += 1
             yield batch
         position.epoch += 1
         position.index = 0
 
 
-def iterate_eval(examples: list[Example], batch_size: int, max_batches: int = -1) -> Iterator[tuple]:
+def iterate_eval(examples: list, batch_size: int, max_batches: int = -1, collate_fn=collate) -> Iterator[tuple]:
     """Batches in length order for evaluation (the last one may be smaller)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches != -1:
         chunks = chunks[:max_batches]
     for chunk in chunks:
-        yield collate(examples, chunk)
+        yield collate_fn(examples, chunk)

@@ -50,6 +50,17 @@ def prepare_model(cfg: Config):
     return model, tokenizer, info, quant_report, keys
 
 
+def describe_split(split: str, stats: dict, objective: str = "sft") -> str:
+    """One summary line per split, naming everything that was truncated or dropped."""
+    changes = [f"{stats[key]} {what}" for key, what in (
+        ("truncated", "truncated"), ("dropped_overlong", "dropped as too long"),
+        ("dropped_no_target", "dropped with no target tokens"),
+        ("dropped_identical", "dropped with identical chosen and rejected")) if stats.get(key)]
+    unit = "pairs" if objective != "sft" else "examples"
+    return (f"data {split}: {stats['examples']} {unit}, {stats['tokens']:,} tokens (longest {stats['max_length']})"
+            + (f"; {', '.join(changes)}" if changes else ""))
+
+
 def adapter_extra(cfg: Config, info, quant_report) -> dict:
     return {
         "model": cfg.model,
@@ -88,12 +99,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer)
+    datasets, data_stats = load_datasets(cfg.data, tokenizer, objective=cfg.training.objective)
     for split, stats in data_stats.items():
-        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
-            if stats["truncated"] or stats["dropped_overlong"] else ""
-        log(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
-            f"(longest {stats['max_length']}){changed}")
+        log(describe_split(split, stats, cfg.training.objective))
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)
@@ -132,12 +140,16 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
 
 def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     """Score base and tuned on the test split, print the table, write eval.json."""
-    from .evaluate import evaluate_model, results_table
+    from .evaluate import evaluate_model, evaluate_preference_model, results_table
 
     examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
-    log(f"evaluating on {len(examples)} test examples ...")
-    results = evaluate_model(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens,
-                             compare_base=cfg.eval.compare_base)
+    if cfg.training.objective != "sft":
+        log(f"evaluating on {len(examples)} test pairs ...")
+        results = evaluate_preference_model(model, examples, cfg.training, compare_base=cfg.eval.compare_base)
+    else:
+        log(f"evaluating on {len(examples)} test examples ...")
+        results = evaluate_model(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens,
+                                 compare_base=cfg.eval.compare_base)
     write_json(out / "eval.json", results)
     print_table("held-out test set:", results_table(results))
     return {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}
