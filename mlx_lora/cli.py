@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
     adapter_dir = Path(args.adapter or cfg.output_dir)
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
-    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
+    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",), objective=cfg.training.objective)
     run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
     return 0
 

@@ -169,8 +169,8 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     enable_chunked_loss(model, mx.array([longest.chosen.tokens if preference else longest.tokens]))
 
     if preference:
-        def objective(model, inputs):
-            return preference_loss(model, *inputs, config)
+        def objective(model, inputs):  # (tokens, masks) for orpo, plus the reference log-probs for dpo
+            return preference_loss(model, inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, config)
     else:
         def objective(model, inputs):
             return masked_loss(model, *inputs)
