@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import formats, stats, writer
+from .preference import SkipRecord
 from .readers import RawRecord, Skipped, TransformError, expand_inputs, read_records
 
 REPORT_NAME = "transform_report.json"
@@ -140,7 +141,12 @@ class _Run:
                 lines.append(record.line)
             if len(report._first_lines) > 1:
                 raise _mixed_error(record.path, report._first_lines)
-        row = self.converter.convert(record, fmt)
+        try:
+            row = self.converter.convert(record, fmt)
+        except SkipRecord as skip:  # a preference pair with identical answers, a tie: counted, not fatal
+            report.formats[fmt] += 1
+            report.skip(record.line, skip.reason, str(skip))
+            return
         report.formats[fmt] += 1
         if row is None:
             report.skip(record.line, "empty", "no reply / text to learn from")
