@@ -195,3 +195,20 @@ def test_orpo_loss_and_gradients_equal_trl(setup, tmp_path, beta):
     assert abs(ours - theirs) / abs(theirs) < LOSS_TOLERANCE, (ours, theirs)
     assert abs(ours - reference) / abs(reference) < LOSS_TOLERANCE
     assert compare_grads(grads, reference_grads) < GRAD_TOLERANCE
+
+
+@pytest.mark.parametrize("objective,loss_type", [("dpo", "sigmoid"), ("dpo", "ipo"), ("orpo", "sigmoid")])
+def test_cuda_backend_losses_equal_trl(setup, tmp_path, objective, loss_type):
+    """The CUDA backend's torch loop (cuda_objectives.py) on the same batch gives TRL's loss."""
+    from mlx_lora.backends.cuda_objectives import preference_loss as torch_preference_loss
+
+    base, peft_dir, batches = setup
+    tokens, masks, _ = batches[objective == "orpo"]
+    config = TrainingConfig(objective=objective, beta=0.2, loss_type=loss_type)
+    model = torch_peft(base, peft_dir, torch.float32)
+    ours, _ = torch_preference_loss(model, torch.as_tensor(tokens, dtype=torch.long), torch.as_tensor(masks), config)
+    if objective == "dpo":
+        theirs, _ = trl_dpo_loss(base, peft_dir, tokens, masks, loss_type, 0.2, torch.float32, tmp_path)
+    else:
+        theirs, _ = trl_orpo_loss(base, peft_dir, tokens, masks, 0.2, torch.float32, tmp_path)
+    assert abs(ours.item() - theirs) / abs(theirs) < LOSS_TOLERANCE, (ours.item(), theirs)

@@ -191,7 +191,7 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
 
     from ..data import load_datasets
     from ..report import MetricsWriter, ProgressBar
-    from ..run import log
+    from ..run import describe_split, log
     from . import cuda_loop
 
     accelerator = Accelerator(cpu=device == "cpu")
@@ -216,9 +216,9 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer)
+    datasets, data_stats = load_datasets(cfg.data, tokenizer, objective=cfg.training.objective)
     for split, stats in data_stats.items():
-        say(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens (longest {stats['max_length']})")
+        say(describe_split(split, stats, cfg.training.objective))
 
     start_step = None
     if resume:
@@ -283,8 +283,21 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     from .cuda_loop import score
 
     examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
-    log(f"evaluating on {len(examples)} test examples ...")
     results = {}
+    if cfg.training.objective != "sft":
+        from .cuda_objectives import evaluate_preferences
+
+        log(f"evaluating on {len(examples)} test pairs ...")
+        model.eval()
+        device = next(model.parameters()).device
+        if cfg.eval.compare_base:
+            with model.disable_adapter():  # nested reference passes see the adapters off already
+                results["base"] = evaluate_preferences(model, examples, cfg.training.batch_size, cfg.training, device)
+        results["tuned"] = evaluate_preferences(model, examples, cfg.training.batch_size, cfg.training, device)
+        write_json(out / "eval.json", results)
+        print_table("held-out test set:", results_table(results))
+        return results
+    log(f"evaluating on {len(examples)} test examples ...")
     if cfg.eval.compare_base:
         with model.disable_adapter():
             results["base"] = score(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens)
