@@ -98,6 +98,12 @@ def preference_loss(model: nn.Module, tokens: mx.array, masks: mx.array, referen
     tokens (2B, T): chosen rows, then rejected; masks (2, 2B, T-1) from `collate_pairs`;
     reference (2B,): the reference model's completion log-probabilities (dpo; None for orpo).
     """
+    loss, metrics, _ = _scores(model, tokens, masks, reference, config)
+    return loss, metrics
+
+
+def _scores(model, tokens, masks, reference, config):
+    """`preference_loss` plus the (2B,) summed completion log-probabilities (no gradient)."""
     completion, nll_mask = masks[0], masks[1]
     pairs = tokens.shape[0] // 2
     token_logps = -token_losses(model, tokens)  # (2B, T-1)
@@ -119,7 +125,7 @@ def preference_loss(model: nn.Module, tokens: mx.array, masks: mx.array, referen
     logps = mx.stop_gradient(logps)
     metrics = mx.stack([margins.mean(), (margins > 0).astype(mx.float32).mean(), chosen_rewards.mean(),
                         rejected_rewards.mean(), logps[:pairs].mean(), logps[pairs:].mean()])
-    return loss, metrics
+    return loss, metrics, logps
 
 
 def evaluate_preferences(model: nn.Module, pairs: list, batch_size: int, config: TrainingConfig,
@@ -142,8 +148,7 @@ def evaluate_preferences(model: nn.Module, pairs: list, batch_size: int, config:
         tokens, masks = mx.array(tokens), mx.array(masks)
         n = tokens.shape[0] // 2
         reference = reference_logps(model, tokens, masks[0]) if config.objective == "dpo" else None
-        loss, metrics = preference_loss(model, tokens, masks, reference, config)
-        logps, _ = sequence_logps(model, tokens, masks[0])
+        loss, metrics, logps = _scores(model, tokens, masks, reference, config)
         accuracy = (logps[:n] > logps[n:]).astype(mx.float32).mean()
         mx.eval(loss, metrics, accuracy)
         values = {"loss": loss.item(), "preference_accuracy": accuracy.item(), **dict(zip(METRICS, metrics.tolist()))}

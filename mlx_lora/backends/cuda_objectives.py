@@ -51,6 +51,12 @@ def preference_loss(model, tokens, masks, config: TrainingConfig, reference=None
 
     `reference` (2B,) for dpo; computed here from `model` (a PEFT model) when not given.
     """
+    loss, metrics, _ = _scores(model, tokens, masks, config, reference)
+    return loss, metrics
+
+
+def _scores(model, tokens, masks, config, reference):
+    """`preference_loss` plus the (2B,) summed completion log-probabilities (detached)."""
     import torch
     import torch.nn.functional as F
 
@@ -86,7 +92,7 @@ def preference_loss(model, tokens, masks, config: TrainingConfig, reference=None
     logps = logps.detach()
     metrics = torch.stack([margins.mean(), (margins > 0).float().mean(), chosen_rewards.mean(), rejected_rewards.mean(),
                            logps[:pairs].mean(), logps[pairs:].mean()])
-    return loss, metrics
+    return loss, metrics, logps
 
 
 def evaluate_preferences(model, pairs: list, batch_size: int, config: TrainingConfig, device, max_batches: int = -1) -> dict:
@@ -103,8 +109,7 @@ def evaluate_preferences(model, pairs: list, batch_size: int, config: TrainingCo
             tokens = torch.as_tensor(tokens, dtype=torch.long, device=device)
             masks = torch.as_tensor(masks, device=device)
             n = tokens.shape[0] // 2
-            loss, metrics = preference_loss(model, tokens, masks, config)
-            logps = sequence_logps(model, tokens, masks[0])[1]
+            loss, metrics, logps = _scores(model, tokens, masks, config, None)
             values = {"loss": loss.item(), "preference_accuracy": (logps[:n] > logps[n:]).float().mean().item(),
                       **dict(zip(METRICS, metrics.tolist()))}
             for key, value in values.items():
