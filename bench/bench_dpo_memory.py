@@ -38,7 +38,7 @@ def child(objective: str, data: str, steps: int, out: str) -> None:
     import mlx.core as mx
 
     from mlx_lora.config import load_config
-    from mlx_lora.data import load_datasets
+    from mlx_lora.preference_data import load_datasets_for
     from mlx_lora.run import prepare_model
     from mlx_lora.train import train
 
@@ -46,7 +46,7 @@ def child(objective: str, data: str, steps: int, out: str) -> None:
         f"data.path={data}", f"training.objective={objective}", f"training.iters={steps}", "training.save_every=0",
         "training.steps_per_eval=0", f"output_dir={out}", "training.warmup_steps=0"])
     model, tokenizer, _, _, _ = prepare_model(cfg)
-    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("train",), objective=objective)
+    datasets, _ = load_datasets_for(cfg.data, tokenizer, objective, splits=("train",))
     held = mx.get_active_memory()
     summary = train(model, datasets["train"], [], cfg.training, Path(out), seed=cfg.seed)
     print(json.dumps({"objective": objective, "peak_gb": summary["peak_memory_gb"], "held_before_gb": held / 1e9}))

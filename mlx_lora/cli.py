@@ -54,7 +54,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .adapters import load_adapters
     from .config import load_config
-    from .data import load_datasets
+    from .preference_data import load_datasets_for
     from .run import load_base, run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -62,7 +62,7 @@ def cmd_eval(args) -> int:
     adapter_dir = Path(args.adapter or cfg.output_dir)
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
-    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",), objective=cfg.training.objective)
+    datasets, _ = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, splits=("test",))
     run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
     return 0
 

@@ -223,17 +223,16 @@ def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | Non
     return examples
 
 
-def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, objective: str = "sft") -> tuple[dict[str, list], dict[str, dict]]:
-    """Tokenized examples (or preference pairs, for dpo/orpo) and statistics for each split of `config.path`."""
+def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, split_loader=None) -> tuple[dict[str, list], dict[str, dict]]:
+    """Tokenized examples and statistics for each split of `config.path`.
+
+    `split_loader(path, tokenizer, config, stats)` reads one split (default `load_split`;
+    `preference_data.load_datasets_for` passes its pair reader).
+    """
     folder = Path(config.path)
     if not folder.is_dir():
         raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl, valid.jsonl and test.jsonl")
-    loader = load_split
-    if objective != "sft":
-        from .preference_data import load_preference_split
-
-        def loader(path, tokenizer, config, stats):
-            return load_preference_split(path, tokenizer, config, stats, objective)
+    loader = split_loader or load_split
     datasets, stats = {}, {}
     for split in splits:
         split_stats = DataStats()

@@ -18,9 +18,8 @@ import mlx.nn as nn
 
 from .config import TrainingConfig
 from .loss import token_losses
-
-# Order of the metrics vector `preference_loss` returns beside the loss (each a batch mean).
-METRICS = ("reward_margin", "reward_accuracy", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
+from .data import iterate_eval
+from .preference_data import METRICS, collate_pairs  # METRICS: the order of `preference_loss`'s metrics vector
 LOG_HALF = -math.log(2.0)  # log1mexp switches formula here (Maechler 2012), as TRL's ORPO
 
 
@@ -136,9 +135,7 @@ def evaluate_preferences(model: nn.Module, pairs: list, batch_size: int, config:
     the rejected one's; loss and reward_* are `config.objective`'s (for dpo the reference is the
     model with adapters off, so the base scores loss log 2 and rewards 0 for sigmoid DPO).
     """
-    from .data import iterate_eval
     from .loss import enable_chunked_loss
-    from .preference_data import collate_pairs
 
     if pairs and not hasattr(model, "chunked_loss"):  # a model that was not trained here (mlx-lora eval)
         enable_chunked_loss(model, mx.array([pairs[0].chosen.tokens]))

@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
+from . import data
 from .data import PAD_MULTIPLE, DataError, DataStats, Example, _check_messages, _encode, has_chat_template, \
     read_jsonl, tokenize_chat
 
 ANSWER_KEYS = ("chosen", "rejected")
+# The per-batch preference metrics (batch means), in the order both backends' losses return them.
+METRICS = ("reward_margin", "reward_accuracy", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
 FORMAT_HINT = ('rows with "prompt" (or "messages") plus "chosen" and "rejected"; '
                "convert HH-RLHF, UltraFeedback or OpenAI preference files with data_transform.py")
 
@@ -141,6 +144,17 @@ def load_preference_split(path: Path, tokenizer, config: DataConfig, stats: Data
                         f"rejected, {stats.dropped_overlong} longer than data.max_seq_length={config.max_seq_length}, "
                         f"{stats.dropped_no_target} with no answer tokens left)")
     return pairs
+
+
+def load_datasets_for(config: DataConfig, tokenizer, objective: str, splits=data.SPLITS):
+    """`data.load_datasets` for `training.objective`: examples for sft, preference pairs for dpo / orpo."""
+    if objective == "sft":
+        return data.load_datasets(config, tokenizer, splits)
+
+    def loader(path, tokenizer, config, stats):
+        return load_preference_split(path, tokenizer, config, stats, objective)
+
+    return data.load_datasets(config, tokenizer, splits, split_loader=loader)
 
 
 def collate_pairs(pairs: list[PreferencePair], indices: list[int]) -> tuple[np.ndarray, np.ndarray, int]:

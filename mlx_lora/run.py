@@ -78,7 +78,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     import mlx.core as mx
 
     from .adapters import adapter_config, save_adapters
-    from .data import load_datasets
+    from .preference_data import load_datasets_for
     from .lora import count_trainable, transformer_blocks
     from .train import train
 
@@ -99,7 +99,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer, objective=cfg.training.objective)
+    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective)
     for split, stats in data_stats.items():
         log(describe_split(split, stats, cfg.training.objective))
 

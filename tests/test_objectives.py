@@ -14,12 +14,12 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_lora.config import DataConfig, LoraConfig, TrainingConfig
-from mlx_lora.data import DataError, DataStats, load_datasets
+from mlx_lora.data import DataError, DataStats
 from mlx_lora.frozen_matmul import use_fast_frozen_layers
 from mlx_lora.lora import adapters_disabled, apply_lora, lora_layers
 from mlx_lora.models import load_model
 from mlx_lora.objectives import METRICS, dpo_loss, orpo_loss, preference_loss, reference_logps
-from mlx_lora.preference_data import collate_pairs, load_preference_split
+from mlx_lora.preference_data import collate_pairs, load_datasets_for, load_preference_split
 from mlx_lora.train import train
 from test_cli import mlx_lora, write_config
 from test_train import Recorder
@@ -55,7 +55,7 @@ def setup(model_dir, data_dir, objective="dpo", seed=0, nonzero_b=False):
         for _, layer in lora_layers(model):
             layer.lora_b = 0.3 * mx.random.normal(layer.lora_b.shape)
     mx.eval(model.parameters())
-    datasets, stats = load_datasets(DataConfig(path=str(data_dir)), tokenizer, objective=objective)
+    datasets, stats = load_datasets_for(DataConfig(path=str(data_dir)), tokenizer, objective)
     return model, tokenizer, datasets, stats
 
 

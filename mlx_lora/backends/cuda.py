@@ -189,7 +189,7 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     import torch
     from accelerate import Accelerator
 
-    from ..data import load_datasets
+    from ..preference_data import load_datasets_for
     from ..report import MetricsWriter, ProgressBar
     from ..run import describe_split, log
     from . import cuda_loop
@@ -216,7 +216,7 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer, objective=cfg.training.objective)
+    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective)
     for split, stats in data_stats.items():
         say(describe_split(split, stats, cfg.training.objective))
 

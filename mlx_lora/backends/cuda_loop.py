@@ -146,7 +146,7 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
     model.train()
     preference = config.objective != "sft"
     if preference:
-        from ..objectives import METRICS
+        from ..preference_data import METRICS
         from ..preference_data import collate_pairs
         from .cuda_objectives import evaluate_preferences, preference_loss, reference_logps
 

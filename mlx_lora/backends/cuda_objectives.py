@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from ..config import TrainingConfig
-from ..objectives import METRICS
+from ..preference_data import METRICS
 
 LOG_HALF = -math.log(2.0)
 
