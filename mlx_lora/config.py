@@ -36,10 +36,12 @@ def _help(text: str, **kwargs) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = field(**_help("Folder holding train.jsonl, valid.jsonl and test.jsonl (relative paths resolve against the config file's folder first, then the working directory)."))
+    path: str = field(**_help("Folder holding train.jsonl (required), valid.jsonl (optional: no validation loss without it, unless `valid_fraction` carves one) and test.jsonl (needed only when `eval.enabled`). Relative paths resolve against the config file's folder first, then the working directory."))
     max_seq_length: int = field(default=512, **_help("Longest sequence in tokens; longer examples are truncated or dropped (see `overlong`)."))
     overlong: str = field(default="truncate", **_help("What to do with examples longer than max_seq_length: truncate | drop. Always counted in the summary."))
     train_on_prompt: bool = field(default=False, **_help("Compute the loss on every token, not only on assistant/completion tokens."))
+    chat_template: Optional[str] = field(default=None, **_help("A Jinja chat template file to use instead of the model's own, for training and eval (resolved like `path`)."))
+    valid_fraction: float = field(default=0.0, **_help("When the folder has no valid.jsonl: hold out this fraction of train.jsonl's rows (seeded by `seed`) for the validation loss. 0 trains without validation loss."))
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     need(cfg.lora.num_layers == -1 or cfg.lora.num_layers > 0, "lora.num_layers", f"must be -1 (all) or a positive count, got {cfg.lora.num_layers}")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
+    need(0 <= cfg.data.valid_fraction < 1, "data.valid_fraction", f"must be in [0, 1), got {cfg.data.valid_fraction}")
     need(cfg.data.max_seq_length >= 8, "data.max_seq_length", f"must be at least 8, got {cfg.data.max_seq_length}")
     need(cfg.quantization.group_size in (32, 64, 128), "quantization.group_size", f"must be 32, 64 or 128, got {cfg.quantization.group_size}")
     need(cfg.quantization.block_size > 0 and cfg.quantization.block_size % 2 == 0, "quantization.block_size", f"must be a positive even number, got {cfg.quantization.block_size}")
@@ -324,7 +327,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         base_dir = path.resolve().parent
     data = apply_overrides(data, list(overrides))
     cfg = config_from_dict(data, source)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir)))
+    template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
+                                                             chat_template=template or None))
 
 
 def resolve_data_path(path: str, base_dir: Path) -> str:

@@ -21,7 +21,8 @@ def normalize(text: str) -> str:
 
 def prompt_tokens(tokenizer, example: Example) -> list[int] | None:
     if example.prompt_messages is not None:
-        return list(tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True))
+        tools = {"tools": example.tools} if example.tools else {}
+        return list(tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True, **tools))
     if example.prompt_text is not None:
         return list(tokenizer.encode(example.prompt_text))
     return None

@@ -83,11 +83,25 @@ def parse_row(row: dict, where: str, objective: str) -> tuple[list[dict] | str, 
     return prompt, _answer_messages(row["chosen"], "chosen", where), _answer_messages(row["rejected"], "rejected", where)
 
 
+def _keep_last_runs(mask: list[bool], runs: int) -> list[bool]:
+    """`mask` with only its last `runs` contiguous target runs (one per assistant turn) kept."""
+    kept, seen, inside = list(mask), 0, False
+    for i in range(len(mask) - 1, -1, -1):
+        if mask[i] and not inside:
+            seen += 1
+        inside = mask[i]
+        if seen > runs:
+            kept[i] = False
+    return kept
+
+
 def tokenize_answer(tokenizer, prompt: list[dict] | str, answer: list[dict]) -> Example:
     """Prompt + answer as one Example whose mask covers the answer's assistant tokens only."""
     if has_chat_template(tokenizer):
         prefix = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        tokens, mask = tokenize_chat(tokenizer, prefix + answer, first_target=len(prefix))
+        tokens, mask = tokenize_chat(tokenizer, prefix + answer)
+        # Assistant turns of the shared prefix are context: each turn is one run of targets.
+        mask = _keep_last_runs(mask, sum(m["role"] == "assistant" for m in answer))
         return Example(tokens, mask, prompt_messages=prefix)
     if not isinstance(prompt, str) or len(answer) != 1 or answer[0]["role"] != "assistant":
         raise DataError("the tokenizer has no chat template, so rows need a 'prompt' string and one answer string")
@@ -109,11 +123,17 @@ def _fit(example: Example, config: DataConfig, stats: DataStats) -> Example | No
 
 def load_preference_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | None = None,
                           objective: str = "dpo") -> list[PreferencePair]:
-    """Tokenize one preference split. Identical answers, overlong pairs (with overlong: drop) and
-    pairs left without an answer token are dropped and counted in `stats`; errors name file:line."""
+    """Tokenize one preference split file (see `tokenize_pair_rows`)."""
+    return tokenize_pair_rows(path, read_jsonl(path), tokenizer, config, stats, objective)
+
+
+def tokenize_pair_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: DataConfig,
+                       stats: DataStats | None = None, objective: str = "dpo") -> list[PreferencePair]:
+    """Tokenize (line number, row) pairs of `path`. Identical answers, overlong pairs (with overlong:
+    drop) and pairs left without an answer token are dropped and counted in `stats`; errors name file:line."""
     stats = stats if stats is not None else DataStats()
     pairs = []
-    for line_number, row in read_jsonl(path):
+    for line_number, row in rows:
         where = f"{path}:{line_number}"
         prompt, chosen, rejected = parse_row(row, where, objective)
         stats.rows += 1
@@ -146,15 +166,15 @@ def load_preference_split(path: Path, tokenizer, config: DataConfig, stats: Data
     return pairs
 
 
-def load_datasets_for(config: DataConfig, tokenizer, objective: str, splits=data.SPLITS):
+def load_datasets_for(config: DataConfig, tokenizer, objective: str, splits=data.SPLITS, seed: int = 0):
     """`data.load_datasets` for `training.objective`: examples for sft, preference pairs for dpo / orpo."""
     if objective == "sft":
-        return data.load_datasets(config, tokenizer, splits)
+        return data.load_datasets(config, tokenizer, splits, seed=seed)
 
-    def loader(path, tokenizer, config, stats):
-        return load_preference_split(path, tokenizer, config, stats, objective)
+    def pair_rows(path, rows, tokenizer, config, stats):
+        return tokenize_pair_rows(path, rows, tokenizer, config, stats, objective)
 
-    return data.load_datasets(config, tokenizer, splits, split_loader=loader)
+    return data.load_datasets(config, tokenizer, splits, seed=seed, rows_tokenizer=pair_rows)
 
 
 def collate_pairs(pairs: list[PreferencePair], indices: list[int]) -> tuple[np.ndarray, np.ndarray, int]:

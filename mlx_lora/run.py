@@ -30,6 +30,10 @@ def load_base(cfg: Config):
     from .quantize import quantize_model
 
     model, tokenizer, info = load_model(cfg.model)
+    if cfg.data.chat_template:
+        from .chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     q = cfg.quantization
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
@@ -50,15 +54,32 @@ def prepare_model(cfg: Config):
     return model, tokenizer, info, quant_report, keys
 
 
-def describe_split(split: str, stats: dict, objective: str = "sft") -> str:
-    """One summary line per split, naming everything that was truncated or dropped."""
-    changes = [f"{stats[key]} {what}" for key, what in (
-        ("truncated", "truncated"), ("dropped_overlong", "dropped as too long"),
-        ("dropped_no_target", "dropped with no target tokens"),
-        ("dropped_identical", "dropped with identical chosen and rejected")) if stats.get(key)]
-    unit = "pairs" if objective != "sft" else "examples"
-    return (f"data {split}: {stats['examples']} {unit}, {stats['tokens']:,} tokens (longest {stats['max_length']})"
-            + (f"; {', '.join(changes)}" if changes else ""))
+def data_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits a training run reads: test.jsonl only when evaluation follows."""
+    return ("train", "valid", "test") if cfg.eval.enabled else ("train", "valid")
+
+
+def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
+    """One log line per split: where it came from, its size (pairs for dpo / orpo), and what was changed."""
+    lines = []
+    for split, stats in data_stats.items():
+        if not stats["examples"]:
+            lines.append(f"data {split}: {stats['source']}")
+            continue
+        changes = [f"{stats[key]} {what}" for key, what in (
+            ("truncated", "truncated"), ("dropped_overlong", "dropped as too long"),
+            ("dropped_identical", "dropped with identical chosen and rejected")) if stats.get(key)]
+        changed = f"; {', '.join(changes)}" if changes else ""
+        unit = "pairs" if objective != "sft" else "examples"
+        source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"
+        lines.append(f"data {split}: {stats['examples']} {unit}, {stats['tokens']:,} tokens "
+                     f"(longest {stats['max_length']}){changed}{source}")
+        if stats.get("rewritten_turns"):
+            lines.append(f"data {split}: the chat template rewrites {stats['rewritten_turns']} earlier assistant "
+                         f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
+                         f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
+                         "as the template renders it when generating that turn")
+    return lines
 
 
 def adapter_extra(cfg: Config, info, quant_report) -> dict:
@@ -101,9 +122,9 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective)
-    for split, stats in data_stats.items():
-        log(describe_split(split, stats, cfg.training.objective))
+    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats, cfg.training.objective):
+        log(line)
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)
@@ -136,6 +157,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
 
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
+    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
+        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
     write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
     return summary
 

@@ -29,3 +29,6 @@ def test_short_demo_run_learns_the_task(tmp_path, smollm2_gguf):
     assert evaluation["tuned"]["loss"] < evaluation["base"]["loss"]
     assert (out / "peft" / "adapter_model.safetensors").is_file()
     assert "held-out test set:" in result.stdout
+    held = json.loads((out / "run_summary.json").read_text())["gguf_tensor_types"]
+    assert held["Q4_1"]["held_as"].startswith("native") and held["Q4_1"]["relative_error"] == 0
+    assert "GGUF tensors: " in result.stdout + result.stderr

@@ -401,6 +401,60 @@ def test_byte_level_tokenizer_loads_without_torch(tmp_path):
     assert result.stdout.strip().endswith("2021-03-07 ok")
 
 
+def write_sentencepiece_gguf(path: Path, arch: str) -> Path:
+    """A GGUF with a small SentencePiece-style vocabulary (`tokenizer.ggml.model` 'llama': Mistral,
+    Gemma and Phi-3 files): byte fallback tokens, scored pieces with the U+2581 word marker."""
+    pieces = ["\u2581", "\u2581h", "\u2581he", "\u2581hello", "l", "o", "e", "h", "\u2581w", "\u2581wor",
+              "\u2581world", "r", "d", "w", "\u25812", "0", "1", "<|user|>", "<|end|>"]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * (len(pieces) - 2) + [3, 3]  # unknown, control, byte, normal
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_chat_template("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}")
+    writer.add_tensor("token_embd.weight", np.zeros((len(tokens), 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+SENTENCEPIECE_TEXTS = ["hello world", " hello", "héllo wörld\n x 2021", "<|user|>hello<|end|>", ""]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_sentencepiece_tokenizer_equals_transformers_gguf_reader(tmp_path, arch):
+    pytest.importorskip("torch", reason="the reference, transformers' GGUF reader, needs PyTorch")
+    from transformers import AutoTokenizer
+
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf", arch)
+    ours = load_gguf_tokenizer(path)
+    reference = AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=path.name)
+    for text in SENTENCEPIECE_TEXTS:
+        assert ours.encode(text) == reference.encode(text), text
+    assert ours.encode("hello")[0] == 1  # llama.cpp adds BOS to a SentencePiece vocabulary
+    assert ours.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "<|user|>hi<|end|>"
+
+
+def test_sentencepiece_tokenizer_loads_without_torch(tmp_path):
+    path = write_sentencepiece_gguf(tmp_path / "spm.gguf", "llama")
+    script = (
+        "import sys; sys.modules['torch'] = None\n"
+        "from mlx_lora.models.gguf_tokenizer import load_gguf_tokenizer\n"
+        f"tokenizer = load_gguf_tokenizer({str(path)!r})\n"
+        "print(tokenizer.encode('hello world'))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1].startswith("[1, ")
+
+
 @pytest.mark.slow
 def test_smollm2_as_q4_k_m_still_answers_paris(smollm2_gguf, tmp_path):
     """The demo rewritten with K-quant blocks by our own block writer, as in a Q4_K_M file: ffn_down
@@ -428,3 +482,39 @@ def test_smollm2_as_q4_k_m_still_answers_paris(smollm2_gguf, tmp_path):
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
                                            add_generation_prompt=True, tokenize=False)
     assert "Paris" in generate(converted, tokenizer, prompt, max_tokens=20)
+
+
+@pytest.mark.parametrize("linear", [T.Q4_K, T.Q5_K, T.Q6_K])
+def test_k_quant_base_trains_and_both_frozen_paths_agree(tmp_path, linear, tiny_data_dir):
+    """QLoRA on a K-quant GGUF base: the CPU (dequantize + BLAS) and GPU (fused quantized_matmul)
+    products give the same logits, and a few steps lower the loss."""
+    from mlx_lora.config import DataConfig, LoraConfig, TrainingConfig
+    from mlx_lora.data import load_datasets
+    from mlx_lora.frozen_matmul import force_path, use_fast_frozen_layers
+    from mlx_lora.lora import apply_lora
+    from mlx_lora.train import train
+
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": linear, "embed": T.Q8_0, "output": T.Q6_K})
+    model, tokenizer, _, _ = load_gguf(path)
+    use_fast_frozen_layers(model)
+    mx.random.seed(0)
+    apply_lora(model, LoraConfig(rank=4, alpha=8))
+    with force_path("dequantize"):
+        cpu = model_logits(model)
+    with force_path("fused"):
+        gpu = model_logits(model)
+    np.testing.assert_allclose(cpu, gpu, atol=1e-4 * np.abs(gpu).max(), rtol=0)
+
+    losses = []
+
+    class Recorder:
+        on_start = on_checkpoint = on_interrupt = on_end = staticmethod(lambda *args: None)
+
+        def on_report(self, report):
+            losses.append(report.train_loss)
+
+    data, _ = load_datasets(DataConfig(path=str(tiny_data_dir)), tokenizer)
+    train(model, data["train"], data["valid"], TrainingConfig(iters=8, batch_size=4, learning_rate=5e-3,
+                                                              steps_per_report=1, steps_per_eval=0, save_every=0),
+          tmp_path / "run", callbacks=[Recorder()])
+    assert np.mean(losses[-2:]) < np.mean(losses[:2]), losses

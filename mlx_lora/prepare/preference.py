@@ -25,6 +25,13 @@ PROMPT_KEYS = ("prompt", "instruction", "question")
 ANSWER_LIST_KEYS = ("completions", "responses")
 ANSWER_TEXT_KEYS = ("response", "text", "content", "completion")
 SCORE_KEYS = ("overall_score", "score", "rating")
+# Top-level fields each format reads (the converter names any other field it drops).
+READS = {
+    "hh-rlhf": ("chosen", "rejected"),
+    "scored": PROMPT_KEYS + ANSWER_LIST_KEYS,
+    "openai-preference": ("input", "preferred_output", "non_preferred_output"),
+    "preference": ("messages", "chosen", "rejected") + PROMPT_KEYS,
+}
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # HH-RLHF's speaker markers
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 

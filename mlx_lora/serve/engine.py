@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..frozen_matmul import frozen_linear
-from ..lora import is_linear, linear_dims
+from ..lora import is_linear, linear_dims, transformer_blocks
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 HISTORY = 256  # finished-job summaries kept for /health and tests
@@ -73,7 +73,7 @@ def install_adapter(model: nn.Module, name: str, folder: str | Path, active: Act
 
     from ..adapters import read_adapter
 
-    _, lora, weights = read_adapter(folder)
+    _, lora, weights = read_adapter(folder, len(transformer_blocks(model)))
     modules = dict(model.named_modules())
     paths = sorted({key.rsplit(".", 1)[0] for key in weights})
     problems, new_wrappers = [], []
