@@ -92,7 +92,7 @@ def _setup_seconds() -> float | None:
 def cmd_eval(args) -> int:
     from .adapters import load_adapters
     from .config import load_config
-    from .data import load_datasets
+    from .preference_data import load_datasets_for
     from .run import load_base, run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
@@ -100,7 +100,7 @@ def cmd_eval(args) -> int:
     adapter_dir = Path(args.adapter or cfg.output_dir)
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
-    datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
+    datasets, _ = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, splits=("test",))
     if cfg.training.batch_size == "auto":  # the batch the training run chose, recorded in its folder
         import dataclasses
 

@@ -107,6 +107,10 @@ class TrainingConfig:
     early_stop_patience: Optional[int] = field(default=None, **_help(
         "Stop when the validation loss has not improved by 1% on its best for this many evaluations in a row "
         "(null: run all iters/epochs). With `epochs` as the upper bound, the run length follows the data."))
+    objective: str = field(default="sft", **_help("sft (cross-entropy on targets) | dpo (Direct Preference Optimization; the reference is the base with adapters off) | orpo (odds-ratio preference optimization, no reference). dpo and orpo need preference data: rows with prompt or messages, chosen, rejected."))
+    beta: float = field(default=0.1, **_help("dpo: strength of the pull towards the reference (the KL weight; IPO's tau) | orpo: weight of the odds-ratio term (lambda)."))
+    loss_type: str = field(default="sigmoid", **_help("dpo only: sigmoid (the DPO paper) | ipo (squared, per-token averaged, as TRL) | hinge (SLiC)."))
+    label_smoothing: float = field(default=0.0, **_help("dpo sigmoid only: assumed probability that a pair's labels are flipped (conservative DPO), in [0, 0.5)."))
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,8 @@ CHOICES = {
     "quantization.mode": ("none", "affine", "nf4"),
     "quantization.bits": (4, 8),
     "training.lr_schedule": ("constant", "linear", "cosine"),
+    "training.objective": ("sft", "dpo", "orpo"),
+    "training.loss_type": ("sigmoid", "ipo", "hinge"),
 }
 
 
@@ -181,6 +187,10 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(t.save_every >= 0, "training.save_every", f"must be >= 0, got {t.save_every}")
     need(t.keep_checkpoints >= 1, "training.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.val_batches == -1 or t.val_batches > 0, "training.val_batches", f"must be -1 or positive, got {t.val_batches}")
+    need(t.beta > 0, "training.beta", f"must be positive, got {t.beta}")
+    need(0 <= t.label_smoothing < 0.5, "training.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
+    need(t.label_smoothing == 0 or (t.objective == "dpo" and t.loss_type == "sigmoid"), "training.label_smoothing",
+         "applies only to training.objective: dpo with loss_type: sigmoid; set it to 0")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
     return problems
 

@@ -39,6 +39,10 @@ class Example:
     reference: str | None = None
     tools: list[dict] | None = None  # the row's tools, for the generation prompt
 
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
 
 @dataclass
 class DataStats:
@@ -46,6 +50,7 @@ class DataStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    dropped_identical: int = 0  # preference pairs whose chosen and rejected are the same
     tokens: int = 0
     target_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
@@ -60,7 +65,7 @@ class DataStats:
             "rewritten_rows": self.rewritten_rows, "rewritten_turns": self.rewritten_turns,
             "rewritten_examples": self.rewritten_examples,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
-            "tokens": self.tokens, "target_tokens": self.target_tokens,
+            "dropped_identical": self.dropped_identical, "tokens": self.tokens, "target_tokens": self.target_tokens,
             "max_length": lengths[-1], "median_length": lengths[len(lengths) // 2],
         }
 
@@ -115,6 +120,9 @@ def _check_tools(row: dict, where: str) -> None:
 
 
 def row_format(row: dict, where: str) -> str:
+    if "chosen" in row or "rejected" in row:
+        raise DataError(f"{where}: a preference row (chosen/rejected) in an SFT run; set training.objective: dpo "
+                        "or orpo, or give rows with 'messages', 'prompt'+'completion' or 'text'")
     if "messages" in row:
         _check_messages(row["messages"], where)
         _check_tools(row, where)
@@ -256,8 +264,12 @@ def carve_valid(rows: list[tuple[int, dict]], fraction: float, seed: int, path: 
     return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
 
 
-def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0,
+                  rows_tokenizer=None) -> tuple[dict[str, list], dict[str, dict]]:
     """Tokenized examples and statistics for each requested split of `config.path`.
+
+    `rows_tokenizer(path, rows, tokenizer, config, stats)` turns one split's rows into items
+    (default `tokenize_rows`; `preference_data.load_datasets_for` passes its pair reader).
 
     train.jsonl and test.jsonl must exist when asked for. valid.jsonl is optional: without it,
     `config.valid_fraction` > 0 holds out that part of train.jsonl (seeded by `seed`), and 0
@@ -292,7 +304,7 @@ def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0) -
         split_rows = rows[split]
         if split_rows is None:
             split_rows = read_jsonl(path)
-        datasets[split] = tokenize_rows(path, split_rows, tokenizer, config, split_stats) if split_rows else []
+        datasets[split] = (rows_tokenizer or tokenize_rows)(path, split_rows, tokenizer, config, split_stats) if split_rows else []
         stats[split] = {**split_stats.summary(), "source": sources[split]}
     return datasets, stats
 
@@ -303,7 +315,7 @@ def make_batches(examples: list[Example], batch_size: int) -> list[list[int]]:
     """Index lists of `batch_size` examples of similar length (sorted, then chunked)."""
     if len(examples) < batch_size:
         raise DataError(f"the split has {len(examples)} examples, fewer than training.batch_size={batch_size}")
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     return [order[i: i + batch_size] for i in range(0, len(order) - batch_size + 1, batch_size)]
 
 
@@ -333,24 +345,28 @@ class BatchPosition:
     index: int = 0
 
 
-def iterate_train(examples: list[Example], batch_size: int, seed: int, position: BatchPosition) -> Iterator[tuple]:
-    """Endless shuffled batches from `position` on; advances `position` as it yields."""
+def iterate_train(examples: list, batch_size: int, seed: int, position: BatchPosition,
+                  collate_fn=collate) -> Iterator[tuple]:
+    """Endless shuffled batches from `position` on; advances `position` as it yields.
+
+    `examples` are Examples (batched by `collate`) or preference pairs (`preference_data.collate_pairs`).
+    """
     batches = make_batches(examples, batch_size)
     while True:
         order = epoch_order(len(batches), seed, position.epoch)
         while position.index < len(order):
-            batch = collate(examples, batches[order[position.index]])
+            batch = collate_fn(examples, batches[order[position.index]])
             position.index += 1
             yield batch
         position.epoch += 1
         position.index = 0
 
 
-def iterate_eval(examples: list[Example], batch_size: int, max_batches: int = -1) -> Iterator[tuple]:
+def iterate_eval(examples: list, batch_size: int, max_batches: int = -1, collate_fn=collate) -> Iterator[tuple]:
     """Batches in length order for evaluation (the last one may be smaller)."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
+    order = sorted(range(len(examples)), key=lambda i: examples[i].length)
     chunks = [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
     if max_batches != -1:
         chunks = chunks[:max_batches]
     for chunk in chunks:
-        yield collate(examples, chunk)
+        yield collate_fn(examples, chunk)

@@ -11,11 +11,9 @@ hidden states differ from the first block on, so each prompt's KV cache is their
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
-
 from .data import Example
 from .frozen_matmul import float_weights_kept
-from .lora import lora_layers
+from .lora import adapters_disabled, lora_layers  # noqa: F401 (adapters_disabled: re-exported)
 from .train import evaluate_loss
 
 EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
@@ -24,20 +22,6 @@ EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays sma
 def normalize(text: str) -> str:
     """Whitespace-normalised form used for exact match."""
     return " ".join(text.split())
-
-
-@contextmanager
-def adapters_disabled(model):
-    """Temporarily zero every LoRA layer's scale: the model computes exactly its base."""
-    layers = lora_layers(model)
-    saved = [layer.scale for _, layer in layers]
-    for _, layer in layers:
-        layer.scale = 0.0
-    try:
-        yield model
-    finally:
-        for (_, layer), scale in zip(layers, saved):
-            layer.scale = scale
 
 
 def prompt_tokens(tokenizer, example: Example) -> list[int] | None:
@@ -99,10 +83,30 @@ def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int, m
     return results
 
 
+def evaluate_preference_model(model, pairs: list, config, compare_base: bool = True) -> dict:
+    """{"base": {...}, "tuned": {...}} preference scores (`objectives.evaluate_preferences`) on test pairs."""
+    from .objectives import evaluate_preferences
+
+    model.eval()
+    results = {}
+    if compare_base and lora_layers(model):
+        with adapters_disabled(model):
+            results["base"] = evaluate_preferences(model, pairs, config.batch_size, config)
+    results["tuned"] = evaluate_preferences(model, pairs, config.batch_size, config)
+    return results
+
+
 def results_table(results: dict) -> list[tuple]:
-    """Rows for a before/after table."""
+    """Rows for a before/after table (SFT scores, or preference scores for dpo / orpo runs)."""
     names = list(results)
     rows = [("", *names)]
+    if "preference_accuracy" in results[names[0]]:
+        rows.append(("preference accuracy", *(f"{100 * results[n]['preference_accuracy']:.1f}%" for n in names)))
+        rows.append(("chosen logp", *(f"{results[n]['chosen_logps']:.3f}" for n in names)))
+        rows.append(("rejected logp", *(f"{results[n]['rejected_logps']:.3f}" for n in names)))
+        rows.append(("loss", *(f"{results[n]['loss']:.4f}" for n in names)))
+        rows.append(("pairs", *(str(results[n]["n"]) for n in names)))
+        return rows
     rows.append(("exact match", *(f"{100 * results[n]['exact_match']:.1f}%" if "exact_match" in results[n] else "-" for n in names)))
     rows.append(("loss", *(f"{results[n]['loss']:.4f}" for n in names)))
     rows.append(("perplexity", *(f"{results[n]['perplexity']:.3f}" for n in names)))

@@ -8,6 +8,7 @@ Parameter names follow mlx-lm (`<path>.lora_a` of shape (in, rank), `<path>.lora
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -151,3 +152,20 @@ def fuse_lora(model: nn.Module, dtype=mx.float32) -> int:
     if fused:
         model.update_modules(tree_unflatten(fused))
     return len(fused)
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """Temporarily zero every LoRA layer's scale: the model computes exactly its base.
+
+    Evaluation's "base" and DPO's reference model are this, so no second copy is loaded.
+    """
+    layers = lora_layers(model)
+    saved = [layer.scale for _, layer in layers]
+    for _, layer in layers:
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for (_, layer), scale in zip(layers, saved):
+            layer.scale = scale

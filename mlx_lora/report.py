@@ -46,7 +46,11 @@ class MetricsWriter:
 
 
 def plot_losses(rows: list[dict], path: Path) -> None:
-    """Training and validation loss against step, as a PNG (written atomically)."""
+    """Training and validation loss against step, as a PNG (written atomically).
+
+    Preference runs (rows with `reward_accuracy`) get a second panel: the training reward
+    accuracy and margin, and the validation preference accuracy.
+    """
     if not rows:
         return
     import matplotlib
@@ -54,7 +58,9 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    preference = any("reward_accuracy" in r for r in rows)
+    fig, axes = plt.subplots(1, 2 if preference else 1, figsize=(12 if preference else 7, 4), dpi=100)
+    ax = axes[0] if preference else axes
     train = [(r["step"], r["train_loss"]) for r in rows if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     if train:
@@ -62,13 +68,34 @@ def plot_losses(rows: list[dict], path: Path) -> None:
     if val:
         ax.plot(*zip(*val), "o-", label="validation", color="tab:orange")
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (cross-entropy per target token)")
+    ax.set_ylabel("loss (objective per pair)" if preference else "loss (cross-entropy per target token)")
     ax.grid(alpha=0.3)
     ax.legend()
+    if preference:
+        _plot_rewards(axes[1], rows)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+
+
+def _plot_rewards(ax, rows: list[dict]) -> None:
+    accuracy = [(r["step"], r["reward_accuracy"]) for r in rows if "reward_accuracy" in r]
+    held_out = [(r["step"], r["val_preference_accuracy"]) for r in rows if "val_preference_accuracy" in r]
+    margin = [(r["step"], r["reward_margin"]) for r in rows if "reward_margin" in r]
+    ax.plot(*zip(*accuracy), label="train reward accuracy", color="tab:green")
+    if held_out:
+        ax.plot(*zip(*held_out), "o-", label="validation preference accuracy", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    twin.plot(*zip(*margin), "--", label="train reward margin", color="tab:purple")
+    twin.set_ylabel("reward margin")
+    lines = ax.get_legend_handles_labels()
+    extra = twin.get_legend_handles_labels()
+    ax.legend(lines[0] + extra[0], lines[1] + extra[1], loc="lower right")
 
 
 class ProgressBar:
@@ -89,11 +116,16 @@ class ProgressBar:
     def on_report(self, report):
         self.bar.update(report.step - self.last_step)
         self.last_step = report.step
-        self.bar.set_postfix(loss=f"{report.train_loss:.3f}", lr=f"{report.learning_rate:.1e}",
+        rewards = {}
+        if getattr(report, "reward_accuracy", None) is not None:
+            rewards = {"acc": f"{report.reward_accuracy:.2f}", "margin": f"{report.reward_margin:.3f}"}
+        self.bar.set_postfix(loss=f"{report.train_loss:.3f}", **rewards, lr=f"{report.learning_rate:.1e}",
                              tok_s=f"{report.tokens_per_second:.0f}", mem=f"{report.peak_memory_gb:.2f}GB")
         if report.val_loss is not None:
-            self.bar.write(f"step {report.step}: train loss {report.train_loss:.3f}, val loss {report.val_loss:.3f}",
-                           file=self.stream)
+            held_out = getattr(report, "val_preference_accuracy", None)
+            accuracy = f", val preference accuracy {held_out:.3f}" if held_out is not None else ""
+            self.bar.write(f"step {report.step}: train loss {report.train_loss:.3f}, val loss {report.val_loss:.3f}"
+                           f"{accuracy}", file=self.stream)
 
     def on_checkpoint(self, path):
         pass

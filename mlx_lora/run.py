@@ -60,17 +60,20 @@ def data_splits(cfg: Config) -> tuple[str, ...]:
     return ("train", "valid", "test") if cfg.eval.enabled else ("train", "valid")
 
 
-def describe_data(data_stats: dict) -> list[str]:
-    """One log line per split: where it came from, its size, and what was changed."""
+def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
+    """One log line per split: where it came from, its size (pairs for dpo / orpo), and what was changed."""
     lines = []
     for split, stats in data_stats.items():
         if not stats["examples"]:
             lines.append(f"data {split}: {stats['source']}")
             continue
-        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
-            if stats["truncated"] or stats["dropped_overlong"] else ""
+        changes = [f"{stats[key]} {what}" for key, what in (
+            ("truncated", "truncated"), ("dropped_overlong", "dropped as too long"),
+            ("dropped_identical", "dropped with identical chosen and rejected")) if stats.get(key)]
+        changed = f"; {', '.join(changes)}" if changes else ""
+        unit = "pairs" if objective != "sft" else "examples"
         source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"
-        lines.append(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
+        lines.append(f"data {split}: {stats['examples']} {unit}, {stats['tokens']:,} tokens "
                      f"(longest {stats['max_length']}){changed}{source}")
         if stats.get("rewritten_turns"):
             lines.append(f"data {split}: the chat template rewrites {stats['rewritten_turns']} earlier assistant "
@@ -143,7 +146,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     import mlx.core as mx
 
     from .adapters import adapter_config, save_adapters
-    from .data import load_datasets
+    from .preference_data import load_datasets_for
     from .lora import count_trainable, transformer_blocks
     from .train import still_improving, train
 
@@ -170,8 +173,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
-    for line in describe_data(data_stats):
+    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats, cfg.training.objective):
         log(line)
     if cfg.training.batch_size == "auto":
         cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
@@ -231,12 +234,16 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
 
 def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     """Score base and tuned on the test split, print the table, write eval.json."""
-    from .evaluate import evaluate_model, results_table
+    from .evaluate import evaluate_model, evaluate_preference_model, results_table
 
     examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
-    log(f"evaluating on {len(examples)} test examples ...")
-    results = evaluate_model(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens,
-                             compare_base=cfg.eval.compare_base)
+    if cfg.training.objective != "sft":
+        log(f"evaluating on {len(examples)} test pairs ...")
+        results = evaluate_preference_model(model, examples, cfg.training, compare_base=cfg.eval.compare_base)
+    else:
+        log(f"evaluating on {len(examples)} test examples ...")
+        results = evaluate_model(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens,
+                                 compare_base=cfg.eval.compare_base)
     write_json(out / "eval.json", results)
     print_table("held-out test set:", results_table(results))
     return {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}

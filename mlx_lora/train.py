@@ -1,6 +1,7 @@
 """The training loop: AdamW with warmup and decay, accumulation, clipping, checkpointing, resume.
 
-`train()` takes a prepared model and tokenized data and talks only through callbacks (see
+`train()` takes a prepared model and tokenized data (examples for `objective: sft`, preference
+pairs for dpo / orpo, whose losses live in `objectives.py`) and talks only through callbacks (see
 `report.py`). Checkpoints hold adapters, optimizer state, step and data position (dropout is
 seeded by step), so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
 """
@@ -24,6 +25,7 @@ from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
 from .loss import batch_loss, enable_chunked_loss, target_positions
+from .objectives import METRICS, evaluate_preferences, preference_loss, reference_logps
 
 
 EARLY_STOP_MIN_IMPROVEMENT = 0.01  # a validation loss counts as better when 1% under the best so far
@@ -48,6 +50,15 @@ class StepReport:
     peak_memory_gb: float
     elapsed_s: float
     val_loss: float | None = None
+    # dpo / orpo only (means over the window's pairs): the implicit reward margin and accuracy,
+    # each answer's reward, and the summed completion log-probabilities of the policy.
+    reward_margin: float | None = None
+    reward_accuracy: float | None = None
+    chosen_rewards: float | None = None
+    rejected_rewards: float | None = None
+    chosen_logps: float | None = None
+    rejected_logps: float | None = None
+    val_preference_accuracy: float | None = None
 
 
 def total_steps(config: TrainingConfig, num_train: int) -> int:
@@ -175,14 +186,29 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         optimizer.init(model.trainable_parameters())
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
-    enable_chunked_loss(model, mx.array([max(train_set, key=lambda e: len(e.tokens)).tokens]))
+    preference = config.objective != "sft"
+    longest = max(train_set, key=lambda e: e.length)
+    enable_chunked_loss(model, mx.array([longest.chosen.tokens if preference else longest.tokens]))
 
-    loss_and_grad = nn.value_and_grad(model, batch_loss)
+    if preference:
+        def objective(model, inputs):  # (tokens, masks) for orpo, plus the reference log-probs for dpo
+            return preference_loss(model, inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, config)
+    else:
+        def objective(model, inputs):
+            return batch_loss(model, *inputs)  # (tokens, mask, positions, weights)
+    loss_and_grad = nn.value_and_grad(model, objective)
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
+    reference_fn = None
+    if config.objective == "dpo":
+        # A separate evaluation before the step: the reference forward's activations are freed
+        # before the policy's forward and backward begin, so a step holds one model's worth.
+        reference_fn = partial(reference_logps, model)
+        if config.compile:
+            reference_fn = partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])(reference_fn)
 
-    def step_fn(tokens, mask, positions, weights, previous_grad, do_update):
-        (loss, count), grad = loss_and_grad(model, tokens, mask, positions, weights)
+    def step_fn(inputs, previous_grad, do_update):
+        (loss, aux), grad = loss_and_grad(model, inputs)
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
@@ -192,7 +218,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 grad, _ = optim.clip_grad_norm(grad, config.grad_clip)
             optimizer.update(model, grad)
             grad = None
-        return loss, count, grad
+        return loss, aux, grad
 
     if config.compile:
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
@@ -200,14 +226,20 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     for callback in callbacks:
         callback.on_start({"total_steps": steps, "start_step": start_step})
     model.train()
-    batches = iterate_train(train_set, config.batch_size, seed, position)
+    if preference:
+        from .preference_data import collate_pairs
+
+        batches = iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs)
+    else:
+        batches = iterate_train(train_set, config.batch_size, seed, position)
     window_loss, window_tokens, window_steps = 0.0, 0, 0
+    window_metrics = [0.0] * len(METRICS)
     window_start = time.perf_counter()
     elapsed_before = checkpoints.elapsed_of(output_dir) if resume else 0.0
     run_start = time.perf_counter()
     last_good = None
     step = start_step
-    val_loss = None
+    val_loss = val_accuracy = None
     val_history: list[tuple[int, float]] = []  # (step, validation loss) of this session
     stale_evals = 0  # evaluations in a row without a 1% improvement on the best
     stopped_early = False
@@ -235,12 +267,19 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
                     mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
                     tokens, mask, n_tokens = next(batches)
-                    positions, weights = target_positions(mask)
-                    loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions),
-                                                mx.array(weights), grad, micro == accumulation - 1)
-                    mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
+                    inputs = (mx.array(tokens), mx.array(mask))
+                    if reference_fn is not None:
+                        reference = reference_fn(inputs[0], inputs[1][0])
+                        mx.eval(reference)
+                        inputs = (*inputs, reference)
+                    elif not preference:  # the output head only where there is loss
+                        inputs = (*inputs, *map(mx.array, target_positions(mask)))
+                    loss, aux, grad = step_fn(inputs, grad, micro == accumulation - 1)
+                    mx.eval(loss, aux, model.state, optimizer.state, *([grad] if grad is not None else []))
                     step_loss += loss.item() / accumulation
                     step_tokens += n_tokens
+                    if preference:
+                        window_metrics = [w + m / accumulation for w, m in zip(window_metrics, aux.tolist())]
             except RuntimeError as err:  # Metal refuses an allocation: the step is lost, earlier ones are kept
                 if "memory" not in str(err).lower() and "malloc" not in str(err).lower():
                     raise
@@ -268,7 +307,11 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             is_last = step == steps
             if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set:
                 model.eval()
-                val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
+                if preference:
+                    scores = evaluate_preferences(model, valid_set, config.batch_size, config, config.val_batches)
+                    val_loss, val_accuracy = scores["loss"], scores["preference_accuracy"]
+                else:
+                    val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
                 model.train()
                 best = min((loss for _, loss in val_history), default=math.inf)
                 stale_evals = 0 if val_loss < best * (1 - EARLY_STOP_MIN_IMPROVEMENT) else stale_evals + 1
@@ -276,7 +319,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 if config.early_stop_patience and stale_evals >= config.early_stop_patience and not is_last:
                     stopped_early = is_last = True
             else:
-                val_loss = None
+                val_loss = val_accuracy = None
             if step % config.steps_per_report == 0 or is_last or val_loss is not None:
                 now = time.perf_counter()
                 report = StepReport(
@@ -286,9 +329,14 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     peak_memory_gb=mx.get_peak_memory() / 1e9,
                     elapsed_s=elapsed_before + now - run_start, val_loss=val_loss,
                 )
+                if preference:
+                    for name, total in zip(METRICS, window_metrics):
+                        setattr(report, name, total / window_steps)
+                    report.val_preference_accuracy = val_accuracy
                 for callback in callbacks:
                     callback.on_report(report)
                 window_loss, window_tokens, window_steps = 0.0, 0, 0
+                window_metrics = [0.0] * len(METRICS)
                 window_start = time.perf_counter()
             if config.save_every and step % config.save_every == 0 and not is_last:
                 last_good = save(step)

@@ -189,7 +189,7 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     import torch
     from accelerate import Accelerator
 
-    from ..data import load_datasets
+    from ..preference_data import load_datasets_for
     from ..report import MetricsWriter, ProgressBar
     from ..run import data_splits, describe_data, log
     from . import cuda_loop
@@ -216,8 +216,8 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
-    for line in describe_data(data_stats):
+    datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats, cfg.training.objective):
         say(line)
 
     start_step = None
@@ -283,8 +283,21 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     from .cuda_loop import score
 
     examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
-    log(f"evaluating on {len(examples)} test examples ...")
     results = {}
+    if cfg.training.objective != "sft":
+        from .cuda_objectives import evaluate_preferences
+
+        log(f"evaluating on {len(examples)} test pairs ...")
+        model.eval()
+        device = next(model.parameters()).device
+        if cfg.eval.compare_base:
+            with model.disable_adapter():  # nested reference passes see the adapters off already
+                results["base"] = evaluate_preferences(model, examples, cfg.training.batch_size, cfg.training, device)
+        results["tuned"] = evaluate_preferences(model, examples, cfg.training.batch_size, cfg.training, device)
+        write_json(out / "eval.json", results)
+        print_table("held-out test set:", results_table(results))
+        return results
+    log(f"evaluating on {len(examples)} test examples ...")
     if cfg.eval.compare_base:
         with model.disable_adapter():
             results["base"] = score(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens)

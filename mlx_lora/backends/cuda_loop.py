@@ -144,10 +144,19 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
     for callback in callbacks:
         callback.on_start({"total_steps": steps, "start_step": start_step})
     model.train()
-    batches = iterate_train(train_set, config.batch_size, seed, position)
+    preference = config.objective != "sft"
+    if preference:
+        from ..preference_data import METRICS
+        from ..preference_data import collate_pairs
+        from .cuda_objectives import evaluate_preferences, preference_loss, reference_logps
+
+        batches = iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs)
+    else:
+        batches = iterate_train(train_set, config.batch_size, seed, position)
     window_loss, window_tokens, window_steps = 0.0, 0, 0
+    window_metrics = None
     window_start = run_start = time.perf_counter()
-    last_good, val_loss, step = None, None, start_step
+    last_good, val_loss, val_accuracy, step = None, None, None, start_step
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -180,8 +189,16 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                 torch.manual_seed(seed * 1_000_003 + (step * accumulation + micro) * world + rank)
                 is_last = micro == accumulation - 1
                 with accelerator.no_sync(model) if not is_last else nullcontext():
-                    loss, _ = masked_loss(model, torch.as_tensor(tokens, dtype=torch.long, device=device),
-                                          torch.as_tensor(mask, device=device))
+                    tokens, mask = torch.as_tensor(tokens, dtype=torch.long, device=device), torch.as_tensor(mask, device=device)
+                    if preference:
+                        # The reference goes through the unwrapped PEFT model (adapters off, no grad); the
+                        # policy through `model`, so data-parallel gradients are synchronised.
+                        reference = reference_logps(unwrapped, tokens, mask[0]) if config.objective == "dpo" else None
+                        loss, metrics = preference_loss(model, tokens, mask, config, reference)
+                        metrics = metrics / accumulation
+                        window_metrics = metrics if window_metrics is None else window_metrics + metrics
+                    else:
+                        loss, _ = masked_loss(model, tokens, mask)
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.item() / accumulation
                 step_tokens += n_tokens
@@ -202,10 +219,14 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
             window_tokens += step_tokens * world
             window_steps += 1
             is_final = step == steps
-            val_loss = None
+            val_loss = val_accuracy = None
             if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_final) and valid_set:
                 model.eval()
-                val_loss = evaluate_loss(unwrapped, valid_set, config.batch_size, device, config.val_batches)
+                if preference:
+                    scores = evaluate_preferences(unwrapped, valid_set, config.batch_size, config, device, config.val_batches)
+                    val_loss, val_accuracy = scores["loss"], scores["preference_accuracy"]
+                else:
+                    val_loss = evaluate_loss(unwrapped, valid_set, config.batch_size, device, config.val_batches)
                 model.train()
             if step % config.steps_per_report == 0 or is_final or val_loss is not None:
                 now = time.perf_counter()
@@ -214,6 +235,13 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                     tokens=window_tokens, tokens_per_second=window_tokens / max(now - window_start, 1e-9),
                     peak_memory_gb=peak_memory_gb(device), elapsed_s=elapsed_before + now - run_start,
                     val_loss=val_loss)
+                if preference:
+                    if world > 1:
+                        window_metrics = accelerator.reduce(window_metrics, "mean")
+                    for name, total in zip(METRICS, window_metrics.tolist()):
+                        setattr(report, name, total / window_steps)
+                    report.val_preference_accuracy = val_accuracy
+                    window_metrics = None
                 for callback in callbacks:
                     callback.on_report(report)
                 window_loss, window_tokens, window_steps = 0.0, 0, 0

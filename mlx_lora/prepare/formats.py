@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from . import preference
 from .readers import RawRecord, TransformError
 from .tools import normalise_tools, tool_calls_from_text
 
-INPUT_FORMATS = ("alpaca", "sharegpt", "chat", "completions", "text")
+INPUT_FORMATS = ("alpaca", "sharegpt", "chat", "completions", "text") + preference.FORMATS
 OUTPUT_FORMATS = ("chat", "completions", "text")
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer and older names for roles the chat templates know under another name.
@@ -38,6 +39,7 @@ READS = {
     "alpaca": ("instruction", "input", "output", "system", "history", "tools"),
     "completions": ("system",),
     "text": (),
+    **preference.READS,
 }
 SHAREGPT_TURN_READS = ("from", "value")
 
@@ -57,6 +59,9 @@ def detect(value: Any, keys: Keys = Keys()) -> str | None:
         return "text"
     if not isinstance(value, dict):
         return None
+    pairs = preference.detect(value)  # chosen/rejected records (DPO, ORPO) first: they may hold messages too
+    if pairs is not None:
+        return pairs
     if "messages" in value:
         return "chat"
     if "conversations" in value:
@@ -292,6 +297,8 @@ class Converter:
 
     def convert(self, record: RawRecord, fmt: str) -> dict | None:
         """The output row for `record` read as input format `fmt`; None when it has no content."""
+        if fmt in preference.FORMATS:  # written in the preference shape whatever --output-format says
+            return preference.convert(record, fmt, self.system)
         if fmt == "chat":
             shape = _from_chat(record)
         elif fmt == "sharegpt":

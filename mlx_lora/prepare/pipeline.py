@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import formats, stats, writer
+from .preference import SkipRecord
 from .readers import RawRecord, Skipped, TransformError, expand_inputs, input_kind, read_json, read_jsonl, read_text
 from .tables import read_csv
 
@@ -163,7 +164,12 @@ class _Run:
                 lines.append(record.line)
             if len(report._first_lines) > 1:
                 raise _mixed_error(record.path, report._first_lines)
-        row = self.converter.convert(record, fmt)
+        try:
+            row = self.converter.convert(record, fmt)
+        except SkipRecord as skip:  # a preference pair with identical answers, a tie: counted, not fatal
+            report.formats[fmt] += 1
+            report.skip(record.line, skip.reason, str(skip))
+            return
         report.formats[fmt] += 1
         report.dropped_fields.update(formats.dropped_fields(record.value, fmt, self.keys, self.options.output_format))
         if row is None:

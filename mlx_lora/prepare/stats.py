@@ -22,6 +22,9 @@ def token_length(tokenizer: Any, row: dict) -> int:
     completions rows too when the tokenizer has one, else prompt + completion + EOS; text rows
     are the text + EOS.
     """
+    if "chosen" in row:  # a preference pair: the longer of prompt + chosen and prompt + rejected
+        prompt = {k: v for k, v in row.items() if k in ("prompt", "messages", "tools")}
+        return max(token_length(tokenizer, _answer_row(prompt, row[key])) for key in ("chosen", "rejected"))
     if "prompt" in row and has_chat_template(tokenizer):
         row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
     if "messages" in row:
@@ -34,6 +37,16 @@ def token_length(tokenizer: Any, row: dict) -> int:
     if "prompt" in row:
         return len(tokenizer.encode(row["prompt"])) + len(tokenizer.encode(row["completion"], add_special_tokens=False)) + 1
     return len(tokenizer.encode(row["text"])) + 1
+
+
+def _answer_row(prompt: dict, answer: Any) -> dict:
+    """A preference row's prompt with one answer, as an SFT row."""
+    answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+    if "messages" in prompt:
+        return {**prompt, "messages": prompt["messages"] + answer}
+    if len(answer) == 1:
+        return {"prompt": prompt["prompt"], "completion": answer[0]["content"]}
+    return {"messages": [{"role": "user", "content": prompt["prompt"]}] + answer}
 
 
 def summarise(lengths: Sequence[int], max_seq_length: int) -> dict:

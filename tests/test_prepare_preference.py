@@ -1,0 +1,78 @@
+"""The converter's preference inputs: HH-RLHF transcripts, scored lists, OpenAI preference JSONL
+and native rows become rows that DPO / ORPO training reads; ties and identical answers are counted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlx_lora.config import DataConfig
+from mlx_lora.data import DataStats
+from mlx_lora.prepare import PrepareOptions, TransformError, prepare
+from mlx_lora.preference_data import load_preference_split
+
+HH = {"chosen": "\n\nHuman: What is 2+2?\n\nAssistant: 4, I think.\n\nHuman: Sure?\n\nAssistant: Yes, 4.",
+      "rejected": "\n\nHuman: What is 2+2?\n\nAssistant: 4, I think.\n\nHuman: Sure?\n\nAssistant: No idea."}
+SCORED = {"instruction": "Name a fox colour.", "completions": [
+    {"response": "Red.", "overall_score": 8.5}, {"response": "Blue.", "overall_score": 2},
+    {"response": "Orange-red.", "overall_score": 7}]}
+OPENAI = {"input": {"messages": [{"role": "user", "content": "Hello"}]},
+          "preferred_output": [{"role": "assistant", "content": "Hi! How can I help?"}],
+          "non_preferred_output": [{"role": "assistant", "content": "What."}]}
+BINARIZED = {"prompt": "Say hi", "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
+             "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "no"}]}
+
+
+def convert(tmp_path, *files, **options):
+    """Each of `files` (a list of rows) is one input file (a file holds one format)."""
+    sources = []
+    for i, rows in enumerate(files):
+        sources.append(tmp_path / ("raw.jsonl" if i == 0 else f"raw{i}.jsonl"))
+        sources[-1].write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = prepare(PrepareOptions(inputs=tuple(sources), output_dir=tmp_path / "out", valid_fraction=0,
+                                    test_fraction=0, dedupe=False, **options))
+    written = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    return report, written
+
+
+@pytest.mark.parametrize("raw,expected", [
+    (HH, {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4, I think."},
+                       {"role": "user", "content": "Sure?"}], "chosen": "Yes, 4.", "rejected": "No idea."}),
+    (SCORED, {"prompt": "Name a fox colour.", "chosen": "Red.", "rejected": "Blue."}),
+    (OPENAI, {"messages": [{"role": "user", "content": "Hello"}], "chosen": "Hi! How can I help?", "rejected": "What."}),
+    (BINARIZED, {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}),
+], ids=["hh-rlhf", "scored", "openai-preference", "binarized"])
+def test_each_preference_shape_becomes_a_training_row(tmp_path, tiny_model_dir, raw, expected):
+    report, written = convert(tmp_path, [raw])
+    assert written == [expected]
+    from mlx_lora.models import load_model
+
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    (pair,) = load_preference_split(tmp_path / "out" / "train.jsonl", tokenizer, DataConfig(path=str(tmp_path)))
+    assert any(pair.chosen.mask) and any(pair.rejected.mask)
+
+
+def test_ties_and_identical_answers_are_counted_not_written(tmp_path):
+    tie = {"prompt": "x", "responses": [{"text": "a", "score": 3}, {"text": "b", "score": 3}]}
+    same = {"prompt": "x", "chosen": "a", "rejected": "a"}
+    report, written = convert(tmp_path, [SCORED, tie], [same, BINARIZED])
+    assert len(written) == 2
+    assert report["totals"]["skipped"] == {"tie": 1, "identical": 1}
+    assert [r["rows_read"] for r in report["inputs"]] == [2, 2]
+
+
+@pytest.mark.parametrize("good,raw,message", [
+    (BINARIZED, {"prompt": "x", "chosen": "a"}, "raw.jsonl:2:1: missing 'rejected'"),
+    (OPENAI, {"input": {"messages": [{"role": "user", "content": "x"}]},
+              "preferred_output": [{"role": "assistant", "content": "a"}]},
+     "raw.jsonl:2:1: missing 'non_preferred_output'"),
+    (HH, {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+     "raw.jsonl:2:1: 'chosen' and 'rejected' differ before their last reply"),
+    (SCORED, {"prompt": "x", "completions": [{"response": "a"}, {"response": "b", "score": 1}]},
+     "raw.jsonl:2:17: completions[0] needs a text"),
+])
+def test_bad_preference_records_name_file_and_line(tmp_path, good, raw, message):
+    with pytest.raises(TransformError) as err:
+        convert(tmp_path, [good, raw])
+    assert message in str(err.value)
