@@ -68,7 +68,7 @@ class LoraConfig:
 class TrainingConfig:
     iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
     epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
-    batch_size: int = field(default=4, **_help("Examples per micro-batch."))
+    batch_size: int = field(default=4, **_help("Examples per micro-batch, across all ranks when data-parallel (each of N ranks takes batch_size / N of it; must divide)."))
     grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step."))
     learning_rate: float = field(default=1e-4, **_help("Peak learning rate of AdamW."))
     lr_schedule: str = field(default="constant", **_help("constant | linear | cosine decay after warmup."))
@@ -94,6 +94,12 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    backend: str = field(default="any", **_help("Data-parallel engine when launched with --hosts or -n: ring (TCP/Thunderbolt) | jaccl (RDMA over Thunderbolt 5) | mpi | any (MLX picks). A single process ignores it."))
+    timeout_s: float = field(default=300.0, **_help("Seconds a rank waits for the others (a step, a checkpoint, validation) before it stops all with a message."))
+
+
+@dataclass(frozen=True)
 class Config:
     model: str = field(**_help("Base model: a Hugging Face folder, a hub id (org/name), a .gguf file, or `demo` (SmolLM2-135M-Instruct)."))
     output_dir: str = field(default="runs/latest", **_help("Run folder: adapters, metrics, plots, checkpoints, eval."))
@@ -104,6 +110,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, **_help("LoRA adapters."))
     training: TrainingConfig = field(default_factory=TrainingConfig, **_help("Optimisation."))
     eval: EvalConfig = field(default_factory=EvalConfig, **_help("Evaluation after training."))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, **_help("Data-parallel training over several processes or Macs."))
 
 
 CHOICES = {
@@ -112,6 +119,7 @@ CHOICES = {
     "quantization.mode": ("none", "affine", "nf4"),
     "quantization.bits": (4, 8),
     "training.lr_schedule": ("constant", "linear", "cosine"),
+    "distributed.backend": ("ring", "jaccl", "mpi", "any"),
 }
 
 
@@ -147,6 +155,7 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(t.save_every >= 0, "training.save_every", f"must be >= 0, got {t.save_every}")
     need(t.keep_checkpoints >= 1, "training.keep_checkpoints", f"must be >= 1, got {t.keep_checkpoints}")
     need(t.val_batches == -1 or t.val_batches > 0, "training.val_batches", f"must be -1 or positive, got {t.val_batches}")
+    need(cfg.distributed.timeout_s > 0, "distributed.timeout_s", f"must be positive, got {cfg.distributed.timeout_s}")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
     return problems
 

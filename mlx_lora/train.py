@@ -23,6 +23,7 @@ from mlx.utils import tree_map
 from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
+from .distributed import LastGood, World, check_batch_size
 from .loss import enable_chunked_loss, masked_loss
 
 
@@ -131,20 +132,29 @@ class GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, weight: mx.array):
+    """`masked_loss` times this rank's share of the global batch's target tokens (1 on a single process)."""
+    loss, count = masked_loss(model, tokens, mask)
+    return loss * weight, count
+
+
 def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
-          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=()) -> dict:
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), world: World | None = None) -> dict:
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
+    `world` (distributed.init()) makes this one rank of a data-parallel run; rank 0 writes.
     """
     output_dir = Path(output_dir)
+    world = world or World()
     steps = total_steps(config, len(train_set))
+    check_batch_size(config.batch_size, world.size)
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config, steps), weight_decay=config.weight_decay)
     position = BatchPosition()
     start_step = 0
     mx.random.seed(seed)
-    if resume:
+    if resume and world.is_main:  # the others get rank 0's state in start_together
         state = checkpoints.load_latest(output_dir, model, optimizer)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; start without --resume")
@@ -155,22 +165,24 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         enable_grad_checkpoint(model)
     enable_chunked_loss(model, mx.array([max(train_set, key=lambda e: len(e.tokens)).tokens]))
 
-    loss_and_grad = nn.value_and_grad(model, masked_loss)
+    start_step = world.start_together(model, optimizer, start_step, position)
+    loss_and_grad = nn.value_and_grad(model, weighted_loss)
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(tokens, mask, previous_grad, do_update):
-        (loss, count), grad = loss_and_grad(model, tokens, mask)
+    def step_fn(tokens, mask, weight, previous_grad, do_update):
+        (loss, count), grad = loss_and_grad(model, tokens, mask, weight)
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
+            grad = world.average_gradients(grad)  # before clipping, so the clip sees the global norm
             if accumulation > 1:
                 grad = tree_map(lambda g: g / accumulation, grad)
             if config.grad_clip is not None:
                 grad, _ = optim.clip_grad_norm(grad, config.grad_clip)
             optimizer.update(model, grad)
             grad = None
-        return loss, count, grad
+        return world.average(loss), count, grad
 
     if config.compile:
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
@@ -178,7 +190,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     for callback in callbacks:
         callback.on_start({"total_steps": steps, "start_step": start_step})
     model.train()
-    batches = iterate_train(train_set, config.batch_size, seed, position)
+    batches = world.share(iterate_train(train_set, config.batch_size, seed, position))
     window_loss, window_tokens, window_steps = 0.0, 0, 0
     window_start = time.perf_counter()
     elapsed_before = checkpoints.elapsed_of(output_dir) if resume else 0.0
@@ -188,28 +200,37 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     val_loss = None
     mx.reset_peak_memory()
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
+        if not world.is_main:
+            return None
         path = checkpoints.save(output_dir, model, optimizer, at_step, position,
                                 elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
         for callback in callbacks:
             callback.on_checkpoint(path)
         return path
 
-    with GracefulInterrupt() as interrupt:
+    def save_kept(good: LastGood) -> Path:  # after another rank failed: the last step all finished
+        return checkpoints.save_state(output_dir, good.adapters, good.optimizer_state, good.step,
+                                      BatchPosition(good.epoch, good.index),
+                                      elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
+
+    with GracefulInterrupt() as interrupt, world.guard(save_kept):
         while step < steps:
-            if interrupt.requested:
+            if world.any(interrupt.requested):
                 path = save(step) if step > start_step else last_good
                 for callback in callbacks:
                     callback.on_interrupt(step, path)
+                world.barrier()  # no rank exits (and so stops the launcher) before rank 0 has written
                 raise KeyboardInterrupt
             position_before = BatchPosition(position.epoch, position.index)
             grad = None
             step_loss, step_tokens = 0.0, 0
             for micro in range(accumulation):
                 # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
-                mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
-                tokens, mask, n_tokens = next(batches)
-                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), grad, micro == accumulation - 1)
+                mx.random.seed(world.seed(seed * 1_000_003 + step * accumulation + micro))
+                tokens, mask, n_tokens, weight = next(batches)
+                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(weight), grad,
+                                            micro == accumulation - 1)
                 mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
                 step_loss += loss.item() / accumulation
                 step_tokens += n_tokens
@@ -221,11 +242,12 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     "Lower training.learning_rate, enable training.grad_clip, or check the data."
                 )
             step += 1
+            world.keep(step, position, model, optimizer)
             window_loss += step_loss
             window_tokens += step_tokens
             window_steps += 1
             is_last = step == steps
-            if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set:
+            if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set and world.is_main:
                 model.eval()
                 val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
                 model.train()
