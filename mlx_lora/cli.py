@@ -58,7 +58,7 @@ def launch_ranks(cfg, items: list[str], args) -> int:
     import signal
 
     from .distributed import check_batch_size
-    from .launch import check_reachable, launch_command, read_hosts
+    from .launch import check_reachable, launch_command, read_hosts, run_launcher
 
     if cfg.backend != "mlx":
         raise ValueError(f"--hosts / -n start MLX ranks; with backend: {cfg.backend} use "
@@ -76,8 +76,7 @@ def launch_ranks(cfg, items: list[str], args) -> int:
     # Ctrl-C goes to every rank (same terminal), and each stops at a step boundary with a
     # checkpoint; the launcher ignores it, so it keeps relaying their output until they are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    os.execv(command[0], command)
-    return 0  # not reached
+    return run_launcher(command)
 
 
 def cmd_eval(args) -> int:

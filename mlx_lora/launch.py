@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import os
+import re
 import shutil
 import socket
 import subprocess
@@ -98,6 +100,36 @@ def launch_command(rank_argv: list[str], processes: int | None, hosts_file: str 
         command += ["--backend", ENGINES[backend]]
     command += ["--hostfile", str(hosts_file)] if hosts_file else ["-n", str(processes)]
     return command + ["--", sys.executable, "-m", "mlx_lora", *rank_argv]
+
+
+RANK_EXIT = re.compile(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)")
+
+
+def run_launcher(command: list[str], stream=None) -> int:
+    """Run `mlx.launch`, relaying its output, and return 0 only if every rank exited with 0.
+
+    mlx.launch itself exits 0 even when ranks failed; it does print one line per failed rank,
+    which is what this reads. Ctrl-C is left to the ranks (each stops with a checkpoint), so
+    the caller should ignore SIGINT before calling.
+    """
+    stream = stream or sys.stderr
+    process = subprocess.Popen(command, stderr=subprocess.PIPE)
+    failed: dict[int, int] = {}
+    tail = ""
+    while chunk := os.read(process.stderr.fileno(), 8192):
+        text = chunk.decode(errors="replace")
+        stream.write(text)
+        stream.flush()
+        tail = (tail + text)[-4096:]
+        for match in RANK_EXIT.finditer(tail):
+            failed[int(match.group(1))] = int(match.group(2) or -9)
+        tail = tail[tail.rfind("\n") + 1:]
+    process.wait()
+    if process.returncode:
+        return process.returncode
+    if not failed:
+        return 0
+    return 130 if failed.get(0) == 130 else 1
 
 
 # --- the same kit, model and data everywhere ----------------------------------------------------

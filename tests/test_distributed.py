@@ -226,3 +226,33 @@ def test_a_killed_rank_stops_the_other_with_a_checkpoint_and_resume_matches(plai
     saved = json.loads((out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip() / "state.json").read_text())
     assert 2 <= saved["step"] < 6
     assert_same_run(train_run(config, out, "-n", "2", "--resume"), plain_runs["two"])
+
+
+# --- the CUDA backend under accelerate (DDP over gloo on CPU) ------------------------------------
+
+@pytest.mark.slow
+def test_cuda_backend_under_accelerate_on_two_processes_equals_one_process(tmp_path):
+    """`accelerate launch` with 2 processes, global batch 4, equals one process with batch 4.
+
+    On CPU, `accelerate launch --cpu` starts several processes only through mpirun; `--multi_gpu`
+    starts them with torchrun, and ACCELERATE_USE_CPU=1 makes each one a CPU (gloo) rank.
+    """
+    pytest.importorskip("peft", reason="the CUDA backend needs the cuda extra: pip install -e '.[cuda]'")
+    pytest.importorskip("bitsandbytes", reason="the CUDA backend needs the cuda extra: pip install -e '.[cuda]'")
+    from tiny import write_chat_split
+    from tiny_torch import make_torch_model_dir
+
+    model_dir, data_dir = make_torch_model_dir(tmp_path / "model"), write_chat_split(tmp_path / "data")
+    config = write_config(tmp_path, model_dir, data_dir, iters=4, steps_per_eval=4, learning_rate=1e-2)
+    env = {"ACCELERATE_USE_CPU": "1"}
+    settings = ["backend=cuda", "quantization.mode=nf4", "quantization.double_quant=true"]
+    one = cli("train", config, *settings, f"output_dir={tmp_path / 'one'}", env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    two = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "mlx_lora", "train", str(config),
+                          *settings, f"output_dir={tmp_path / 'two'}"], capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "run_summary.json").read_text())["processes"] == 2
+    assert_same_run(tmp_path / "two", tmp_path / "one")
