@@ -129,7 +129,10 @@ def run_launcher(command: list[str], stream=None) -> int:
         return process.returncode
     if not failed:
         return 0
-    return 130 if failed.get(0) == 130 else 1
+    # Ctrl-C: every rank exits with 130, except those the launcher terminated (-15) when the
+    # first of them was done; that is still an interrupted run, not a failed one.
+    codes = set(failed.values())
+    return 130 if 130 in codes and codes <= {130, -15} else 1
 
 
 # --- the same kit, model and data everywhere ----------------------------------------------------

@@ -155,7 +155,8 @@ def test_launcher_status_is_failure_when_any_rank_failed(capfd):
 
     assert run_launcher(fake("rank output\n")) == 0
     assert run_launcher(fake("\x1b[33m[WARN] Node with rank 1 exited with code -9 \x1b[0m\n")) == 1
-    assert run_launcher(fake("[WARN] Node with rank 0 exited with code 130\n[WARN] Node with rank 1 was killed\n")) == 130
+    assert run_launcher(fake("[WARN] Node with rank 1 exited with code 130\n[WARN] Node with rank 0 exited with code -15\n")) == 130
+    assert run_launcher(fake("[WARN] Node with rank 0 exited with code 1\n[WARN] Node with rank 1 was killed\n")) == 1
     assert "Node with rank 1 was killed" in capfd.readouterr().err  # relayed, not swallowed
 
 
