@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 HF_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ALL_LINEAR = "all-linear"  # PEFT's spelling: every linear layer inside the transformer blocks
 
 
 class ConfigError(ValueError):
@@ -55,13 +56,29 @@ class LoraConfig:
     rank: int = field(default=8, **_help("Rank of the low-rank update (PEFT `r`)."))
     alpha: float = field(default=16.0, **_help("Scaling numerator: the update is multiplied by alpha / rank (PEFT `lora_alpha`)."))
     dropout: float = field(default=0.0, **_help("Dropout on the adapter input during training."))
-    target_modules: tuple[str, ...] = field(default=HF_TARGET_MODULES, **_help("Hugging Face names of the projections to adapt."))
+    target_modules: tuple[str, ...] = field(default=(ALL_LINEAR,), **_help(
+        "Hugging Face names of the projections to adapt (each family's own: q_proj... for Llama / Qwen / "
+        "Mistral / Gemma, qkv_proj and gate_up_proj for Phi-3), or all-linear for every linear layer of a block."))
     num_layers: int = field(default=-1, **_help("Adapt the last N transformer blocks; -1 for all."))
 
     @property
     def scaling(self) -> float:
         """alpha / rank: the PEFT convention (mlx-lm calls this value `scale`)."""
         return self.alpha / self.rank
+
+    def resolve_targets(self, present: list[str]) -> tuple[str, ...]:
+        """The module names to adapt among `present` (a model's block-level linear layer names).
+
+        `all-linear` stands for all of them. Raises ValueError naming each target the model
+        lacks and listing what it has.
+        """
+        if ALL_LINEAR in self.target_modules:
+            return tuple(sorted(present))
+        missing = [name for name in self.target_modules if name not in present]
+        if missing:
+            raise ValueError(f"lora.target_modules: {', '.join(missing)} not found in this model; its linear layers "
+                             f"are: {', '.join(sorted(present))} (or use {ALL_LINEAR})")
+        return tuple(self.target_modules)
 
 
 @dataclass(frozen=True)

@@ -108,7 +108,8 @@ def available_modules(model: nn.Module) -> list[str]:
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze `model` and wrap the targeted linears of its last `num_layers` blocks in LoRALinear.
 
-    Returns the block-relative keys adapted (e.g. "self_attn.q_proj"), the form mlx-lm records.
+    `config.target_modules` may be `all-linear`. Returns the block-relative keys adapted (e.g.
+    "self_attn.q_proj"), the form mlx-lm records.
     Raises ValueError naming any target module the model does not have, or when the model
     already carries LoRA layers (adapters would wrap adapters).
     """
@@ -116,18 +117,13 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError("the model already has LoRA layers; load the base again, or fuse the adapters first")
     model.freeze()
     blocks = transformer_blocks(model)
-    present = available_modules(model)
-    missing = [name for name in config.target_modules if name not in present]
-    if missing:
-        raise ValueError(
-            f"lora.target_modules: {', '.join(missing)} not found in this model; its linear layers are: {', '.join(present)}"
-        )
+    targets = config.resolve_targets(available_modules(model))
     num_layers = len(blocks) if config.num_layers == -1 else min(config.num_layers, len(blocks))
     keys: set[str] = set()
     for block in blocks[len(blocks) - num_layers:]:
         wrapped = []
         for path, module in block.named_modules():
-            if is_linear(module) and path.rsplit(".", 1)[-1] in config.target_modules:
+            if is_linear(module) and path.rsplit(".", 1)[-1] in targets:
                 wrapped.append((path, LoRALinear.from_base(module, config.rank, config.alpha, config.dropout)))
                 keys.add(path)
         block.update_modules(tree_unflatten(wrapped))

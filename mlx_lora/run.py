@@ -97,6 +97,8 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     trainable = count_trainable(model)
     say(f"base: {info.kind} {info.path}")
     say(f"quantization: {quant_report.describe()}")
+    if info.gguf_report is not None:
+        say(f"GGUF tensors: {info.gguf_report.describe()}")
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")

@@ -146,3 +146,27 @@ def test_training_and_eval_need_no_torch(tiny_model_dir, tiny_data_dir, tmp_path
     probe = subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, text=True,
                            env=dict(os.environ, PYTHONPATH=pythonpath))
     assert probe.returncode != 0  # the blocker works, so the run above really had no torch
+
+
+def test_unsupported_models_give_one_line_errors(tmp_path, tiny_data_dir):
+    """An architecture mlx-lm lacks (folder) and one the GGUF reader lacks: one line each, no traceback."""
+    import gguf
+
+    folder = tmp_path / "rwkv"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_arch"}))
+    writer = gguf.GGUFWriter(str(tmp_path / "falcon.gguf"), "falcon")
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    for model, message in ((folder, "model_type 'no_such_arch', which mlx-lm cannot build"),
+                           (tmp_path / "falcon.gguf", "general.architecture is 'falcon', which mlx-lora cannot load "
+                                                      "from GGUF (supported: llama, mistral, qwen2, qwen3, gemma2, "
+                                                      "gemma3, phi3); use the model's Hugging Face folder")):
+        config = write_config(tmp_path, model, tiny_data_dir)
+        result = mlx_lora("train", config)
+        assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3

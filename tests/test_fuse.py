@@ -125,7 +125,7 @@ def test_gguf_export_reads_back(fused_f32, tiny_model_dir):
     np.testing.assert_allclose(np.array(unpermute_rows(mx.array(q_gguf), config["num_attention_heads"])), q_hf,
                                atol=2e-3, rtol=2e-3)
     # the whole file loads as a model (our GGUF reader) and computes what the fused folder computes
-    from_gguf, gguf_tokenizer, _ = load_gguf(path)
+    from_gguf, gguf_tokenizer, _, _ = load_gguf(path)
     np.testing.assert_allclose(logits(from_gguf), logits(fused), atol=0.05)
     assert gguf_tokenizer.encode("say hello world") == tokenizer.encode("say hello world")
 

@@ -27,7 +27,8 @@ def adapter_config(lora: LoraConfig, keys: list[str], num_blocks: int, extra: di
         "num_layers": num_layers,
         "lora_parameters": {"rank": lora.rank, "scale": lora.scaling, "dropout": lora.dropout, "keys": list(keys)},
         "alpha": lora.alpha,
-        "target_modules": list(lora.target_modules),
+        # the names adapted (all-linear resolved), so PEFT and mlx-lm read the same selection
+        "target_modules": sorted({key.rsplit(".", 1)[-1] for key in keys}),
         **(extra or {}),
     }
 

@@ -148,11 +148,7 @@ def add_lora(model, cfg: Config):
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
-    present = linear_module_names(model)
-    missing = [name for name in cfg.lora.target_modules if name not in present]
-    if missing:
-        raise ValueError(f"lora.target_modules: {', '.join(missing)} not found in this model; "
-                         f"its linear layers are: {', '.join(present)}")
+    targets = cfg.lora.resolve_targets(linear_module_names(model))
     checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
     if cfg.quantization.mode == "nf4":
         # Casts norms and the head to float32 and makes the input embeddings require grad,
@@ -166,7 +162,7 @@ def add_lora(model, cfg: Config):
     count = total if cfg.lora.num_layers == -1 else min(cfg.lora.num_layers, total)
     config = PeftLoraConfig(
         r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules), bias="none", task_type="CAUSAL_LM",
+        target_modules=list(targets), bias="none", task_type="CAUSAL_LM",
         # MLX adapts the last `num_layers` blocks; PEFT names them.
         layers_to_transform=None if count == total else list(range(total - count, total)),
     )

@@ -1,100 +1,53 @@
-"""GGUF files (llama family) as mlx-lm models, with their quantized blocks kept as they are.
+"""GGUF files as mlx-lm models, with their quantized blocks kept as they are where MLX can hold them.
 
-MLX reads GGUF weights itself (`mx.load`): Q4_0, Q4_1 and Q8_0 tensors arrive as MLX affine
-triplets (packed weight, scales, biases) with groups of 32, which become the frozen base
-directly; no dequantize-requantize round trip (re-quantizing SmolLM2's 4-bit weights at group
-64 breaks the model). llama.cpp's converter permutes the rows of Q and K for its rope layout;
-we undo that on the packed rows. The tokenizer and chat template are rebuilt from the file's
-metadata in `gguf_tokenizer.py`.
-
-What `mx.load` does with each GGML type (checked on mlx 0.32), and so what we accept:
-  F32, F16            as is.
-  BF16                narrowed to float16 (overflows past 65504): we read these tensors ourselves.
-  Q4_0, Q4_1, Q8_0    affine triplets, kept quantized. mlx before ml-explore/mlx#3664 decoded
-                      Q4_1 wrongly, so every quantized type is checked against gguf's decoder.
-  Q2_K, Q4_K, Q6_K    dequantized to float16 (the blocks are lost); accepted as float weights
-                      when they pass the same check. Q4_K does not: mlx scales the odd 32-weight
-                      sub-blocks with their even neighbour's scale, so Q4_K files are refused.
-  anything else       `mx.load` fails ("gguf_tensor_to_f16 failed"): refused up front.
+A file from llama.cpp, Ollama or LM Studio is read in four steps: the container
+(`gguf_file.py`), the architecture's config and converter transforms (`gguf_arch.py`), each
+tensor's blocks as MLX arrays (`gguf_types.py`: native affine triplets where the block layout
+is MLX's affine form, re-quantized or float where it is not), and the tensor names (the gguf
+package's `TensorNameMap`, the table llama.cpp's converter itself uses). We decode tensors
+ourselves rather than with `mx.load`, which has decoded Q4_1 (before ml-explore/mlx#3664) and
+Q4_K (mlx 0.32: odd sub-blocks get their neighbour's scale) wrongly. The tokenizer and chat
+template come from the file's metadata (`gguf_tokenizer.py`).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .gguf_file import GGUFHeader, TensorInfo, read_header, required_key
+from .gguf_arch import ROPE_TENSORS, architecture_of, hf_config_from_header
+from .gguf_file import GGUFHeader, read_header, tensor_bytes
 from .gguf_tokenizer import load_gguf_tokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama",)
-GGUF_GROUP_SIZE = 32  # llama.cpp's Q4_0 / Q4_1 / Q8_0 blocks hold 32 weights each
-NATIVE_QUANT_TYPES = ("Q4_0", "Q4_1", "Q8_0")  # arrive as MLX affine triplets
-FLOAT_TYPES = ("F32", "F16", "BF16")
-DEQUANTIZED_TYPES = ("Q2_K", "Q4_K", "Q6_K")  # mx.load turns these into float16
-SUPPORTED_TENSOR_TYPES = FLOAT_TYPES + NATIVE_QUANT_TYPES + DEQUANTIZED_TYPES
-ADVICE = "use a Q4_0, Q4_1, Q8_0, F16 or BF16 GGUF of this model, or its Hugging Face folder"
-
-BLOCK_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
-}
-TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-
-def _as_float32_text(x: float) -> float:
-    """GGUF stores floats in 32 bits: 1e-5 reads back as 9.99999974e-06; give the value that was meant."""
-    return float(f"{x:.7g}")
+HF_FOLDER_ADVICE = "use the model's Hugging Face folder (or its hub id) instead"
+REPORT_ROWS = 64  # rows of one tensor per type compared with the reference decoder for the summary
 
 
-def hf_config_from_header(header: GGUFHeader) -> dict:
-    """A Hugging Face style config.json for a llama GGUF."""
-    meta, path = header.metadata, header.path
-    arch = required_key(header, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"{path}: general.architecture is '{arch}', which is not supported (supported: "
-                         f"{', '.join(SUPPORTED_ARCHITECTURES)}); use the model's Hugging Face folder instead")
-    if "rope_freqs.weight" in header.tensors:
-        raise ValueError(f"{path}: rope frequency factors (Llama 3.1-style long-context scaling) are not supported "
-                         "from GGUF; use the model's Hugging Face folder instead")
-    if "token_embd.weight" not in header.tensors:
-        raise ValueError(f"{path}: the file has no token_embd.weight tensor; it is incomplete")
-    heads = int(required_key(header, f"{arch}.attention.head_count"))
-    hidden = int(required_key(header, f"{arch}.embedding_length"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length", hidden // heads))
-    rope_dims = int(meta.get(f"{arch}.rope.dimension_count", head_dim))
-    if rope_dims != head_dim:
-        raise ValueError(f"{path}: {arch}.rope.dimension_count is {rope_dims} but the head size is {head_dim}; "
-                         "partial rotary embeddings are not supported for llama GGUFs")
-    config = {
-        "model_type": "llama",
-        "architectures": ["LlamaForCausalLM"],
-        "hidden_size": hidden,
-        "num_hidden_layers": int(required_key(header, f"{arch}.block_count")),
-        "intermediate_size": int(required_key(header, f"{arch}.feed_forward_length")),
-        "num_attention_heads": heads,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv", heads)),
-        "head_dim": head_dim,
-        "rms_norm_eps": _as_float32_text(required_key(header, f"{arch}.attention.layer_norm_rms_epsilon")),
-        "rope_theta": _as_float32_text(meta.get(f"{arch}.rope.freq_base", 10000.0)),
-        "max_position_embeddings": int(meta.get(f"{arch}.context_length", 2048)),
-        # the embedding's row count, not the metadata's, is what the weights need
-        "vocab_size": int(header.tensors["token_embd.weight"].shape[0]),
-        "tie_word_embeddings": "output.weight" not in header.tensors,
-        "attention_bias": False,
-        "mlp_bias": False,
-    }
-    for key, name in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
-        if name in meta:
-            config[key] = int(meta[name])
-    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
-    if scaling == "linear":
-        config["rope_scaling"] = {"type": "linear",
-                                  "factor": _as_float32_text(required_key(header, f"{arch}.rope.scaling.factor"))}
-    elif scaling != "none":
-        raise ValueError(f"{path}: {arch}.rope.scaling.type '{scaling}' is not supported from GGUF "
-                         "(none and linear are); use the model's Hugging Face folder instead")
-    return config
+@dataclass
+class TensorTypeReport:
+    """How the tensors of one GGML type are held in memory, and their measured weight error."""
+
+    count: int = 0
+    held_as: str = ""
+    relative_error: float = 0.0  # ||held - reference|| / ||reference|| on REPORT_ROWS rows of one tensor
+
+    def describe(self, type_name: str) -> str:
+        error = "exact" if self.relative_error == 0 else f"relative error {self.relative_error:.2g}"
+        return f"{type_name} x{self.count} {self.held_as} ({error})"
+
+
+@dataclass
+class GGUFReport:
+    tensor_types: dict[str, TensorTypeReport] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return "; ".join(r.describe(t) for t, r in sorted(self.tensor_types.items()))
+
+    def as_dict(self) -> dict:
+        return {t: {"count": r.count, "held_as": r.held_as, "relative_error": r.relative_error}
+                for t, r in sorted(self.tensor_types.items())}
 
 
 def permute_rows(w, n_heads: int):
@@ -111,139 +64,122 @@ def unpermute_rows(w, n_heads: int):
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def map_weights(weights: dict, config: dict, path: Path) -> dict:
-    """GGUF tensor names to mlx-lm llama names, with Q/K rows back in Hugging Face order."""
-    mapped = {}
-    for name, value in weights.items():
-        module, _, leaf = name.rpartition(".")
-        if module.startswith("blk."):
-            _, index, part = module.split(".", 2)
-            if part not in BLOCK_NAMES:
-                raise ValueError(f"{path}: unexpected tensor {name} for a llama model; use the Hugging Face folder")
-            if part in ("attn_q", "attn_k"):
-                heads = config["num_attention_heads"] if part == "attn_q" else config["num_key_value_heads"]
-                value = unpermute_rows(value, heads)
-            mapped[f"model.layers.{index}.{BLOCK_NAMES[part]}.{leaf}"] = value
-        elif module in TOP_NAMES:
-            mapped[f"{TOP_NAMES[module]}.{leaf}"] = value
-        else:
-            raise ValueError(f"{path}: unexpected tensor {name} for a llama model; use the Hugging Face folder")
-    return mapped
+def _gguf_names(arch_name: str, num_blocks: int, model_keys: list[str]) -> dict[str, str]:
+    """mlx-lm parameter key -> GGUF tensor name, by the gguf package's TensorNameMap for the architecture."""
+    import gguf
+
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch_name)
+    table = gguf.get_tensor_name_map(arch_enum, num_blocks)
+    names = {}
+    for key in model_keys:
+        module, _, leaf = key.rpartition(".")
+        gguf_module = table.get_name(module)
+        if gguf_module is not None:
+            names[key] = f"{gguf_module}.{leaf}"
+    return names
 
 
-def quantized_bits(mapped: dict) -> dict[str, int]:
-    """Module path -> bits, for every module whose tensors arrived quantized."""
-    bits = {}
-    for key, scales in mapped.items():
-        if key.endswith(".scales"):
-            module = key[: -len(".scales")]
-            in_features = scales.shape[-1] * GGUF_GROUP_SIZE
-            # a uint32 packs 32 // bits weights, so a row of in_features weights takes in_features * bits / 32
-            bits[module] = mapped[f"{module}.weight"].shape[-1] * 32 // in_features
-    return bits
-
-
-def _raw_rows(header: GGUFHeader, info: TensorInfo, rows: int):
-    """The first `rows` rows of a tensor's bytes as stored, shape (rows, bytes per row)."""
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.constants import GGML_QUANT_SIZES
-
-    block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[info.type_name]]
-    row_bytes = info.shape[-1] // block * block_bytes
-    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=header.data_start + info.offset,
-                     shape=(rows * row_bytes,))
-    return np.array(data).reshape(rows, row_bytes)
-
-
-def _read_bf16(header: GGUFHeader, info: TensorInfo):
-    """A BF16 tensor, bit for bit (mx.load would narrow it to float16)."""
+def _held_arrays(held, key: str, heads: int | None, shift: float) -> dict:
+    """The MLX arrays of one decoded tensor under its mlx-lm key (".weight" -> triplet when quantized),
+    with llama.cpp's Q/K row permutation undone (`heads`) and Gemma's norm offset removed (`shift`)."""
     import mlx.core as mx
 
-    rows = info.shape[0] if len(info.shape) > 1 else 1
-    raw = _raw_rows(header, info, rows).view("<u2").reshape(info.shape)
-    return mx.array(raw).view(mx.bfloat16)
-
-
-def check_decoding(header: GGUFHeader, weights: dict, rows: int = 4) -> None:
-    """Compare mx.load's decoding of the first rows of one tensor per quantized type with the
-    gguf package's reference decoder; raise if they disagree (an mlx bug, e.g. Q4_1 before
-    ml-explore/mlx#3664 or Q4_K today)."""
-    import mlx.core as mx
-    import numpy as np
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
-
-    seen = set()
-    for name, info in header.tensors.items():
-        if info.type_name in FLOAT_TYPES or info.type_name in seen or len(info.shape) != 2:
-            continue
-        seen.add(info.type_name)
-        n = min(rows, info.shape[0])
-        expected = dequantize(_raw_rows(header, info, n), GGMLQuantizationType[info.type_name])
-        base = name[: -len(".weight")]
-        if f"{base}.scales" in weights:
-            w, s, b = (weights[f"{base}.{k}"][:n] for k in ("weight", "scales", "biases"))
-            bits = w.shape[-1] * 32 // (s.shape[-1] * GGUF_GROUP_SIZE)
-            got = mx.dequantize(w, s, b, group_size=GGUF_GROUP_SIZE, bits=bits)
-        else:
-            got = weights[name][:n]
-        got = np.array(got.astype(mx.float32))
-        error = float(np.max(np.abs(got - expected))) if got.shape == expected.shape else float("inf")
-        # float16 rounding of the decoded values stays near 1e-3 of the largest; a decoding bug is O(1) of it
-        if not error <= 1e-2 * float(np.max(np.abs(expected))) + 1e-6:
-            raise ValueError(f"{header.path}: mlx {getattr(mx, '__version__', '?')} decodes {info.type_name} tensors "
-                             f"wrongly ({name}: max error {error:.3g} against the gguf package's decoder); "
-                             f"upgrade mlx, or {ADVICE}")
+    module, _, leaf = key.rpartition(".")
+    arrays = {"weight": held.weight} if held.bits is None else {
+        "weight": held.weight, "scales": held.scales, "biases": held.biases}
+    if heads:  # rows are independent: packed weights, scales and biases unpermute alike
+        arrays = {k: unpermute_rows(v, heads) for k, v in arrays.items()}
+    if shift and held.bits is None:
+        arrays["weight"] = (arrays["weight"].astype(mx.float32) - shift).astype(arrays["weight"].dtype)
+    if held.bits is None:
+        return {key: arrays["weight"]}
+    return {f"{module}.{name}": value for name, value in arrays.items()}
 
 
 def load_gguf(path: str | Path):
-    """Load a llama-family GGUF as (mlx-lm llama Model, TokenizerWrapper, Hugging Face style config).
+    """Load a GGUF file as (mlx-lm Model, TokenizerWrapper, Hugging Face style config, GGUFReport).
 
-    Q4_0 / Q4_1 / Q8_0 tensors become nn.QuantizedLinear / nn.QuantizedEmbedding with their own
-    blocks (group size 32); float tensors become plain weights. The config carries
-    "quantization" (and "quantization_config") as mlx-lm writes them, so a saved copy reloads
-    with mlx_lm.utils.load.
+    Tensors whose blocks are an MLX affine form (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K) become
+    nn.QuantizedLinear / nn.QuantizedEmbedding with those exact blocks (group size 32); others
+    are held as `gguf_types.py` decides (re-quantized or float), each type's weight error in the
+    report. The config carries "quantization" as mlx-lm writes it, so a saved copy reloads with
+    mlx_lm.utils.load. Raises ValueError (one line, naming the file) for an architecture, tensor
+    type or tensor set the kit cannot load.
     """
+    import importlib
+
     import mlx.core as mx
     import mlx.nn as nn
-    from mlx_lm.models import llama
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from .gguf_types import TENSOR_TYPES, decode_tensor, reference_dequantize, relative_error
 
     header = read_header(path)
     path = header.path
+    arch = architecture_of(header)
     config = hf_config_from_header(header)
-    unsupported = {n: i.type_name for n, i in header.tensors.items() if i.type_name not in SUPPORTED_TENSOR_TYPES}
+    unsupported = {n: i.type_name for n, i in header.tensors.items() if i.type_name not in TENSOR_TYPES}
     if unsupported:
         examples = ", ".join(f"{n} ({t})" for n, t in list(unsupported.items())[:3])
-        raise ValueError(f"{path}: tensor types mlx cannot read: {examples}"
-                         f"{' and more' if len(unsupported) > 3 else ''}; supported are "
-                         f"{', '.join(SUPPORTED_TENSOR_TYPES)}. {ADVICE[0].upper()}{ADVICE[1:]}")
+        raise ValueError(f"{path}: tensor types mlx-lora cannot load: {examples}"
+                         f"{' and more' if len(unsupported) > 3 else ''}; supported are {', '.join(TENSOR_TYPES)}. "
+                         f"Use a Q4_K_M, Q5_K_M, Q6_K, Q8_0 or Q4_0 file of this model, or {HF_FOLDER_ADVICE[4:]}")
+    module = importlib.import_module(f"mlx_lm.models.{arch.model_type}")
+    model = module.Model(module.ModelArgs.from_dict(config))
+    model_keys = [k for k, _ in tree_flatten(model.parameters())]
+    names = _gguf_names(arch.name, config["num_hidden_layers"], model_keys)
+    # a tied head has no tensor of its own; mlx-lm's sanitize ties it (Gemma 3 builds lm_head either way)
+    optional = {"lm_head.weight"} if config["tie_word_embeddings"] else set()
+    model_keys = [k for k in model_keys if not (k in optional and names.get(k) not in header.tensors)]
+    missing = [k for k in model_keys if names.get(k) not in header.tensors]
+    unexpected = sorted(set(header.tensors) - set(names.values()) - set(ROPE_TENSORS))
+    if missing or unexpected:
+        parts = ([f"missing {', '.join(names.get(k, k) for k in missing[:4])}"] if missing else []) + \
+                ([f"unexpected {', '.join(unexpected[:4])}"] if unexpected else [])
+        raise ValueError(f"{path}: the tensors do not fit a {arch.name} model with this metadata "
+                         f"({'; '.join(parts)}); the file is damaged or a variant we cannot load: {HF_FOLDER_ADVICE}")
+    report = GGUFReport()
+    weights, bits = {}, {}
+    for key in model_keys:
+        info = header.tensors[names[key]]
+        shape = info.shape if len(info.shape) == 2 else (1, int(np.prod(info.shape)))
+        raw = tensor_bytes(header, info)
+        held = decode_tensor(info.type_name, raw.reshape(-1), shape)
+        if len(info.shape) != 2:
+            held.weight = held.weight.reshape(info.shape)
+        entry = report.tensor_types.setdefault(info.type_name, TensorTypeReport(held_as=held.how))
+        entry.count += 1
+        if entry.count == 1 and not held.how.startswith("native") and len(info.shape) == 2:
+            rows = min(REPORT_ROWS, shape[0])
+            sample = decode_tensor(info.type_name, raw[:rows].reshape(-1), (rows, shape[1]))
+            entry.relative_error = relative_error(sample, reference_dequantize(info.type_name, raw[:rows].reshape(-1),
+                                                                                 (rows, shape[1])))
+        module_path = key.rpartition(".")[0]
+        heads = None
+        if arch.permute_qk and key.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = config["num_attention_heads"] if ".q_proj." in key else config["num_key_value_heads"]
+        shift = arch.norm_shift if module_path.endswith("norm") else 0.0
+        weights.update(_held_arrays(held, key, heads, shift))
+        if held.bits is not None:
+            bits[module_path] = (held.bits, held.group_size)
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)  # as mlx_lm.utils.load does: ties heads, drops rope caches
+    nn.quantize(model, class_predicate=lambda p, m: {"group_size": bits[p][1], "bits": bits[p][0]} if p in bits else False)
     try:
-        weights = mx.load(str(path))
-    except RuntimeError as err:
-        raise ValueError(f"{path}: mlx could not read the tensors ({err}); {ADVICE}") from err
-    check_decoding(header, weights)
-    for name, info in header.tensors.items():
-        if info.type_name == "BF16":
-            weights[name] = _read_bf16(header, info)
-    mapped = map_weights(weights, config, path)
-    bits = quantized_bits(mapped)
-    model = llama.Model(llama.ModelArgs.from_dict(config))
-    nn.quantize(model, class_predicate=lambda p, m: {"group_size": GGUF_GROUP_SIZE, "bits": bits[p]} if p in bits else False)
-    try:
-        model.load_weights(list(mapped.items()), strict=True)
+        model.load_weights(list(weights.items()), strict=True)
     except ValueError as err:
-        raise ValueError(f"{path}: the tensors do not fit a llama model with this metadata ({err})") from err
+        raise ValueError(f"{path}: the tensors do not fit a {arch.name} model with this metadata ({err})") from err
     mx.eval(model.parameters())
     float_types = {i.type_name for i in header.tensors.values() if len(i.shape) == 2} & {"BF16", "F16"}
     config["torch_dtype"] = "bfloat16" if "BF16" in float_types else "float16" if bits or float_types else "float32"
     if bits:
-        default_bits = Counter(bits.values()).most_common(1)[0][0]
-        quantization: dict[str, Any] = {"group_size": GGUF_GROUP_SIZE, "bits": default_bits, "mode": "affine"}
+        (default_bits, default_group), _ = Counter(bits.values()).most_common(1)[0]
+        quantization: dict[str, Any] = {"group_size": default_group, "bits": default_bits, "mode": "affine"}
         # mlx-lm reads per-layer settings from here where they differ from the default (and the
         # layers left float need no entry: it quantizes only modules whose scales it finds)
-        quantization.update({p: {"group_size": GGUF_GROUP_SIZE, "bits": b, "mode": "affine"}
-                             for p, b in sorted(bits.items()) if b != default_bits})
+        quantization.update({p: {"group_size": g, "bits": b, "mode": "affine"}
+                             for p, (b, g) in sorted(bits.items()) if (b, g) != (default_bits, default_group)})
         config["quantization"] = quantization
         config["quantization_config"] = dict(quantization)
-    return model, load_gguf_tokenizer(path, header), config
+    return model, load_gguf_tokenizer(path, header), config, report

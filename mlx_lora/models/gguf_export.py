@@ -1,22 +1,25 @@
-"""GGUF export of a fused float model (llama family, f16), for Ollama and llama.cpp users.
+"""GGUF export of a fused float model (f16), for Ollama and llama.cpp users.
 
-Reading GGUF files is `gguf.py`; this is the other direction: mlx-lm tensor names become
-llama.cpp's, Q/K rows get llama.cpp's rope permutation back, and the tokenizer and chat template
-are copied from the source GGUF when there is one (or rebuilt from tokenizer.json otherwise).
+Reading GGUF files is `gguf.py`; this is the other direction, for every architecture in
+`gguf_arch.ARCHITECTURES`: mlx-lm tensor names become llama.cpp's (the gguf package's
+TensorNameMap), Q/K rows get llama.cpp's rope permutation back (llama), Gemma's norms their +1,
+and the metadata keys are those `gguf_arch.hf_config_from_header` reads. The tokenizer and chat
+template are copied from the source GGUF when there is one (or rebuilt from tokenizer.json).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable
 
-# mlx-lm llama module names -> llama.cpp GGUF tensor names.
-GGUF_BLOCK_NAMES = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-}
-GGUF_TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+from .gguf_arch import ARCHITECTURES
+
+# HF model_type -> GGUF general.architecture
+EXPORT_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
+                        "gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
+# encode(gguf_name, float32 array) -> (raw bytes as a uint8 array, GGMLQuantizationType) or None to keep float
+TensorEncoder = Callable[[str, "object"], "tuple | None"]
 
 
 def permute_rows(w, n_heads: int):
@@ -27,33 +30,93 @@ def permute_rows(w, n_heads: int):
     return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_tensor_name(key: str) -> str:
-    """mlx-lm llama parameter key -> GGUF tensor name (e.g. model.layers.3.mlp.up_proj.weight -> blk.3.ffn_up.weight)."""
-    module, _, leaf = key.rpartition(".")
-    if module.startswith("model.layers."):
-        _, _, index, part = module.split(".", 3)
-        if part in GGUF_BLOCK_NAMES:
-            return f"blk.{index}.{GGUF_BLOCK_NAMES[part]}.{leaf}"
-    elif module in GGUF_TOP_NAMES:
-        return f"{GGUF_TOP_NAMES[module]}.{leaf}"
-    raise ValueError(f"--gguf: parameter {key} has no GGUF name; only llama-family models export")
+def export_architecture(config: dict) -> str:
+    """The GGUF architecture name for a config; ValueError naming the exportable ones otherwise."""
+    arch = EXPORT_ARCHITECTURES.get(config.get("model_type", ""))
+    if arch is None:
+        raise ValueError(f"--gguf: model_type {config.get('model_type')!r} has no GGUF export here (exportable: "
+                         f"{', '.join(sorted(EXPORT_ARCHITECTURES))}); keep the Hugging Face folder")
+    return arch
 
 
 def gguf_tensors(model, config: dict) -> dict:
-    """GGUF name -> numpy array (float16 matrices, float32 vectors as llama.cpp expects)."""
+    """GGUF name -> float32 numpy array, in llama.cpp's layout (names, Q/K row order, norm offsets)."""
+    import gguf
     import mlx.core as mx
     import numpy as np
     from mlx.utils import tree_flatten
 
+    arch = ARCHITECTURES[export_architecture(config)]
+    arch_enum = next(a for a, n in gguf.MODEL_ARCH_NAMES.items() if n == arch.name)
+    table = gguf.get_tensor_name_map(arch_enum, int(config["num_hidden_layers"]))
     tensors = {}
     for key, value in tree_flatten(model.parameters()):
-        name = gguf_tensor_name(key)
-        if name.endswith(("attn_q.weight", "attn_k.weight")):
-            heads = config["num_attention_heads"] if ".attn_q." in name else config["num_key_value_heads"]
-            value = permute_rows(value, heads)
-        dtype = mx.float16 if value.ndim == 2 else mx.float32
-        tensors[name] = np.array(value.astype(dtype))
+        module, _, leaf = key.rpartition(".")
+        gguf_module = table.get_name(module)
+        if gguf_module is None:
+            raise ValueError(f"--gguf: parameter {key} has no GGUF name for {arch.name}")
+        value = np.array(value.astype(mx.float32))
+        if arch.permute_qk and module.endswith(("q_proj", "k_proj")) and leaf == "weight":
+            value = permute_rows(value, config["num_attention_heads"] if module.endswith("q_proj")
+                                 else config["num_key_value_heads"])
+        if arch.norm_shift and module.endswith("norm"):
+            value = value + arch.norm_shift
+        tensors[f"{gguf_module}.{leaf}"] = value
     return tensors
+
+
+def _write_metadata(writer, arch: str, config: dict) -> dict:
+    """The hyper-parameters `hf_config_from_header` reads back; returns extra tensors (rope factors)."""
+    import numpy as np
+    from gguf import RopeScalingType
+
+    heads = int(config["num_attention_heads"])
+    head_dim = int(config.get("head_dim") or config["hidden_size"] // heads)
+    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(config["hidden_size"]))
+    writer.add_block_count(int(config["num_hidden_layers"]))
+    writer.add_feed_forward_length(int(config["intermediate_size"]))
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(int(config.get("num_key_value_heads") or heads))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-6)))
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_vocab_size(int(config["vocab_size"]))
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(float(config.get("attn_logit_softcapping") or 50.0))
+        writer.add_final_logit_softcapping(float(config.get("final_logit_softcapping") or 30.0))
+    if arch in ("gemma2", "gemma3") and config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+    extra = {}
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    elif kind == "llama3":  # llama.cpp's converter writes the per-dimension factors as a tensor
+        factor, low, high = float(scaling["factor"]), float(scaling.get("low_freq_factor", 1.0)), float(scaling.get("high_freq_factor", 4.0))
+        original = float(scaling.get("original_max_position_embeddings", 8192))
+        wavelens = 2 * np.pi * float(config.get("rope_theta", 10000.0)) ** (np.arange(0, head_dim, 2) / head_dim)
+        smooth = (original / wavelens - low) / (high - low)
+        extra["rope_freqs.weight"] = np.where(wavelens < original / high, 1.0, np.where(
+            wavelens > original / low, factor, 1.0 / ((1 - smooth) / factor + smooth))).astype(np.float32)
+    elif kind == "longrope":
+        extra["rope_factors_long.weight"] = np.array(scaling["long_factor"], np.float32)
+        extra["rope_factors_short.weight"] = np.array(scaling["short_factor"], np.float32)
+        if config.get("original_max_position_embeddings"):
+            writer.add_key_value(f"{arch}.rope.scaling.original_context_length",
+                                 int(config["original_max_position_embeddings"]), _uint32())
+    elif kind not in (None, "default"):
+        raise ValueError(f"--gguf: rope scaling {kind!r} has no GGUF export here")
+    return extra
+
+
+def _uint32():
+    from gguf import GGUFValueType
+
+    return GGUFValueType.UINT32
 
 
 def _copy_tokenizer_fields(writer, source_gguf: Path) -> None:
@@ -101,45 +164,43 @@ def _write_bpe_tokenizer(writer, tokenizer) -> None:
         writer.add_eos_token_id(int(tokenizer.eos_token_id))
     if getattr(tokenizer, "bos_token_id", None) is not None:
         writer.add_bos_token_id(int(tokenizer.bos_token_id))
+    if getattr(tokenizer, "pad_token_id", None) is not None:
+        writer.add_pad_token_id(int(tokenizer.pad_token_id))
     writer.add_add_bos_token(False)
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
 
 
-def export_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None = None) -> Path:
-    """Write the float model as an f16 GGUF file for llama.cpp / Ollama (llama family only)."""
+def export_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None = None,
+                encode: TensorEncoder | None = None) -> Path:
+    """Write a float model as a GGUF file for llama.cpp / Ollama: matrices f16, vectors f32.
+
+    `encode` may turn a tensor into raw blocks of another GGML type (tests write K-quant files
+    this way). Raises ValueError for an architecture or rope scaling with no GGUF form.
+    """
+    import numpy as np
     from gguf import GGUFWriter, LlamaFileType
 
-    if config.get("model_type") not in ("llama", "mistral"):
-        raise ValueError(f"--gguf: model_type {config.get('model_type')!r} is not supported; only the llama family exports")
-    if config.get("rope_scaling") and config["rope_scaling"].get("type", config["rope_scaling"].get("rope_type")) not in ("linear", None):
-        raise ValueError("--gguf: this model's rope scaling is not supported by the exporter")
+    arch = export_architecture(config)
+    tensors = gguf_tensors(model, config)
     path.parent.mkdir(parents=True, exist_ok=True)
-    heads = config["num_attention_heads"]
-    writer = GGUFWriter(str(path), "llama")
+    writer = GGUFWriter(str(path), arch)
     writer.add_name(str(config.get("_name_or_path", "mlx-lora fused model")))
-    writer.add_context_length(int(config.get("max_position_embeddings", 2048)))
-    writer.add_embedding_length(int(config["hidden_size"]))
-    writer.add_block_count(int(config["num_hidden_layers"]))
-    writer.add_feed_forward_length(int(config["intermediate_size"]))
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(int(config.get("num_key_value_heads", heads)))
-    writer.add_rope_dimension_count(int(config.get("head_dim") or config["hidden_size"] // heads))
-    writer.add_layer_norm_rms_eps(float(config.get("rms_norm_eps", 1e-5)))
-    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
-    writer.add_vocab_size(int(config["vocab_size"]))
     writer.add_file_type(LlamaFileType.MOSTLY_F16)
-    if config.get("rope_scaling"):
-        from gguf import RopeScalingType
-
-        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(config["rope_scaling"]["factor"]))
+    tensors.update(_write_metadata(writer, arch, config))
     if source_gguf is not None:
         _copy_tokenizer_fields(writer, source_gguf)
     else:
         _write_bpe_tokenizer(writer, tokenizer)
-    for name, array in gguf_tensors(model, config).items():
-        writer.add_tensor(name, array)
+    for name, array in tensors.items():
+        encoded = encode(name, array) if encode is not None and array.ndim == 2 else None
+        if encoded is not None and encoded[1].name in ("F32", "F16"):
+            writer.add_tensor(name, array.astype(np.float32 if encoded[1].name == "F32" else np.float16))
+        elif encoded is not None:
+            raw, kind = encoded
+            writer.add_tensor(name, raw, raw_shape=raw.shape, raw_dtype=kind)
+        else:
+            writer.add_tensor(name, array.astype(np.float16 if array.ndim == 2 else np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

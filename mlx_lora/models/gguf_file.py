@@ -122,3 +122,42 @@ def required_key(header: GGUFHeader, key: str) -> Any:
         raise ValueError(f"{header.path}: GGUF metadata has no '{key}'; the file is incomplete or not a "
                          "llama-family model. Re-convert it with llama.cpp's convert_hf_to_gguf.py")
     return header.metadata[key]
+
+
+def tensor_bytes(header: GGUFHeader, info: TensorInfo, rows: int | None = None):
+    """A tensor's bytes as stored (uint8, shape (rows, bytes per row)); the first `rows` rows, or all.
+
+    Row size comes from ggml's block table (gguf.constants.GGML_QUANT_SIZES: weights per block,
+    bytes per block). Raises ValueError when the file is shorter than its directory says.
+    """
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.constants import GGML_QUANT_SIZES
+
+    try:
+        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[info.type_name]]
+    except KeyError as err:
+        raise ValueError(f"{header.path}: tensor {info.name} has GGML type {info.type_name}, which the gguf "
+                         "package does not know; the file is newer than this kit") from err
+    total_rows = 1
+    for dim in info.shape[:-1]:
+        total_rows *= dim
+    rows = total_rows if rows is None else min(rows, total_rows)
+    row_bytes = info.shape[-1] // block * block_bytes
+    start = header.data_start + info.offset
+    if start + rows * row_bytes > header.path.stat().st_size:
+        raise ValueError(f"{header.path}: tensor {info.name} runs past the end of the file; it is truncated, "
+                         "download it again")
+    data = np.memmap(header.path, dtype=np.uint8, mode="r", offset=start, shape=(rows * row_bytes,))
+    return np.array(data).reshape(rows, row_bytes)
+
+
+def read_float_tensor(header: GGUFHeader, name: str):
+    """A small F32 / F16 tensor (rope factors and the like) as a float32 numpy array of its shape."""
+    import numpy as np
+
+    info = header.tensors[name]
+    dtypes = {"F32": "<f4", "F16": "<f2"}
+    if info.type_name not in dtypes:
+        raise ValueError(f"{header.path}: {name} is {info.type_name}; expected F32 or F16")
+    return tensor_bytes(header, info).view(dtypes[info.type_name]).astype(np.float32).reshape(info.shape)

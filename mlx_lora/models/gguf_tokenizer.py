@@ -2,8 +2,9 @@
 
 Byte-level BPE vocabularies (`tokenizer.ggml.model` 'gpt2': llama 3, Qwen 2, SmolLM2...) are
 built here with `tokenizers`, with the pre-tokenizer llama.cpp uses for the file's
-`tokenizer.ggml.pre` (SmolLM2's splits digits one by one). Other kinds (SentencePiece) go
-through transformers, whose GGUF reader needs PyTorch.
+`tokenizer.ggml.pre` (SmolLM2's splits digits one by one). Other kinds (SentencePiece: Mistral,
+Gemma, Phi-3) are built by transformers' GGUF tokenizer builders from our metadata, which needs no
+PyTorch (its GGUF file reader does: older transformers fall back to it).
 """
 
 from __future__ import annotations
@@ -104,15 +105,39 @@ def _byte_level_tokenizer(header: GGUFHeader):
                                    pad_token=token_named("tokenizer.ggml.padding_token_id"))
 
 
+def _transformers_tokenizer(header: GGUFHeader):
+    """A non-byte-level vocabulary through transformers' GGUF tokenizer builders, fed our metadata."""
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+            _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    except ImportError:  # transformers before 5.x: its own GGUF reader (which needs PyTorch)
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(header.path.parent), gguf_file=header.path.name)
+    meta = header.metadata
+    # transformers' get_gguf_tokenizer, on metadata we have already read
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    fields, settings = grouped["tokenizer"], grouped["tokenizer_config"]
+    if fields.get("tokenizer_type") == "llama":
+        settings.setdefault("add_bos_token", True)  # llama.cpp adds BOS to a SentencePiece vocabulary by default
+    for name, key in _SPECIAL_TOKENS.items():
+        index = meta.get(f"tokenizer.ggml.{key}")
+        settings[name] = fields["tokens"][index] if index is not None else None
+    backend, _ = convert_gguf_tokenizer(meta.get("general.architecture"), fields)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **settings)
+
+
 def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
     """The tokenizer and chat template rebuilt from GGUF metadata, as an mlx-lm TokenizerWrapper.
 
     Byte-level BPE vocabularies (llama 3, Qwen 2, SmolLM2...) are rebuilt here, with the
     pre-tokenizer llama.cpp uses for the file's `tokenizer.ggml.pre`; other kinds (SentencePiece)
-    go through transformers, which needs PyTorch for them.
+    by transformers' builders. Raises ValueError (one line) for a vocabulary neither can rebuild.
     """
     from mlx_lm.tokenizer_utils import TokenizerWrapper
-    from transformers import AutoTokenizer
 
     header = header or read_header(path)
     path, meta = header.path, header.metadata
@@ -122,12 +147,14 @@ def load_gguf_tokenizer(path: str | Path, header: GGUFHeader | None = None):
         tokenizer = _byte_level_tokenizer(header)
     else:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            tokenizer = _transformers_tokenizer(header)
         except Exception as err:  # transformers raises many types for tokenizers it cannot rebuild
             hint = " (pip install torch: transformers needs it to read GGUF tokenizers)" \
                 if importlib.util.find_spec("torch") is None else ""
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
             raise ValueError(f"{path}: transformers could not rebuild the tokenizer from the GGUF metadata "
-                             f"(tokenizer.ggml.model '{model_type}'){hint}: {err}") from err
+                             f"(tokenizer.ggml.model '{model_type}'){hint}: {reason}; use the model's Hugging "
+                             "Face folder instead") from err
     if "tokenizer.chat_template" in meta:
         tokenizer.chat_template = meta["tokenizer.chat_template"]
     eos = meta.get("tokenizer.ggml.eos_token_id")

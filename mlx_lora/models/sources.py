@@ -29,6 +29,7 @@ class ModelInfo:
     kind: str  # "hf-folder" | "hub" | "gguf" | "demo"
     path: str
     hf_config: dict = field(default_factory=dict)
+    gguf_report: object | None = None  # gguf.GGUFReport: how each GGUF tensor type is held, its weight error
 
 
 def cache_dir() -> Path:
@@ -96,8 +97,12 @@ def resolve_source(source: str) -> tuple[str, Path]:
 
 
 def download_from_hub(repo_id: str) -> Path:
-    """Snapshot a hub repository (weights, config, tokenizer), preferring the local cache."""
-    from huggingface_hub import snapshot_download
+    """Snapshot a hub repository (weights, config, tokenizer), preferring the local cache.
+
+    Raises FileNotFoundError (one line: the id and the cache folder) when it is neither cached
+    nor downloadable.
+    """
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
@@ -106,31 +111,85 @@ def download_from_hub(repo_id: str) -> Path:
         pass
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS))
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise FileNotFoundError(
-            f"model: could not download {repo_id!r} from the Hugging Face hub and it is not cached: {err}. "
-            "Check the id and your network, or pass a local folder."
+            f"model: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be "
+            f"downloaded ({reason}); check the id and your network, or pass a local folder"
         ) from err
+
+
+def config_overrides(config: dict) -> dict:
+    """Fields mlx-lm needs that a config.json states another way; {} when it needs none.
+
+    transformers 5 writes rope settings under `rope_parameters` (per layer type for Gemma 3),
+    while mlx-lm reads `rope_theta` / `rope_scaling` (and `rope_local_base_freq`), falling back to
+    its own defaults, which differ from transformers' (Qwen2: 1e6 against 1e4).
+    """
+    params = config.get("rope_parameters")
+    if not isinstance(params, dict):
+        return {}
+    out: dict = {}
+    if "full_attention" in params or "sliding_attention" in params:
+        local = params.get("sliding_attention") or {}
+        if "rope_theta" in local and "rope_local_base_freq" not in config:
+            out["rope_local_base_freq"] = local["rope_theta"]
+        params = params.get("full_attention") or {}
+    if "rope_theta" in params and "rope_theta" not in config:
+        out["rope_theta"] = params["rope_theta"]
+    if params.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
+    return out
+
+
+def check_architecture(config: dict, where: str) -> None:
+    """ValueError (one line) when mlx-lm has no model for the config's model_type."""
+    import importlib
+
+    from mlx_lm.utils import MODEL_REMAPPING
+
+    model_type = config.get("model_type")
+    if not model_type:
+        raise ValueError(f"model: {where}/config.json has no model_type; it is not a transformers model folder")
+    try:
+        importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+    except ImportError:
+        raise ValueError(f"model: {where}/config.json names model_type '{model_type}', which mlx-lm "
+                         "cannot build; upgrade mlx-lm (pip install -U mlx-lm) or choose a supported model "
+                         "(llama, mistral, qwen2, qwen3, gemma2, gemma3, phi3, ...)") from None
 
 
 def load_model(source: str):
     """Load (model, tokenizer, ModelInfo) from any supported source; the model is in eval mode."""
     kind, path = resolve_source(source)
+    report = None
     if kind in ("gguf", "demo"):
         from .gguf import load_gguf
 
-        model, tokenizer, hf_config = load_gguf(path)
+        model, tokenizer, hf_config, report = load_gguf(path)
     else:
+        import json
+
         from mlx_lm.utils import load as mlx_lm_load
 
         try:
-            model, tokenizer, hf_config = mlx_lm_load(str(path), return_config=True)
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ValueError(f"model: {path}/config.json cannot be read ({err}); download the model again") from err
+        check_architecture(config, str(path))
+        try:
+            model, tokenizer, hf_config = mlx_lm_load(str(path), model_config=config_overrides(config),
+                                                      return_config=True)
         except ValueError as err:
-            raise ValueError(f"model: {path}: {err}") from err
+            raise ValueError(f"model: {path}: {str(err).splitlines()[0] if str(err) else err!r}") from err
         except FileNotFoundError as err:
             raise FileNotFoundError(f"model: {path} is incomplete: {err}") from err
+    from .compat import apply_fixes
+
+    apply_fixes(model, hf_config.get("model_type", ""))
     model.eval()
-    return model, tokenizer, ModelInfo(source=source, kind=kind, path=str(path), hf_config=dict(hf_config))
+    return model, tokenizer, ModelInfo(source=source, kind=kind, path=str(path), hf_config=dict(hf_config),
+                                       gguf_report=report)
 
 
 def load_tokenizer(source: str):
