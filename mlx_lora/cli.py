@@ -65,6 +65,8 @@ def launch_ranks(cfg, items: list[str], args) -> int:
                          "`accelerate launch --num_processes N -m mlx_lora train CONFIG` (see the README)")
     if args.hosts:
         hosts = read_hosts(args.hosts, cfg.distributed.backend)
+        if len(hosts) == 1:
+            raise ValueError(f"{args.hosts}: lists one host; data parallel needs two or more (or train without --hosts)")
         check_reachable(hosts, args.hosts)
         size = len(hosts)
     else:

@@ -3,6 +3,8 @@
 `train()` takes a prepared model and tokenized data and talks only through callbacks (see
 `report.py`). Checkpoints hold adapters, optimizer state, step and data position (dropout is
 seeded by step), so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
+Data parallelism enters through the `world` argument (`distributed.py` holds every rank-dependent
+line): a batch share per rank, averaged gradients and losses, rank-0 checkpoints.
 """
 
 from __future__ import annotations

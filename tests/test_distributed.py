@@ -100,6 +100,22 @@ def test_mismatched_versions_and_files_name_the_host():
     assert problems[1].startswith("rank 2 (mac3) has model bbb at /m") and "copy the same model" in problems[1]
 
 
+def test_ranks_with_other_inputs_are_refused_before_training_naming_the_host(monkeypatch, tmp_path):
+    from mlx_lora import launch
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    mine = launch.fingerprint(tmp_path / "model", tmp_path / "data")
+    theirs = dict(mine, host="mac2", model=launch.tree_digest(Path(__file__)))  # other model files there
+    monkeypatch.setattr(distributed, "gather_strings", lambda world, text: [text, json.dumps(theirs)])
+    with pytest.raises(ValueError, match=r"^refused before training: rank 1 \(mac2\) has model \w+ at .*model, "
+                                         r"rank 0 \(.*\) has \w+: copy the same model files to every host$"):
+        launch.check_same_inputs(World(rank=0, size=2), tmp_path / "model", tmp_path / "data")
+    monkeypatch.setattr(distributed, "gather_strings", lambda world, text: [text, text])
+    launch.check_same_inputs(World(rank=1, size=2), tmp_path / "model", tmp_path / "data")
+
+
 def test_launch_command_wraps_mlx_launch_with_the_configured_backend():
     command = launch_command(["train", "cfg.yaml", "--resume"], 2, None, "ring")
     assert Path(command[0]).name == "mlx.launch"
