@@ -7,6 +7,7 @@
 #   ./train_by_mlx.sh configs/my.yaml --hosts hosts.json   # data parallel: one process per Mac (README)
 set -euo pipefail
 cd "$(dirname "$0")"
+export MLX_LORA_STARTED_AT="${MLX_LORA_STARTED_AT:-$(date +%s.%N)}"  # for the per-phase timing line
 echo "==> checking the environment"
 PYTHON="$(python3 -m mlx_lora.bootstrap)"
 echo "==> mlx-lora train $*"

@@ -1,11 +1,20 @@
-"""Benchmark: this server against `mlx_lm.server` on the same fused model, one after the other.
+"""Benchmark: this server against `mlx_lm.server` under concurrent streaming load, and a 4-adapter mix.
 
     python bench/bench_serve.py                       # fused demo run (runs/demo/fused, fused if missing)
-    python bench/bench_serve.py --model runs/demo/fused --clients 8 --requests 20 --json bench/serve.json
+    python bench/bench_serve.py --model runs/demo/fused --clients 1,4,8 --requests 3 --json bench/serve.json
 
-Per server: decode tokens/s and time to first token of streamed greedy requests, then
-`--clients` concurrent clients x `--requests` requests each: throughput, p50/p95 latency, errors.
-Not a test: it prints a table (and JSON) to paste into the README.
+On the CPU give it a float32 folder (`mlx-lora fuse --dtype float32`): mlx_lm.server computes in
+the folder's dtype and MLX's CPU float16 matmul has no BLAS behind it, while this server widens
+to float32 at load; a float32 folder runs both at their best.
+
+For each server (both with their batching on; mlx_lm.server batches by default): N concurrent
+clients (1, 4, 8) each send `--requests` streamed greedy chat requests of `--max-tokens` tokens,
+one after another. Reported per N: aggregate generated tokens/s (content chunks over wall time),
+p50 / p95 request latency, p50 time to first token, errors. Then 8 clients spread over 4 adapters
+(random LoRA adapters made for the model, rank 8): on this server by model name in one batch,
+on mlx_lm.server by its per-request `adapters` path (it reloads on every switch), next to the same
+8 clients on one adapter. Servers run one after the other, each at its own settings. Not a test:
+it prints a table (and JSON) to paste into the README.
 """
 
 from __future__ import annotations
@@ -13,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -27,16 +35,19 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 PROMPT = [{"role": "user", "content": "Write a long story about a dragon who learns to bake bread."}]
-SHORT = [{"role": "user", "content": "Convert this date to ISO 8601: March 7, 2021"}]
 
 
-def server_command(kind: str, model: str, port: int) -> list[str]:
+def server_command(kind: str, model: str, port: int, adapters: dict[str, str]) -> list[str]:
     if kind == "mlx-lora":
-        return [sys.executable, "-m", "mlx_lora", "serve", "--model", model, "--port", str(port), "--max-tokens", "4096"]
+        command = [sys.executable, "-m", "mlx_lora", "serve", "--model", model, "--port", str(port),
+                   "--max-tokens", "4096", "--max-batch", "8"]
+        for name, folder in adapters.items():
+            command += ["--adapter", f"{name}={folder}"]
+        return command
     return [sys.executable, "-m", "mlx_lm", "server", "--model", model, "--port", str(port)]
 
 
-def start(kind: str, model: str, port: int) -> subprocess.Popen:
+def start(kind: str, model: str, port: int, adapters: dict[str, str]) -> subprocess.Popen:
     from mlx_lora.blas import find_fast_blas
 
     env = dict(os.environ)
@@ -45,9 +56,10 @@ def start(kind: str, model: str, port: int) -> subprocess.Popen:
         env["LD_PRELOAD"] = blas  # both servers get the same fast BLAS
     # The log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{kind}-", suffix=".log", delete=False)
-    proc = subprocess.Popen(server_command(kind, model, port), env=env, stdout=subprocess.DEVNULL, stderr=log, text=True)
+    proc = subprocess.Popen(server_command(kind, model, port, adapters), env=env, stdout=subprocess.DEVNULL,
+                            stderr=log, text=True)
     proc.log_path = log.name
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{kind} exited: {Path(proc.log_path).read_text()[-2000:]}")
@@ -58,72 +70,110 @@ def start(kind: str, model: str, port: int) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     proc.terminate()
-    raise RuntimeError(f"{kind} did not start within 300 s")
+    raise RuntimeError(f"{kind} did not start within 600 s")
 
 
-def stream_once(url: str, model: str, messages: list, max_tokens: int) -> dict:
-    """TTFT and decode speed of one streamed greedy request (tokens counted as content chunks)."""
-    body = {"model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "stream": True}
+def stream_once(url: str, body: dict) -> dict:
+    """One streamed request: latency, time to first token, tokens (content chunks), or the error."""
     start = time.perf_counter()
     times = []
-    with requests.post(url + "/chat/completions", json=body, stream=True, timeout=600) as response:
-        response.raise_for_status()
-        for line in response.iter_lines(decode_unicode=True):
-            if not line or not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
-                times.append(time.perf_counter())
-    ttft = times[0] - start
-    decode = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    return {"ttft_s": ttft, "decode_tps": decode, "tokens": len(times)}
-
-
-def one_request(url: str, model: str, max_tokens: int) -> tuple[float, int, str | None]:
-    start = time.perf_counter()
     try:
-        response = requests.post(url + "/chat/completions", timeout=900, json={
-            "model": model, "messages": SHORT, "max_tokens": max_tokens, "temperature": 0.0})
-        if response.status_code != 200:
-            return time.perf_counter() - start, 0, f"HTTP {response.status_code}"
-        return time.perf_counter() - start, response.json()["usage"]["completion_tokens"], None
+        with requests.post(url + "/chat/completions", json={**body, "stream": True}, stream=True, timeout=1800) as response:
+            if response.status_code != 200:
+                return {"error": f"HTTP {response.status_code}"}
+            for line in response.iter_lines(decode_unicode=True):
+                if not line or not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"error": chunk["error"].get("message", "error")}
+                if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
+                    times.append(time.perf_counter())
     except requests.RequestException as err:
-        return time.perf_counter() - start, 0, type(err).__name__
+        return {"error": type(err).__name__}
+    if not times:
+        return {"error": "no tokens"}
+    return {"latency_s": time.perf_counter() - start, "ttft_s": times[0] - start, "tokens": len(times)}
 
 
-def load_test(url: str, model: str, clients: int, per_client: int, max_tokens: int) -> dict:
+def load(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
+    """`clients` threads, each sending `per_client` requests in turn (client i uses bodies[i % len])."""
+    def client(i: int) -> list[dict]:
+        return [stream_once(url, bodies[i % len(bodies)]) for _ in range(per_client)]
+
     start = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
-        results = list(pool.map(lambda _: one_request(url, model, max_tokens), range(clients * per_client)))
+        results = [r for batch in pool.map(client, range(clients)) for r in batch]
     wall = time.perf_counter() - start
-    latencies = sorted(r[0] for r in results if r[2] is None)
-    pick = lambda q: latencies[min(len(latencies) - 1, round(q * (len(latencies) - 1)))] if latencies else None  # noqa: E731
-    return {"requests": len(results), "errors": sum(r[2] is not None for r in results), "wall_s": wall,
-            "requests_per_s": len(results) / wall, "tokens_per_s": sum(r[1] for r in results) / wall,
-            "p50_s": pick(0.5), "p95_s": pick(0.95)}
+    ok = [r for r in results if "error" not in r]
+    latencies = sorted(r["latency_s"] for r in ok)
+    pick = lambda q, xs: xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else None  # noqa: E731
+    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
+            "error_kinds": sorted({r["error"] for r in results if "error" in r}), "wall_s": wall,
+            "tokens_per_s": sum(r["tokens"] for r in ok) / wall, "p50_s": pick(0.5, latencies),
+            "p95_s": pick(0.95, latencies), "ttft_p50_s": pick(0.5, sorted(r["ttft_s"] for r in ok))}
 
 
-def bench(kind: str, model: str, args) -> dict:
+def make_adapters(model: str, folder: Path, count: int) -> dict[str, str]:
+    """`count` random rank-8 LoRA adapters (every projection, random B) for `model`, saved under `folder`."""
+    import mlx.core as mx
+
+    from mlx_lora.adapters import adapter_config, save_adapters
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.lora import apply_lora, lora_layers
+    from mlx_lora.models import load_model
+
+    adapters = {}
+    for i in range(count):
+        out = folder / f"adapter{i}"
+        if not (out / "adapters.safetensors").is_file():
+            loaded, _, _ = load_model(model)
+            lora = LoraConfig(rank=8, alpha=16)
+            keys = apply_lora(loaded, lora)
+            mx.random.seed(i)
+            for _, layer in lora_layers(loaded):
+                layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.01
+            save_adapters(out, loaded, adapter_config(lora, keys, len(loaded.layers), {"model": model}))
+        adapters[f"adapter{i}"] = str(out)
+    return adapters
+
+
+def bench(kind: str, model: str, adapters: dict[str, str], args) -> dict:
     from mlx_lora.serve.app import free_port
 
     port = free_port()
-    proc = start(kind, model, port)
+    proc = start(kind, model, port, adapters if kind == "mlx-lora" else {})
     url = f"http://127.0.0.1:{port}/v1"
+    base = {"messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0}
     try:
         # mlx_lm.server answers for the model it was started with when a request names its path
         name = requests.get(url + "/models", timeout=10).json()["data"][0]["id"] if kind == "mlx-lora" else model
-        stream_once(url, name, PROMPT, 8)  # warm-up
-        runs = [stream_once(url, name, PROMPT, args.max_tokens) for _ in range(args.repeats)]
-        result = {"server": kind, "ttft_s": statistics.median(r["ttft_s"] for r in runs),
-                  "decode_tps": statistics.median(r["decode_tps"] for r in runs),
-                  "stream_tokens": runs[0]["tokens"]}
-        if args.requests > 0:
-            result["load"] = load_test(url, name, args.clients, args.requests, args.load_max_tokens)
+        stream_once(url, {**base, "model": name, "max_tokens": 8})  # warm-up
+        result = {"server": kind, "runs": []}
+        for clients in args.clients:
+            result["runs"].append({"mix": "base", **load(url, [{**base, "model": name}], clients, args.requests)})
+            print_row(kind, result["runs"][-1])
+        if adapters:
+            if kind == "mlx-lora":
+                one = [{**base, "model": "adapter0"}]
+                mixed = [{**base, "model": n} for n in adapters]
+            else:
+                one = [{**base, "model": model, "adapters": adapters["adapter0"]}]
+                mixed = [{**base, "model": model, "adapters": path} for path in adapters.values()]
+            for mix, bodies in (("1 adapter", one), (f"{len(adapters)} adapters", mixed)):
+                result["runs"].append({"mix": mix, **load(url, bodies, 8, args.requests)})
+                print_row(kind, result["runs"][-1])
         return result
     finally:
         proc.terminate()
         proc.wait(30)
         os.unlink(proc.log_path)
+
+
+def print_row(kind: str, run: dict) -> None:
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
+    print(f"| {kind} | {run['clients']} | {run['mix']} | {fmt(run['tokens_per_s'])} | {fmt(run['p50_s'])} | "
+          f"{fmt(run['p95_s'])} | {fmt(run['ttft_p50_s'])} | {run['errors']}/{run['requests']} |", flush=True)
 
 
 def ensure_model(model: str | None) -> str:
@@ -142,25 +192,20 @@ def ensure_model(model: str | None) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="fused model folder (default: runs/demo/fused)")
-    parser.add_argument("--max-tokens", type=int, default=64, help="tokens per streamed decode request")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=20, help="requests per client in the load test (0 skips it)")
-    parser.add_argument("--load-max-tokens", type=int, default=16)
+    parser.add_argument("--max-tokens", type=int, default=32, help="tokens per streamed request")
+    parser.add_argument("--clients", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 8])
+    parser.add_argument("--requests", type=int, default=2, help="requests per client, one after another")
+    parser.add_argument("--adapters", type=int, default=4, help="random adapters for the mix (0 skips it)")
+    parser.add_argument("--adapter-dir", default=str(ROOT / "runs" / "bench-adapters"))
     parser.add_argument("--servers", default="mlx-lora,mlx_lm.server")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     model = ensure_model(args.model)
-    results = [bench(kind, model, args) for kind in args.servers.split(",")]
-    print(f"model: {model}")
-    print("| server | TTFT (s) | decode tok/s | load req/s | load tok/s | p50 (s) | p95 (s) | errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        load = r.get("load", {})
-        fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
-        print(f"| {r['server']} | {fmt(r['ttft_s'])} | {fmt(r['decode_tps'])} | {fmt(load.get('requests_per_s'))} | "
-              f"{fmt(load.get('tokens_per_s'))} | {fmt(load.get('p50_s'))} | {fmt(load.get('p95_s'))} | "
-              f"{load.get('errors', '-')}/{load.get('requests', '-')} |")
+    adapters = make_adapters(model, Path(args.adapter_dir), args.adapters) if args.adapters else {}
+    print(f"model: {model}; {args.requests} streamed requests of {args.max_tokens} tokens per client")
+    print("| server | clients | adapters | aggregate tok/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) | errors |")
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    results = [bench(kind, model, adapters, args) for kind in args.servers.split(",")]
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"model": model, "args": vars(args), "results": results}, indent=2) + "\n")
     return 0

@@ -52,17 +52,32 @@ def ensure_environment(extras: list[str]) -> str:
     stamp = install_stamp(extras)
     if python.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
         return str(python)
-    if not python.exists():
-        say(f"creating {VENV}")
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     target = "." + (f"[{','.join(extras)}]" if extras else "")
-    say(f"installing mlx-lora{target[1:]} and its dependencies into {VENV} (first run only)")
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True,
-                   stdout=sys.stderr)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", "-e", target], check=True,
-                   cwd=ROOT, stdout=sys.stderr)
+    uv = shutil.which("uv")
+    say(f"installing mlx-lora{target[1:]} and its dependencies into {VENV} with {'uv' if uv else 'pip'} (first run only)")
+    for command in install_commands(python, target, uv):
+        subprocess.run(command, check=True, cwd=ROOT, stdout=sys.stderr)
     stamp_file.write_text(stamp + "\n")
     return str(python)
+
+
+def install_commands(python: Path, target: str, uv: str | None) -> list[list[str]]:
+    """The commands that create `.venv` (if missing) and install `target` into it.
+
+    uv, when on PATH, resolves and installs several times faster than pip (a fresh first run
+    spends most of its set-up there); pip otherwise.
+    """
+    commands = []
+    if uv:
+        if not python.exists():
+            commands.append([uv, "venv", "--quiet", "--python", sys.executable, str(VENV)])
+        commands.append([uv, "pip", "install", "--quiet", "--python", str(python), "-e", target])
+        return commands
+    if not python.exists():
+        commands.append([sys.executable, "-m", "venv", str(VENV)])
+    commands.append([str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"])
+    commands.append([str(python), "-m", "pip", "install", "--quiet", "-e", target])
+    return commands
 
 
 def ensure_fast_blas() -> None:

@@ -1,7 +1,8 @@
-"""The `mlx-lora` command: train, eval, prepare, fuse, serve, convert-adapter, doctor.
+"""The `mlx-lora` command: train, plan, eval, prepare, fuse, serve, convert-adapter, doctor.
 
 Process-wide settings are made here and only here: the BLAS preload (by re-executing once
-with LD_PRELOAD on Linux) and the turning of library exceptions into one-line errors.
+with LD_PRELOAD on Linux), MLX's memory limit for training, and the turning of library
+exceptions into one-line errors.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+STARTED_ENV = "MLX_LORA_STARTED_AT"  # set by train_by_mlx.sh: when the user's command began (epoch seconds)
 REPO_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
 # Subcommands implemented by other modules, each exposing main(argv) -> int.
@@ -45,11 +47,22 @@ def cmd_train(args) -> int:
     if cfg.backend == "cuda":
         from .backends.cuda import run_training as run_cuda
 
+        if cfg.training.batch_size == "auto":
+            raise ValueError("training.batch_size: auto is planned for the MLX backend only; give a number for backend: cuda")
+
         run_cuda(cfg, resume=args.resume)
         return 0
+    from .memory.plan import guard_limit
     from .run import run_training
 
-    run_training(cfg, resume=args.resume)
+    limit = guard_limit(cfg.training.memory_limit)
+    if limit is not None:  # MLX's allocator works to stay under it; train() stops a step that passed it
+        import mlx.core as mx
+
+        mx.set_memory_limit(int(limit))
+        if mx.metal.is_available():  # keep the weights resident rather than paged out between steps
+            mx.set_wired_limit(int(min(limit, mx.metal.device_info()["max_recommended_working_set_size"])))
+    run_training(cfg, resume=args.resume, setup_s=_setup_seconds(), memory_limit=limit)
     return 0
 
 
@@ -71,6 +84,9 @@ def launch_ranks(cfg, items: list[str], args) -> int:
         size = len(hosts)
     else:
         size = args.processes
+    if cfg.training.batch_size == "auto":
+        raise ValueError("training.batch_size: auto is planned per machine; with several ranks set the global "
+                         f"batch as a number divisible by {size}")
     check_batch_size(cfg.training.batch_size, size)
     command = launch_command(["train", *items, *(["--resume"] if args.resume else [])], args.processes,
                              args.hosts, cfg.distributed.backend)
@@ -79,6 +95,31 @@ def launch_ranks(cfg, items: list[str], args) -> int:
     # checkpoint; the launcher ignores it, so it keeps relaying their output until they are done.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     return run_launcher(command)
+
+
+def cmd_plan(args) -> int:
+    import json
+
+    from .config import load_config
+    from .memory.plan import make_plan, parse_memory
+
+    memory = parse_memory(args.memory) if args.memory is not None else None
+    path, overrides = _split_config_and_overrides(args.items)
+    cfg = load_config(path or _default_config(), overrides)
+    plan = make_plan(cfg, memory, f"--memory {args.memory}" if memory else None, dequantize_path=False if args.mac else None)
+    print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
+    return 0
+
+
+def _setup_seconds() -> float | None:
+    """Seconds since the shell script started (it exports MLX_LORA_STARTED_AT, epoch seconds)."""
+    import time
+
+    started = os.environ.get(STARTED_ENV)
+    try:
+        return max(0.0, time.time() - float(started)) if started else None
+    except ValueError:
+        return None
 
 
 def cmd_eval(args) -> int:
@@ -93,6 +134,14 @@ def cmd_eval(args) -> int:
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)
     datasets, _ = load_datasets(cfg.data, tokenizer, splits=("test",))
+    if cfg.training.batch_size == "auto":  # the batch the training run chose, recorded in its folder
+        import dataclasses
+
+        import yaml
+
+        recorded = adapter_dir / "train_config.yaml"
+        batch = yaml.safe_load(recorded.read_text())["training"]["batch_size"] if recorded.is_file() else 1
+        cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=int(batch)))
     run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
     return 0
 
@@ -183,6 +232,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
     evaluate.set_defaults(func=cmd_eval)
+    plan = sub.add_parser("plan", help="predict a training step's peak memory and whether it fits (reads config.json only)")
+    plan.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
+    plan.add_argument("--memory", help="memory to fit in: 16GB, 32GB, 64GB, ... (default: this machine's; "
+                                       "on a Mac the GPU working set)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (peak_gb, fits, components, ...)")
+    plan.add_argument("--mac", action="store_true", help="plan the Apple GPU path (fused 4-bit products, checkpoint-dtype "
+                                                        "activations) from any machine")
+    plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="print device, versions, BLAS and memory")
     doctor.add_argument("--hosts", metavar="HOSTS.json",
                         help="also check that every host is reachable, joins the ring and has the same kit, model and data")

@@ -12,7 +12,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import yaml
 
@@ -36,10 +36,12 @@ def _help(text: str, **kwargs) -> dict:
 
 @dataclass(frozen=True)
 class DataConfig:
-    path: str = field(**_help("Folder holding train.jsonl, valid.jsonl and test.jsonl (relative paths resolve against the config file's folder first, then the working directory)."))
+    path: str = field(**_help("Folder holding train.jsonl (required), valid.jsonl (optional: no validation loss without it, unless `valid_fraction` carves one) and test.jsonl (needed only when `eval.enabled`). Relative paths resolve against the config file's folder first, then the working directory."))
     max_seq_length: int = field(default=512, **_help("Longest sequence in tokens; longer examples are truncated or dropped (see `overlong`)."))
     overlong: str = field(default="truncate", **_help("What to do with examples longer than max_seq_length: truncate | drop. Always counted in the summary."))
     train_on_prompt: bool = field(default=False, **_help("Compute the loss on every token, not only on assistant/completion tokens."))
+    chat_template: Optional[str] = field(default=None, **_help("A Jinja chat template file to use instead of the model's own, for training and eval (resolved like `path`)."))
+    valid_fraction: float = field(default=0.0, **_help("When the folder has no valid.jsonl: hold out this fraction of train.jsonl's rows (seeded by `seed`) for the validation loss. 0 trains without validation loss."))
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,10 @@ class LoraConfig:
 class TrainingConfig:
     iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
     epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
-    batch_size: int = field(default=4, **_help("Examples per micro-batch, across all ranks when data-parallel (each of N ranks takes batch_size / N of it; must divide)."))
-    grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step."))
+    batch_size: Union[int, str] = field(default=4, **_help("Examples per micro-batch (across all ranks when data-parallel: each of N ranks takes batch_size / N; must divide), or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
+    grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step (with batch_size: auto and effective_batch_size set, derived)."))
+    effective_batch_size: Optional[int] = field(default=None, **_help("With batch_size: auto: examples per optimizer step; the micro-batch is its largest divisor that fits and grad_accumulation = this / micro-batch. null: grad_accumulation stays, micro-batch up to 32."))
+    memory_limit: str = field(default="auto", **_help("Stop with a resumable checkpoint when a step's peak memory passes this: auto (this machine's memory as the planner sees it), a size such as 24GB, or none."))
     learning_rate: float = field(default=1e-4, **_help("Peak learning rate of AdamW."))
     lr_schedule: str = field(default="constant", **_help("constant | linear | cosine decay after warmup."))
     warmup_steps: int = field(default=0, **_help("Steps of linear warmup from 0 to learning_rate."))
@@ -100,6 +104,9 @@ class TrainingConfig:
     val_batches: int = field(default=8, **_help("Validation batches per evaluation (-1 for the whole split)."))
     save_every: int = field(default=100, **_help("Write a resumable checkpoint every N steps (0: only at the end or on interruption)."))
     keep_checkpoints: int = field(default=2, **_help("How many step checkpoints to keep."))
+    early_stop_patience: Optional[int] = field(default=None, **_help(
+        "Stop when the validation loss has not improved by 1% on its best for this many evaluations in a row "
+        "(null: run all iters/epochs). With `epochs` as the upper bound, the run length follows the data."))
 
 
 @dataclass(frozen=True)
@@ -155,13 +162,23 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(0 <= cfg.lora.dropout < 1, "lora.dropout", f"must be in [0, 1), got {cfg.lora.dropout}")
     need(cfg.lora.num_layers == -1 or cfg.lora.num_layers > 0, "lora.num_layers", f"must be -1 (all) or a positive count, got {cfg.lora.num_layers}")
     need(len(cfg.lora.target_modules) > 0, "lora.target_modules", "must name at least one module, e.g. [q_proj, v_proj]")
+    need(0 <= cfg.data.valid_fraction < 1, "data.valid_fraction", f"must be in [0, 1), got {cfg.data.valid_fraction}")
     need(cfg.data.max_seq_length >= 8, "data.max_seq_length", f"must be at least 8, got {cfg.data.max_seq_length}")
     need(cfg.quantization.group_size in (32, 64, 128), "quantization.group_size", f"must be 32, 64 or 128, got {cfg.quantization.group_size}")
     need(cfg.quantization.block_size > 0 and cfg.quantization.block_size % 2 == 0, "quantization.block_size", f"must be a positive even number, got {cfg.quantization.block_size}")
     t = cfg.training
     need(t.iters > 0, "training.iters", f"must be positive, got {t.iters}")
     need(t.epochs is None or t.epochs > 0, "training.epochs", f"must be positive or null, got {t.epochs}")
-    need(t.batch_size > 0, "training.batch_size", f"must be positive, got {t.batch_size}")
+    need(t.early_stop_patience is None or t.early_stop_patience > 0, "training.early_stop_patience",
+         f"must be a positive number of evaluations or null, got {t.early_stop_patience}")
+    need(t.early_stop_patience is None or t.steps_per_eval > 0, "training.early_stop_patience",
+         "needs validation during training: set training.steps_per_eval > 0")
+    need(t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size > 0), "training.batch_size",
+         f"must be a positive integer or auto, got {t.batch_size!r}")
+    need(t.effective_batch_size is None or t.effective_batch_size > 0, "training.effective_batch_size",
+         f"must be positive or null, got {t.effective_batch_size}")
+    need(t.memory_limit in ("auto", "none") or _is_memory_size(t.memory_limit), "training.memory_limit",
+         f"{t.memory_limit!r} is not auto, none or a size such as 16GB, 32GB, 64GB, 24GiB or 512MB")
     need(t.grad_accumulation > 0, "training.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
     need(t.learning_rate > 0, "training.learning_rate", f"must be positive, got {t.learning_rate}")
     need(t.warmup_steps >= 0, "training.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
@@ -177,6 +194,16 @@ def _check_ranges(cfg: Config) -> list[str]:
     return problems
 
 
+def _is_memory_size(text: str) -> bool:
+    from .memory.plan import parse_memory
+
+    try:
+        parse_memory(text)
+    except ValueError:
+        return False
+    return True
+
+
 # --- building dataclasses from plain data -------------------------------------------------
 
 def _type_name(tp) -> str:
@@ -190,7 +217,12 @@ def _coerce(value: Any, tp, key: str, problems: list[str]) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _coerce(value, args[0], key, problems)
+        for arg in args[:-1]:  # Union[int, str]: the first type that takes the value
+            trial: list[str] = []
+            converted = _coerce(value, arg, key, trial)
+            if not trial:
+                return converted
+        return _coerce(value, args[-1], key, problems)
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if isinstance(value, str):
@@ -323,7 +355,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         base_dir = path.resolve().parent
     data = apply_overrides(data, list(overrides))
     cfg = config_from_dict(data, source)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir)))
+    template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
+                                                             chat_template=template or None))
 
 
 def resolve_data_path(path: str, base_dir: Path) -> str:

@@ -15,10 +15,12 @@ from typing import Iterator
 
 import numpy as np
 
+from .chat import ChatTemplateError, tokenize_conversation
 from .config import DataConfig
 
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant", "tool")
+MAX_REWRITE_EXAMPLES = 5  # rows named in the summary when the chat template rewrites turns
 PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: few distinct shapes for mx.compile, little waste
 
 
@@ -35,6 +37,7 @@ class Example:
     prompt_messages: list[dict] | None = None  # for generation-based evaluation
     prompt_text: str | None = None
     reference: str | None = None
+    tools: list[dict] | None = None  # the row's tools, for the generation prompt
 
 
 @dataclass
@@ -46,11 +49,16 @@ class DataStats:
     tokens: int = 0
     target_tokens: int = 0
     lengths: list[int] = field(default_factory=list)
+    rewritten_rows: int = 0  # rows whose chat template rewrites earlier assistant turns
+    rewritten_turns: int = 0
+    rewritten_examples: list[str] = field(default_factory=list)  # "train.jsonl:3 messages[1]"
 
     def summary(self) -> dict:
         lengths = sorted(self.lengths) or [0]
         return {
             "rows": self.rows, "examples": len(self.lengths), "truncated": self.truncated,
+            "rewritten_rows": self.rewritten_rows, "rewritten_turns": self.rewritten_turns,
+            "rewritten_examples": self.rewritten_examples,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
             "tokens": self.tokens, "target_tokens": self.target_tokens,
             "max_length": lengths[-1], "median_length": lengths[len(lengths) // 2],
@@ -60,8 +68,8 @@ class DataStats:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a JSONL file; errors name the file and line."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found (data.path must hold {', '.join(s + '.jsonl' for s in SPLITS)}; "
-                        "make them with data_transform.py)")
+        raise DataError(f"{path}: file not found (data.path must hold train.jsonl; valid.jsonl and test.jsonl "
+                        "are optional; make them with data_transform.py)")
     rows = []
     with open(path, encoding="utf-8") as handle:
         for line_number, line in enumerate(handle, 1):
@@ -93,9 +101,23 @@ def _check_messages(messages, where: str) -> None:
         raise DataError(f"{where}: no assistant message, so there is nothing to learn; add one or drop the row")
 
 
+def _check_tools(row: dict, where: str) -> None:
+    """`tools` must be a list of function specs (a JSON string of one is parsed in place)."""
+    tools = row.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = row["tools"] = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{where}: 'tools' is a string but not JSON ({err.msg}); write the list itself") from None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise DataError(f"{where}: 'tools' must be a list of function specs, got {type(tools).__name__}; "
+                        "convert the file with data_transform.py")
+
+
 def row_format(row: dict, where: str) -> str:
     if "messages" in row:
         _check_messages(row["messages"], where)
+        _check_tools(row, where)
         return "chat"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
@@ -113,72 +135,76 @@ def _encode(tokenizer, text: str, first: bool) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=first))
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool, tools=None) -> str:
-    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[bool]]:
-    """Tokens of a chat with the mask set on every assistant turn (its content and end-of-turn)."""
-    # Render growing prefixes: the text between "prompt up to turn i" and "conversation up to
-    # turn i" is assistant turn i. Each piece is tokenized alone, as at inference time. The
-    # template writes any BOS itself, so no special tokens are added on top (no double BOS).
-    tokens: list[int] = []
-    mask: list[bool] = []
-    rendered = ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
-        full = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
-        if not prompt.startswith(rendered) or not full.startswith(prompt):
-            raise DataError("the chat template does not render conversations prefix by prefix; "
-                            "set data.train_on_prompt: true or use a completions dataset")
-        for piece, is_target in ((prompt[len(rendered):], False), (full[len(prompt):], True)):
-            ids = _encode(tokenizer, piece, first=False) if piece else []
-            tokens += ids
-            mask += [is_target] * len(ids)
-        rendered = full
-    tail = _render(tokenizer, messages, add_generation_prompt=False, tools=tools)[len(rendered):]
-    if tail:
-        ids = _encode(tokenizer, tail, first=False)
-        tokens += ids
-        mask += [False] * len(ids)
-    return tokens, mask
-
-
 def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def tokenize_row(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> Example:
+def row_examples(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> tuple[list[Example], list[int]]:
+    """(examples, message indices of assistant turns the chat template rewrites) of one row.
+
+    A chat row gives one example, or one more per turn that the template renders differently
+    once later turns follow (see `chat.tokenize_conversation`); other rows give one.
+    """
     eos = tokenizer.eos_token_id
+    rewritten: list[int] = []
     if fmt == "completions" and has_chat_template(tokenizer):
         row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
         fmt = "chat"
     if fmt == "chat":
-        messages = row["messages"]
-        tokens, mask = tokenize_chat(tokenizer, messages, row.get("tools"))
+        messages, tools = row["messages"], row.get("tools")
+        try:
+            chat = tokenize_conversation(tokenizer, messages, tools)
+        except ChatTemplateError as err:
+            raise DataError(str(err)) from None
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-        example = Example(tokens, mask, prompt_messages=messages[:last], reference=messages[last].get("content"))
+        examples = [Example(tokens, mask) for tokens, mask in chat.examples]
+        # Generation-based evaluation asks for the last reply once, in the full context.
+        examples[-1].prompt_messages, examples[-1].tools = messages[:last], tools
+        examples[-1].reference = messages[last].get("content")
+        rewritten = chat.rewritten
+        if chat.tools_ignored:
+            raise DataError("the row has 'tools' but the chat template renders nothing of them, so the model would "
+                            "learn tool calls without seeing the tools; use a tool-aware template (data.chat_template) "
+                            "or drop 'tools'")
     elif fmt == "completions":
         prompt = _encode(tokenizer, row["prompt"], first=True)
         completion = _encode(tokenizer, row["completion"], first=False) + [eos]
-        example = Example(prompt + completion, [False] * len(prompt) + [True] * len(completion),
-                          prompt_text=row["prompt"], reference=row["completion"])
+        examples = [Example(prompt + completion, [False] * len(prompt) + [True] * len(completion),
+                            prompt_text=row["prompt"], reference=row["completion"])]
     else:
         tokens = _encode(tokenizer, row["text"], first=True) + [eos]
-        example = Example(tokens, [True] * len(tokens))
+        examples = [Example(tokens, [True] * len(tokens))]
     if train_on_prompt:
-        example.mask = [True] * len(example.tokens)
-    return example
+        for example in examples:
+            example.mask = [True] * len(example.tokens)
+    return examples, rewritten
+
+
+def tokenize_row(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> Example:
+    """The example of one row that holds its last target (a chat's last assistant turn)."""
+    return row_examples(tokenizer, row, fmt, train_on_prompt)[0][-1]
+
+
+def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[bool]]:
+    """(tokens, mask) of a chat that the template renders prefix by prefix (one example)."""
+    chat = tokenize_conversation(tokenizer, messages, tools)
+    if len(chat.examples) != 1:
+        raise DataError(f"the chat template rewrites assistant turn(s) {chat.rewritten}; use row_examples")
+    return chat.examples[0]
 
 
 def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | None = None) -> list[Example]:
     """Tokenize one JSONL split, applying the overlong policy and counting what was changed."""
+    return tokenize_rows(path, read_jsonl(path), tokenizer, config, stats)
+
+
+def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: DataConfig,
+                  stats: DataStats | None = None) -> list[Example]:
+    """Tokenize (line number, row) pairs read from `path`, applying the overlong policy and counting."""
     stats = stats if stats is not None else DataStats()
     examples = []
     formats: dict[str, int] = {}
-    for line_number, row in read_jsonl(path):
+    for line_number, row in rows:
         where = f"{path}:{line_number}"
         fmt = row_format(row, where)
         formats.setdefault(fmt, line_number)
@@ -186,41 +212,88 @@ def load_split(path: Path, tokenizer, config: DataConfig, stats: DataStats | Non
             raise DataError(f"{path}: mixes formats ({', '.join(f'{k} at line {v}' for k, v in formats.items())}); "
                             "convert the file with data_transform.py")
         try:
-            example = tokenize_row(tokenizer, row, fmt, config.train_on_prompt)
+            row_list, rewritten = row_examples(tokenizer, row, fmt, config.train_on_prompt)
         except DataError as err:
             raise DataError(f"{where}: {err}") from err
         stats.rows += 1
-        if len(example.tokens) > config.max_seq_length:
-            if config.overlong == "drop":
-                stats.dropped_overlong += 1
+        if rewritten:
+            stats.rewritten_rows += 1
+            stats.rewritten_turns += len(rewritten)
+            if len(stats.rewritten_examples) < MAX_REWRITE_EXAMPLES:
+                stats.rewritten_examples.append(f"{path.name}:{line_number} " + ", ".join(f"messages[{i}]" for i in rewritten))
+        for example in row_list:
+            if len(example.tokens) > config.max_seq_length:
+                if config.overlong == "drop":
+                    stats.dropped_overlong += 1
+                    continue
+                stats.truncated += 1
+                example.tokens = example.tokens[: config.max_seq_length]
+                example.mask = example.mask[: config.max_seq_length]
+            # The first token is never a target (nothing predicts it), so need a target after it.
+            if not any(example.mask[1:]):
+                stats.dropped_no_target += 1
                 continue
-            stats.truncated += 1
-            example.tokens = example.tokens[: config.max_seq_length]
-            example.mask = example.mask[: config.max_seq_length]
-        # The first token is never a target (nothing predicts it), so need a target after it.
-        if not any(example.mask[1:]):
-            stats.dropped_no_target += 1
-            continue
-        stats.tokens += len(example.tokens)
-        stats.target_tokens += sum(example.mask[1:])
-        stats.lengths.append(len(example.tokens))
-        examples.append(example)
+            stats.tokens += len(example.tokens)
+            stats.target_tokens += sum(example.mask[1:])
+            stats.lengths.append(len(example.tokens))
+            examples.append(example)
     if not examples:
         raise DataError(f"{path}: every example was dropped ({stats.dropped_overlong} longer than "
                         f"data.max_seq_length={config.max_seq_length}, {stats.dropped_no_target} with no target tokens)")
     return examples
 
 
-def load_datasets(config: DataConfig, tokenizer, splits=SPLITS) -> tuple[dict[str, list[Example]], dict[str, dict]]:
-    """Tokenized examples and statistics for each requested split of `config.path`."""
+def carve_valid(rows: list[tuple[int, dict]], fraction: float, seed: int, path: Path) -> tuple[list, list]:
+    """(train rows, valid rows): `fraction` of `rows` (at least one) held out by a seeded shuffle.
+
+    The held-out rows keep their line numbers, so errors still point into train.jsonl.
+    """
+    count = max(1, int(len(rows) * fraction + 0.5))
+    if count >= len(rows):
+        raise DataError(f"{path}: {len(rows)} row(s), too few to hold out data.valid_fraction={fraction:g} "
+                        "and keep training rows; add rows, lower data.valid_fraction or add a valid.jsonl")
+    held = set(np.random.default_rng([seed, 1]).permutation(len(rows))[:count].tolist())
+    return ([r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held])
+
+
+def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0) -> tuple[dict[str, list[Example]], dict[str, dict]]:
+    """Tokenized examples and statistics for each requested split of `config.path`.
+
+    train.jsonl and test.jsonl must exist when asked for. valid.jsonl is optional: without it,
+    `config.valid_fraction` > 0 holds out that part of train.jsonl (seeded by `seed`), and 0
+    gives an empty valid split (no validation loss). `stats[split]["source"]` says which.
+    """
     folder = Path(config.path)
     if not folder.is_dir():
-        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl, valid.jsonl and test.jsonl")
+        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl "
+                        "(valid.jsonl and test.jsonl are optional; make them with data_transform.py)")
     datasets, stats = {}, {}
+    rows = {split: None for split in splits}
+    paths = {split: folder / f"{split}.jsonl" for split in splits}
+    sources = {split: f"{split}.jsonl" for split in splits}
+    if "valid" in splits and not (folder / "valid.jsonl").is_file():
+        if config.valid_fraction > 0:
+            train_path = paths["valid"] = folder / "train.jsonl"
+            rows["train"], rows["valid"] = carve_valid(read_jsonl(train_path), config.valid_fraction, seed, train_path)
+            sources["valid"] = f"{len(rows['valid'])} row(s) held out of train.jsonl (data.valid_fraction {config.valid_fraction:g})"
+            sources["train"] = "train.jsonl less the held-out rows"
+        else:
+            rows["valid"] = []
+            sources["valid"] = "none (no valid.jsonl and data.valid_fraction is 0: no validation loss)"
+    elif "valid" in splits and config.valid_fraction > 0:
+        raise DataError(f"data.valid_fraction {config.valid_fraction:g} asks to hold out part of train.jsonl, but "
+                        f"{folder / 'valid.jsonl'} exists; use one or the other (set data.valid_fraction: 0)")
     for split in splits:
         split_stats = DataStats()
-        datasets[split] = load_split(folder / f"{split}.jsonl", tokenizer, config, split_stats)
-        stats[split] = split_stats.summary()
+        path = paths[split]
+        if split == "test" and not path.is_file():
+            raise DataError(f"{path}: file not found; evaluation needs a test split: make one with "
+                            "data_transform.py --test-fraction F, or set eval.enabled: false")
+        split_rows = rows[split]
+        if split_rows is None:
+            split_rows = read_jsonl(path)
+        datasets[split] = tokenize_rows(path, split_rows, tokenizer, config, split_stats) if split_rows else []
+        stats[split] = {**split_stats.summary(), "source": sources[split]}
     return datasets, stats
 
 

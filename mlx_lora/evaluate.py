@@ -1,7 +1,11 @@
 """Evaluation on the test split: loss, perplexity and greedy exact match, base against tuned.
 
 The base model is the same model with every adapter switched off (`adapters_disabled`), so
-no second copy is loaded. Generation is batched through mlx-lm's `batch_generate`.
+no second copy is loaded. Generation is batched through mlx-lm's `batch_generate` (greedy;
+a sequence leaves the batch at its end token), with the frozen base's weights dequantized
+once for the whole evaluation on the CPU (`float_weights_kept`) instead of at every decoding
+step. Base and tuned share no prompt work: with adapters in every block (the demo's), their
+hidden states differ from the first block on, so each prompt's KV cache is their own.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ import math
 from contextlib import contextmanager
 
 from .data import Example
+from .frozen_matmul import float_weights_kept
 from .lora import lora_layers
 from .train import evaluate_loss
 
@@ -37,7 +42,8 @@ def adapters_disabled(model):
 
 def prompt_tokens(tokenizer, example: Example) -> list[int] | None:
     if example.prompt_messages is not None:
-        return list(tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True))
+        tools = {"tools": example.tools} if example.tools else {}
+        return list(tokenizer.apply_chat_template(example.prompt_messages, add_generation_prompt=True, tokenize=True, **tools))
     if example.prompt_text is not None:
         return list(tokenizer.encode(example.prompt_text))
     return None
@@ -85,10 +91,11 @@ def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int, m
                    compare_base: bool = True) -> dict:
     """{"base": {...}, "tuned": {...}} scores; `base` only when asked (adapters switched off)."""
     results = {}
-    if compare_base and lora_layers(model):
-        with adapters_disabled(model):
-            results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
-    results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+    with float_weights_kept(model):
+        if compare_base and lora_layers(model):
+            with adapters_disabled(model):
+                results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+        results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
     return results
 
 

@@ -9,10 +9,15 @@ memory grows by a float copy of the whole model. The custom VJP below instead de
 in the backward pass, and `mx.depends` ties each dequantize to the array that needs it, so the
 scheduler cannot hoist it early and the compiler cannot merge it: one layer's float weight is
 alive at a time, and the base stays 4-bit in memory during training.
+
+Generation is the opposite case: each decoding step multiplies a few rows by every weight, so
+dequantizing per call costs more than the product. `float_weights_kept(model)` dequantizes each
+frozen weight once for the length of a `with` block (a float32 copy of the base, freed after).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Sequence
 
 import mlx.core as mx
@@ -101,9 +106,74 @@ def affine_dequantizer(layer: nn.Module) -> tuple[Callable[..., mx.array], tuple
     return dequantize, arrays
 
 
+KEPT = "_mlx_lora_float_weight"  # instance attribute (not a parameter) holding a kept float32 weight
+
+
+def _dequantizer(layer: nn.Module):
+    """(dequantize, arrays) of an affine-quantized or NF4 layer, or None for a float one."""
+    if isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        return affine_dequantizer(layer)
+    if hasattr(layer, "weight_arrays") and hasattr(layer, "dequantize"):  # NF4Linear
+        return layer.dequantize, layer.weight_arrays()
+    return None
+
+
+def available_memory_bytes() -> int:
+    """Free physical memory (Linux/macOS sysconf); 0 when unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def linear_input_dims(layer: nn.Module) -> int:
+    """Input width of a quantized frozen layer (affine: packed uint32 columns * 32 // bits)."""
+    if hasattr(layer, "input_dims"):
+        return layer.input_dims
+    return layer.weight.shape[1] * 32 // layer.bits
+
+
+class float_weights_kept:
+    """Context manager: quantized frozen layers of `model` multiply by a float32 copy of their
+    weight, made once on entry and dropped on exit (CPU only; the GPU's fused product is faster).
+
+    The copies are made while they fit in `budget_bytes` (default: half the free memory), so a
+    large model keeps only some layers in float and the rest take the usual path. Results
+    equal the dequantize-per-call path up to float rounding: same weights, same products.
+    """
+
+    def __init__(self, model: nn.Module, budget_bytes: int | None = None):
+        self.layers = []
+        if not use_dequantize_path():
+            return
+        budget = available_memory_bytes() // 2 if budget_bytes is None else budget_bytes
+        for _, module in model.named_modules():
+            if _dequantizer(module) is None:
+                continue
+            size = 4 * module.weight.shape[0] * linear_input_dims(module)
+            if size <= budget:
+                self.layers.append(module)
+                budget -= size
+
+    def __enter__(self):
+        for layer in self.layers:
+            dequantize, arrays = _dequantizer(layer)
+            weight = dequantize(*arrays)
+            mx.eval(weight)
+            object.__setattr__(layer, KEPT, weight)  # an attribute, so never saved or trained
+        return self
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.__dict__.pop(KEPT, None)
+
+
 def frozen_linear(layer: nn.Module, x: mx.array) -> mx.array:
     """Apply a frozen linear layer (nn.Linear, nn.QuantizedLinear or NF4Linear) to x, output in x's dtype."""
-    if isinstance(layer, nn.QuantizedLinear):
+    kept = layer.__dict__.get(KEPT)
+    if kept is not None:
+        y = x.astype(mx.float32) @ kept.T
+    elif isinstance(layer, nn.QuantizedLinear):
         if not use_dequantize_path():
             return nn.QuantizedLinear.__call__(layer, x)
         dequantize, arrays = affine_dequantizer(layer)
@@ -151,6 +221,9 @@ class FastQuantizedEmbedding(nn.QuantizedEmbedding):
         return fast
 
     def as_linear(self, x):
+        kept = self.__dict__.get(KEPT)
+        if kept is not None:
+            return (x.astype(mx.float32) @ kept.T).astype(x.dtype)
         if not use_dequantize_path():
             return super().as_linear(x)
         dequantize, arrays = affine_dequantizer(self)

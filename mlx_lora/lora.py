@@ -63,6 +63,8 @@ class LoRALinear(nn.Module):
 
     def __call__(self, x):
         y = frozen_linear(self.linear, x)
+        if self.scale == 0:  # switched off (the base of a base-vs-tuned evaluation)
+            return y
         # Scaling the rank-wide intermediate, not the output, saves a full-width pass each way.
         z = ((self.dropout(x) @ self.lora_a) * self.scale) @ self.lora_b  # (..., out) in float32
         return y + z.astype(y.dtype)

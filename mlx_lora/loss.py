@@ -8,6 +8,12 @@ log-sum-exp, and its backward pass recomputes each chunk's logits instead of sto
 quantized head is dequantized one chunk at a time (CPU) or multiplied with `quantized_matmul`
 (GPU), so its float copy is never whole either.
 
+The head runs only at positions that carry loss (`batch_loss` with `target_positions`): in a
+chat dataset the prompt is most of each example (the demo's answers are ~18% of its tokens),
+and the head at a position without loss is work thrown away. The hidden states of the target
+positions are gathered first, so the head's cost follows the number of targets, padded to a
+multiple of `POSITION_MULTIPLE` so that `mx.compile` sees few distinct shapes.
+
 The chunked loss is used only where it provably equals the model's own: `enable_chunked_loss`
 compares both on a real example and keeps the plain path for architectures whose head does
 something else (logit soft-capping, scaling, a LoRA-adapted head).
@@ -20,11 +26,13 @@ from typing import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .frozen_matmul import affine_dequantizer, use_dequantize_path
 
 CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # float32 logits per chunk; a chunk's backward holds ~10x this
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 512, 8192
+POSITION_MULTIPLE = 32  # target counts are padded to this: few compiled shapes, little extra head work
 PROBE_TOLERANCE = 1e-4  # relative difference between the chunked and the plain loss on the probe
 
 
@@ -140,6 +148,41 @@ def masked_loss(model: nn.Module, tokens: mx.array, mask: mx.array) -> tuple[mx.
     """Mean cross-entropy over target tokens; also returns the target count."""
     ce = token_losses(model, tokens) * mask
     count = mask.sum()
+    return ce.sum() / mx.maximum(count, 1), count
+
+
+def target_positions(mask: np.ndarray, multiple: int = POSITION_MULTIPLE) -> tuple[np.ndarray, np.ndarray]:
+    """Flat indices (K,) int32 and weights (K,) float32 of the targets of a (B, T-1) mask.
+
+    K is the number of non-zero entries rounded up to `multiple`; the extra entries point at
+    position 0 with weight 0 (they cost head work but add nothing to the loss or gradients).
+    """
+    flat = np.asarray(mask, np.float32).reshape(-1)
+    found = np.flatnonzero(flat)
+    size = max(multiple, -(-len(found) // multiple) * multiple)
+    positions = np.zeros(size, np.int32)
+    weights = np.zeros(size, np.float32)
+    positions[: len(found)] = found
+    weights[: len(found)] = flat[found]
+    return positions, weights
+
+
+def batch_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array,
+               weights: mx.array) -> tuple[mx.array, mx.array]:
+    """`masked_loss`, with the output head run only at `positions` when the chunked loss is on.
+
+    tokens (B, T) int, mask (B, T-1) float; positions (K,) int32 and weights (K,) float32 from
+    `target_positions(mask)`. Returns (mean loss, target count), equal to `masked_loss`'s.
+    A model on the plain path (its head transforms the logits) ignores positions and weights.
+    """
+    head = output_head(model) if getattr(model, "chunked_loss", False) else None
+    if head is None:
+        return masked_loss(model, tokens, mask)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    hidden = model.model(inputs)  # (B, T-1, D)
+    picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (K, D)
+    ce = chunked_cross_entropy(picked, targets.reshape(-1)[positions], head) * weights
+    count = weights.sum()
     return ce.sum() / mx.maximum(count, 1), count
 
 

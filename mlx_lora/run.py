@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import platform
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -30,6 +31,10 @@ def load_base(cfg: Config):
     from .quantize import quantize_model
 
     model, tokenizer, info = load_model(cfg.model)
+    if cfg.data.chat_template:
+        from .chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     q = cfg.quantization
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
@@ -50,6 +55,31 @@ def prepare_model(cfg: Config):
     return model, tokenizer, info, quant_report, keys
 
 
+def data_splits(cfg: Config) -> tuple[str, ...]:
+    """The splits a training run reads: test.jsonl only when evaluation follows."""
+    return ("train", "valid", "test") if cfg.eval.enabled else ("train", "valid")
+
+
+def describe_data(data_stats: dict) -> list[str]:
+    """One log line per split: where it came from, its size, and what was changed."""
+    lines = []
+    for split, stats in data_stats.items():
+        if not stats["examples"]:
+            lines.append(f"data {split}: {stats['source']}")
+            continue
+        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
+            if stats["truncated"] or stats["dropped_overlong"] else ""
+        source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"
+        lines.append(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
+                     f"(longest {stats['max_length']}){changed}{source}")
+        if stats.get("rewritten_turns"):
+            lines.append(f"data {split}: the chat template rewrites {stats['rewritten_turns']} earlier assistant "
+                         f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
+                         f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
+                         "as the template renders it when generating that turn")
+    return lines
+
+
 def adapter_extra(cfg: Config, info, quant_report) -> dict:
     return {
         "model": cfg.model,
@@ -62,8 +92,53 @@ def adapter_extra(cfg: Config, info, quant_report) -> dict:
     }
 
 
-def run_training(cfg: Config, resume: bool = False) -> dict:
+def phases_line(phases: dict) -> str:
+    """One line with the seconds of each phase of a run and their total."""
+    parts = [f"{name} {seconds:.0f}s" for name, seconds in phases.items()]
+    return f"time: {', '.join(parts)} (total {sum(phases.values()):.0f}s)"
+
+
+def memory_plan(cfg: Config):
+    """The memory plan of `cfg`, printed; None (with a warning) when the model cannot be sized."""
+    from .memory.plan import make_plan
+
+    try:
+        plan = make_plan(cfg)
+    except (FileNotFoundError, ValueError) as err:
+        log(f"warning: no memory prediction was made ({err}); training runs without one")
+        return None
+    log(plan.table())
+    return plan
+
+
+def resolve_auto_batch(cfg: Config, plan, train_examples: int) -> Config:
+    """`cfg` with `batch_size: auto` replaced by the planned micro-batch and accumulation
+    (capped by the training split's size); unchanged when the batch size is a number."""
+    import dataclasses
+
+    from .memory.plan import auto_batch
+
+    t = cfg.training
+    if t.batch_size != "auto":
+        return cfg
+    if plan is None:
+        batch, accumulation = 1, (t.effective_batch_size or t.grad_accumulation)
+        log(f"batch_size auto: no prediction, so micro-batch 1 x {accumulation} accumulated")
+    else:
+        batch, accumulation = auto_batch(plan.shape, plan.settings, plan.memory, t.effective_batch_size,
+                                         largest=train_examples)
+        log(f"batch_size auto: micro-batch {batch} x {accumulation} accumulated "
+            f"(predicted peak {plan.peak / 1e9:.2f} GB at the planned batch, limit {plan.memory / 1e9:.1f} GB)")
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, batch_size=batch, grad_accumulation=accumulation))
+
+
+def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None,
+                 memory_limit: float | None = None) -> dict:
     """Train per `cfg` and write the output folder; returns the run summary.
+
+    `setup_s`: seconds spent before this call (environment set-up by the shell scripts), shown
+    in the closing per-phase timing line when given. `memory_limit` (bytes) is the memory guard
+    handed to `train` (see `memory.plan.guard_limit`).
 
     Under `mlx.launch` this is one rank of a data-parallel run: every rank trains, rank 0 alone
     writes files, reports and evaluates.
@@ -75,10 +150,16 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     from .data import load_datasets
     from .launch import check_same_inputs
     from .lora import count_trainable, transformer_blocks
-    from .train import train
+    from .train import still_improving, train
+
+    phases = {"set-up": setup_s} if setup_s is not None else {}
+    clock = time.perf_counter()
 
     world = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s,
                              tell=lambda message: print(message, file=sys.stderr, flush=True))
+    if world.size > 1 and cfg.training.batch_size == "auto":
+        raise ValueError("training.batch_size: auto is planned per machine; with several ranks set the global "
+                         f"batch as a number divisible by {world.size}")
     distributed.check_batch_size(cfg.training.batch_size, world.size)
     say = log if world.is_main else (lambda message="": None)
     out = Path(cfg.output_dir)
@@ -91,6 +172,7 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
 
     ranks = f" | {world.size} ranks ({cfg.distributed.backend})" if world.size > 1 else ""
     say(f"mlx-lora {__version__} | device {mx.default_device()}{ranks} | model {cfg.model}")
+    plan = memory_plan(cfg) if world.is_main else None
     model, tokenizer, info, quant_report, keys = prepare_model(cfg)
     check_same_inputs(world, info.path, cfg.data.path)
     blocks = transformer_blocks(model)
@@ -103,12 +185,12 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer)
-    for split, stats in data_stats.items():
-        changed = f", {stats['truncated']} truncated, {stats['dropped_overlong']} dropped as too long" \
-            if stats["truncated"] or stats["dropped_overlong"] else ""
-        say(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens "
-            f"(longest {stats['max_length']}){changed}")
+    datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats):
+        say(line)
+    if cfg.training.batch_size == "auto":
+        cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
+        write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)
@@ -121,8 +203,11 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     if not resume:
         metrics.rows = []
+    phases["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
-                    resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [], world=world)
+                    resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
+                    memory_limit=memory_limit, world=world)
     if not world.is_main:
         return summary
     save_adapters(out, model, config)
@@ -140,9 +225,24 @@ def run_training(cfg: Config, resume: bool = False) -> dict:
     log(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s, "
         f"{summary['tokens_per_second']:.0f} tok/s, peak memory {summary['peak_memory_gb']:.2f} GB; "
         f"adapters in {out}")
+    if summary["stopped_early"]:
+        log(f"stopped early at step {summary['steps']} of {summary['planned_steps']}: the validation loss had not "
+            f"improved for {cfg.training.early_stop_patience} evaluations")
+    falling = still_improving(summary["val_history"])
+    summary["val_loss_still_falling"] = falling is not None
+    if falling:
+        log(f"note: the validation loss was still falling when training stopped ({falling[0]:.3f} -> {falling[1]:.3f} "
+            "over the last evaluations); more training may help: raise training.epochs (or training.iters)")
+    phases["train"] = time.perf_counter() - clock
+    clock = time.perf_counter()
 
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
+        phases["eval"] = time.perf_counter() - clock
+    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
+        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
+    summary["phases_s"] = phases
+    log(phases_line(phases))
     write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
     return summary
 

@@ -26,11 +26,18 @@ from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
 from .distributed import LastGood, World, check_batch_size
-from .loss import enable_chunked_loss, masked_loss
+from .loss import batch_loss, enable_chunked_loss, target_positions
+
+
+EARLY_STOP_MIN_IMPROVEMENT = 0.01  # a validation loss counts as better when 1% under the best so far
 
 
 class TrainingStopped(RuntimeError):
-    """Training ended early (non-finite loss); the message says why and what was kept."""
+    """Training ended early (non-finite loss, memory); the message says why and what was kept."""
+
+
+class MemoryLimitExceeded(TrainingStopped):
+    """A step's peak memory passed the run's limit; a resumable checkpoint was written first."""
 
 
 @dataclass
@@ -81,11 +88,20 @@ def evaluate_loss(model: nn.Module, examples: list[Example], batch_size: int, ma
         enable_chunked_loss(model, mx.array([examples[0].tokens]))
     total, count = 0.0, 0.0
     for tokens, mask, _ in iterate_eval(examples, batch_size, max_batches):
-        loss, n = masked_loss(model, mx.array(tokens), mx.array(mask))
+        loss, n = batch_loss(model, mx.array(tokens), mx.array(mask), *map(mx.array, target_positions(mask)))
         mx.eval(loss, n)
         total += loss.item() * n.item()
         count += n.item()
     return total / max(count, 1)
+
+
+def still_improving(val_history: list[dict]) -> tuple[float, float] | None:
+    """(previous, last) validation loss when the last evaluation was still 1% under the one
+    before it (training stopped while the model was still getting better), else None."""
+    if len(val_history) < 2:
+        return None
+    previous, last = val_history[-2]["val_loss"], val_history[-1]["val_loss"]
+    return (previous, last) if last < previous * (1 - EARLY_STOP_MIN_IMPROVEMENT) else None
 
 
 def enable_grad_checkpoint(model: nn.Module) -> None:
@@ -134,17 +150,25 @@ class GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
-def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, weight: mx.array):
-    """`masked_loss` times this rank's share of the global batch's target tokens (1 on a single process)."""
-    loss, count = masked_loss(model, tokens, mask)
-    return loss * weight, count
+def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array, weights: mx.array,
+                  share: mx.array):
+    """`batch_loss` times this rank's share of the global batch's target tokens (1 on a single process)."""
+    loss, count = batch_loss(model, tokens, mask, positions, weights)
+    return loss * share, count
 
 
 def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
-          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), world: World | None = None) -> dict:
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), memory_limit: float | None = None,
+          world: World | None = None) -> dict:
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
+    With `config.early_stop_patience`, training ends once that many validation losses in a row
+    were not 1% under the best one (`summary["stopped_early"]`); `summary["val_history"]` lists
+    this session's validation losses.
+    `memory_limit` (bytes): the memory guard. After any step whose peak (`mx.get_peak_memory()`)
+    passed it, a checkpoint is written and MemoryLimitExceeded is raised, so the run stops before
+    a larger batch pushes the machine into swap; `--resume` continues from that checkpoint.
     `world` (distributed.init()) makes this one rank of a data-parallel run; rank 0 writes.
     """
     output_dir = Path(output_dir)
@@ -172,8 +196,8 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
-    def step_fn(tokens, mask, weight, previous_grad, do_update):
-        (loss, count), grad = loss_and_grad(model, tokens, mask, weight)
+    def step_fn(tokens, mask, positions, weights, share, previous_grad, do_update):
+        (loss, count), grad = loss_and_grad(model, tokens, mask, positions, weights, share)
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
@@ -200,6 +224,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     last_good = None
     step = start_step
     val_loss = None
+    val_history: list[tuple[int, float]] = []  # (step, validation loss) of this session
+    stale_evals = 0  # evaluations in a row without a 1% improvement on the best
+    stopped_early = False
     mx.reset_peak_memory()
 
     def save(at_step: int) -> Path | None:
@@ -227,15 +254,23 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             position_before = BatchPosition(position.epoch, position.index)
             grad = None
             step_loss, step_tokens = 0.0, 0
-            for micro in range(accumulation):
-                # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
-                mx.random.seed(world.seed(seed * 1_000_003 + step * accumulation + micro))
-                tokens, mask, n_tokens, weight = next(batches)
-                loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(weight), grad,
-                                            micro == accumulation - 1)
-                mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
-                step_loss += loss.item() / accumulation
-                step_tokens += n_tokens
+            try:
+                for micro in range(accumulation):
+                    # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
+                    mx.random.seed(world.seed(seed * 1_000_003 + step * accumulation + micro))
+                    tokens, mask, n_tokens, share = next(batches)
+                    positions, weights = target_positions(mask)
+                    loss, count, grad = step_fn(mx.array(tokens), mx.array(mask), mx.array(positions),
+                                                mx.array(weights), mx.array(share), grad, micro == accumulation - 1)
+                    mx.eval(loss, count, model.state, optimizer.state, *([grad] if grad is not None else []))
+                    step_loss += loss.item() / accumulation
+                    step_tokens += n_tokens
+            except RuntimeError as err:  # Metal refuses an allocation: the step is lost, earlier ones are kept
+                if "memory" not in str(err).lower() and "malloc" not in str(err).lower():
+                    raise
+                kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+                raise MemoryLimitExceeded(f"step {step + 1} ran out of memory ({err}); stopped ({kept}). "
+                                          "`mlx-lora plan CONFIG` lists settings that fit") from err
             if not math.isfinite(step_loss):
                 position.epoch, position.index = position_before.epoch, position_before.index
                 kept = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
@@ -245,6 +280,13 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 )
             step += 1
             world.keep(step, position, model, optimizer)
+            if memory_limit is not None and mx.get_peak_memory() > memory_limit:
+                path = save(step)
+                raise MemoryLimitExceeded(
+                    f"step {step} peaked at {mx.get_peak_memory() / 1e9:.2f} GB, over the memory limit of "
+                    f"{memory_limit / 1e9:.2f} GB (training.memory_limit); stopped with a checkpoint at {path}. "
+                    "Lower training.batch_size or data.max_seq_length, or set training.grad_checkpoint=true "
+                    "(`mlx-lora plan CONFIG` lists settings that fit), then rerun with --resume")
             window_loss += step_loss
             window_tokens += step_tokens
             window_steps += 1
@@ -253,6 +295,11 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 model.eval()
                 val_loss = evaluate_loss(model, valid_set, config.batch_size, config.val_batches)
                 model.train()
+                best = min((loss for _, loss in val_history), default=math.inf)
+                stale_evals = 0 if val_loss < best * (1 - EARLY_STOP_MIN_IMPROVEMENT) else stale_evals + 1
+                val_history.append((step, val_loss))
+                if config.early_stop_patience and stale_evals >= config.early_stop_patience and not is_last:
+                    stopped_early = is_last = True
             else:
                 val_loss = None
             if step % config.steps_per_report == 0 or is_last or val_loss is not None:
@@ -270,11 +317,16 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 window_start = time.perf_counter()
             if config.save_every and step % config.save_every == 0 and not is_last:
                 last_good = save(step)
+            stopped_early = world.any(stopped_early)  # validation runs on rank 0 only: all stop together
+            if stopped_early:
+                break
     final = save(step)
     summary = {
         "steps": step, "final_checkpoint": str(final),
         "elapsed_s": elapsed_before + time.perf_counter() - run_start,
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": val_loss,
+        "planned_steps": steps, "stopped_early": stopped_early,
+        "val_history": [{"step": s, "val_loss": v} for s, v in val_history],
     }
     for callback in callbacks:
         callback.on_end(summary)

@@ -39,7 +39,8 @@ def write_config(tmp_path, model_dir, data_dir, **sections):
 def trained_run(tiny_model_dir, tiny_data_dir, tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("cli")
     config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
-    result = mlx_lora("train", config, "training.iters=8")
+    started = str(__import__("time").time() - 5)  # as train_by_mlx.sh exports it: 5 s of set-up before the CLI
+    result = mlx_lora("train", config, "training.iters=8", env_extra={"MLX_LORA_STARTED_AT": started})
     assert result.returncode == 0, result.stderr[-3000:]
     return tmp_path / "run", result
 
@@ -62,6 +63,13 @@ def test_train_writes_the_documented_output_folder(trained_run):
     assert "held-out test set:" in result.stdout and "exact match" in result.stdout
     assert (out / "loss.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step_000006", "step_000008"]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert list(summary["phases_s"]) == ["set-up", "load", "train", "eval"]
+    assert summary["phases_s"]["set-up"] >= 5
+    last_line = result.stdout.strip().splitlines()[-1]
+    assert last_line.startswith("time: set-up ") and ", eval " in last_line and "(total " in last_line
+    assert [row["step"] for row in summary["val_history"]] == [3, 6, 8]
+    assert isinstance(summary["val_loss_still_falling"], bool) and summary["stopped_early"] is False
 
 
 def test_adapters_load_in_mlx_lm_with_identical_outputs(trained_run, tiny_model_dir):

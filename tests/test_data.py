@@ -80,8 +80,8 @@ def test_missing_and_empty_files(tmp_path, tokenizer):
     (tmp_path / "train.jsonl").write_text("\n")
     with pytest.raises(DataError, match=r"train\.jsonl: no examples \(the file is empty\)"):
         load_datasets(DataConfig(path=str(tmp_path)), tokenizer)
-    with pytest.raises(DataError, match=r"valid\.jsonl: file not found"):
-        write_jsonl(tmp_path / "train.jsonl", [{"text": "some words"}])
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "some words"}])
+    with pytest.raises(DataError, match=r"test\.jsonl: file not found; evaluation needs a test split"):
         load_datasets(DataConfig(path=str(tmp_path)), tokenizer)
 
 

@@ -126,3 +126,39 @@ def test_chunk_rows_bound_the_logits_of_a_chunk():
     assert loss.vocab_chunk_rows(256) == 2048  # 2 MB of float32 logits
     assert loss.vocab_chunk_rows(1) == loss.MAX_CHUNK_ROWS
     assert loss.vocab_chunk_rows(10**6) == loss.MIN_CHUNK_ROWS
+
+
+def test_target_positions_pad_with_zero_weight():
+    mask = np.array([[0, 1, 1, 0], [0, 0, 1, 1]], np.float32)
+    positions, weights = loss.target_positions(mask, multiple=8)
+    assert positions.tolist() == [1, 2, 6, 7, 0, 0, 0, 0]
+    assert weights.tolist() == [1, 1, 1, 1, 0, 0, 0, 0]
+    assert len(loss.target_positions(np.ones((3, 11)), multiple=8)[0]) == 40
+
+
+@pytest.mark.parametrize("tied,quantized", [(False, False), (True, True)])
+def test_head_at_target_positions_equals_full_head_loss_and_gradients(tied, quantized, small_chunks):
+    """The head run only where the mask is set gives the full-head loss and gradients."""
+    model = tiny_llama(tied, quantized)
+    rng = np.random.default_rng(4)
+    tokens = mx.array(rng.integers(0, 300, (3, 13)).astype(np.int32))
+    mask_np = np.zeros((3, 12), np.float32)
+    mask_np[:, 7:] = 1  # answers at the end, as in chat data
+    mask_np[1, 10:] = 0  # a shorter (padded) row
+    mask = mx.array(mask_np)
+    positions, weights = map(mx.array, loss.target_positions(mask_np, multiple=8))
+    assert loss.enable_chunked_loss(model, tokens[:1])
+    full, full_grads = loss_and_grads(model, tokens, mask, chunked=False)
+
+    def selected(m, t, k):
+        return loss.batch_loss(m, t, k, positions, weights)[0]
+
+    model.chunked_loss = True
+    value, grads = nn.value_and_grad(model, selected)(model, tokens, mask)
+    count = loss.batch_loss(model, tokens, mask, positions, weights)[1]
+    assert count.item() == mask_np.sum()
+    assert value.item() == pytest.approx(full, rel=1e-5)
+    grads = dict(tree_flatten(grads))
+    assert grads.keys() == full_grads.keys() and grads
+    for key in grads:
+        np.testing.assert_allclose(np.array(grads[key]), np.array(full_grads[key]), rtol=1e-3, atol=1e-6, err_msg=key)

@@ -165,4 +165,4 @@ def test_bad_csv_row(tmp_path):
     source = tmp_path / "d.csv"
     source.write_text("prompt,completion\na,b\nc,d,e\n")
     err = fails_with(tmp_path, source)
-    assert f"{source}:3:1: 3 fields but the header has 2" in err
+    assert f"{source}:3:5: 3 fields but the header has 2 (an extra field starts here)" in err

@@ -38,12 +38,12 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, magnitude: float = 0.
 
 
 @contextmanager
-def start_server(model_dir: Path, adapters: dict, **limits):
+def start_server(model_dir: Path, adapters: dict, engine_limits=None, **limits):
     """(base url, engine) of a live server on a free loopback port; stops it on exit."""
     from mlx_lora.serve.app import ServerLimits, ServerThread, create_app
     from mlx_lora.serve.engine import Engine
 
-    engine = Engine.from_source(str(model_dir), adapters, base_name="base")
+    engine = Engine.from_source(str(model_dir), adapters, base_name="base", limits=engine_limits)
     limits = {"max_tokens": 4096, "default_max_tokens": 16, **limits}
     with ServerThread(create_app(engine, ServerLimits(**limits))) as url:
         yield url, engine
@@ -221,7 +221,7 @@ def test_concurrent_clients_all_get_their_answers(server):
 
 def test_client_disconnect_stops_generation(server):
     client, engine = server
-    max_tokens = 4000
+    max_tokens = 480  # within the tiny model's 512-token context
     body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as response:
         for line in response.iter_lines():
@@ -235,10 +235,11 @@ def test_client_disconnect_stops_generation(server):
         time.sleep(0.05)
     assert done and done[-1]["finish_reason"] == "cancelled"
     assert done[-1]["completion_tokens"] < max_tokens
+    assert engine.running() == 0  # the batch slot is free again
 
 
 def test_stop_matcher_holds_back_partial_stops():
-    from mlx_lora.serve.engine import StopMatcher
+    from mlx_lora.serve.text import StopMatcher
 
     matcher = StopMatcher(["END"])
     assert matcher.feed("abcE") == ("abc", False)
@@ -259,3 +260,24 @@ def test_adapter_that_does_not_fit_is_refused(tiny_model_dir, tmp_path):
         Engine.from_source(str(tiny_model_dir), {"wrong": wrong})
     with pytest.raises(ValueError, match="adapter name"):
         Engine.from_source(str(tiny_model_dir), {"../etc": wrong})
+
+
+NULL_BODIES = json.loads((Path(__file__).parent / "cases" / "server_null_params.json").read_text())
+
+
+@pytest.mark.parametrize("case", sorted(NULL_BODIES))
+def test_null_means_default(server, case):
+    """A user's failing bodies (shared case server_null_params): `null` for an optional field is its default."""
+    client, _ = server
+    body = NULL_BODIES[case]
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    response = client.post(path, json=body)
+    assert response.status_code == 200, response.text
+    defaults = client.post(path, json={k: v for k, v in body.items() if v is not None}).json()
+    assert response.json()["choices"] == defaults["choices"]
+
+
+def test_n_above_one_is_refused_naming_n(server):
+    client, _ = server
+    response = client.post("/v1/chat/completions", json={"messages": CHAT, "n": 2})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "n"

@@ -33,8 +33,8 @@ def test_no_server_errors(api_schema, mode):
     ops = operations(api_schema)
     assert {op.path for op in ops} >= {"/v1/models", "/v1/chat/completions", "/v1/completions", "/health"}
     for op in ops:
-        if mode == GenerationMode.NEGATIVE and op.method.upper() == "GET":
-            continue  # no parameters or body: there is no invalid input to make
+        if mode == GenerationMode.NEGATIVE and op.method.upper() in ("GET", "DELETE"):
+            continue  # no body, at most a free-form name in the path: there is no invalid input to make
         @given(case=op.as_strategy(generation_mode=mode))
         @settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case):

@@ -42,3 +42,26 @@ def test_sdk_errors(sdk):
         sdk.chat.completions.create(model="missing", messages=[{"role": "user", "content": "x"}])
     with pytest.raises(openai.BadRequestError):
         sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], n=3)
+
+
+def test_logprobs_through_the_sdk(sdk):
+    messages = [{"role": "user", "content": "say hello"}]
+    chat = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=5, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 5
+    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    for entry in content:  # greedy: the chosen token is the most likely
+        assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
+        assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
+    text = sdk.completions.create(model="base", prompt="say hello", max_tokens=4, logprobs=3)
+    assert len(text.choices[0].logprobs.token_logprobs) == 4 and len(text.choices[0].logprobs.top_logprobs[0]) <= 3
+
+
+def test_prompt_cache_reports_cached_tokens(sdk):
+    messages = [{"role": "system", "content": "You answer dates in ISO 8601. " * 4}, {"role": "user", "content": "today"}]
+    first = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=4)
+    second = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=4)
+    assert second.choices[0].message.content == first.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    other = sdk.chat.completions.create(model="base", messages=messages, max_tokens=4)  # another adapter's KV is not reused
+    assert other.usage.prompt_tokens_details.cached_tokens == 0

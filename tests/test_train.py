@@ -118,3 +118,25 @@ def test_schedules_warm_up_and_decay():
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
     linear = learning_rate_schedule(TrainingConfig(learning_rate=2.0, lr_schedule="linear"), 10)
     assert linear(0).item() == pytest.approx(2.0) and linear(5).item() == pytest.approx(1.0)
+
+
+def test_early_stop_ends_when_validation_loss_stalls(tiny_model_dir, tiny_data_dir, tmp_path):
+    from dataclasses import replace
+
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    # A learning rate too small to move the loss: every evaluation after the first is stale.
+    config = replace(CONFIG, iters=40, learning_rate=1e-9, steps_per_eval=2, save_every=0, grad_accumulation=1,
+                     early_stop_patience=2)
+    summary = train(model, data["train"], data["valid"], config, tmp_path, callbacks=[Recorder()])
+    assert summary["stopped_early"] and summary["planned_steps"] == 40
+    assert summary["steps"] == 6  # evaluations at 2 (best), 4 and 6 (stale twice)
+    assert [row["step"] for row in summary["val_history"]] == [2, 4, 6]
+    assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_still_improving_says_when_validation_loss_was_falling():
+    from mlx_lora.train import still_improving
+
+    assert still_improving([{"step": 10, "val_loss": 1.0}, {"step": 20, "val_loss": 0.8}]) == (1.0, 0.8)
+    assert still_improving([{"step": 10, "val_loss": 1.0}, {"step": 20, "val_loss": 0.995}]) is None
+    assert still_improving([{"step": 10, "val_loss": 1.0}]) is None

@@ -9,15 +9,19 @@ from .mlx_format import ADAPTER_WEIGHTS, is_peft_adapter, read_adapter_config
 from .peft_format import read_peft_adapter
 
 
-def read_adapter(folder: str | Path) -> tuple[dict, LoraConfig, dict]:
-    """(raw config, LoraConfig, weights by MLX key) of an MLX or PEFT adapter folder."""
+def read_adapter(folder: str | Path, num_blocks: int | None = None) -> tuple[dict, LoraConfig, dict]:
+    """(raw config, LoraConfig, weights by MLX key) of an MLX or PEFT adapter folder.
+
+    A PEFT adapter comes in mlx-lm's form for a model of `num_blocks` blocks (any layer
+    selection becomes zero adapters on the other blocks; see `peft_layout.py`).
+    """
     import mlx.core as mx
 
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
     if is_peft_adapter(folder):
-        return read_peft_adapter(folder)
+        return read_peft_adapter(folder, num_blocks)
     raw, lora = read_adapter_config(folder)
     weights_path = folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
@@ -45,9 +49,9 @@ def load_adapters(model, folder: str | Path) -> dict:
     """
     import mlx.core as mx
 
-    from ..lora import apply_lora
+    from ..lora import apply_lora, transformer_blocks
 
-    raw, lora, weights = read_adapter(folder)
+    raw, lora, weights = read_adapter(folder, len(transformer_blocks(model)))
     apply_lora(model, lora)
     check_adapter_weights(model, weights, str(folder))
     model.load_weights(list(weights.items()), strict=False)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
-from .mlx_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, is_peft_adapter
+from .mlx_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_peft_adapter
+from .peft_layout import block_indices, block_relative_keys, mlx_from_peft_layout, peft_from_mlx_layout
 from ..checkpoints import write_json
 from ..config import LoraConfig
 
@@ -63,7 +63,6 @@ PEFT_CONFIG_DEFAULTS = {
     "rank_pattern": {},
     "alpha_pattern": {},
 }
-BLOCK_INDEX = re.compile(r"\.layers\.(\d+)\.")
 
 
 # --- key and tensor mapping -------------------------------------------------------------------
@@ -113,46 +112,19 @@ def peft_to_mlx_weights(weights: dict, module_scale: dict[str, float] | None = N
     return out
 
 
-def block_relative_keys(module_paths) -> list[str]:
-    """`model.layers.3.self_attn.q_proj` -> `self_attn.q_proj`: the form mlx-lm records in `keys`."""
-    keys = set()
-    for path in module_paths:
-        match = BLOCK_INDEX.search("." + path + ".")
-        keys.add(path[match.end() - 1:] if match else path)
-    return sorted(keys)
-
-
-def block_indices(module_paths) -> list[int]:
-    return sorted({int(m.group(1)) for p in module_paths if (m := BLOCK_INDEX.search("." + p + "."))})
-
-
-# --- scaling ----------------------------------------------------------------------------------
-
-def peft_scaling(raw: dict, rank: int | None = None, alpha: float | None = None) -> float:
-    """What PEFT multiplies B A x by: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora."""
-    rank = int(raw["r"]) if rank is None else rank
-    alpha = float(raw.get("lora_alpha", 8)) if alpha is None else alpha
-    return alpha / math.sqrt(rank) if raw.get("use_rslora") else alpha / rank
-
-
-def _pattern_value(patterns: dict, module: str):
-    """PEFT's per-module override lookup (rank_pattern/alpha_pattern): the key matches a name suffix."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return None
-
-
 # --- config translation -----------------------------------------------------------------------
 
-def peft_config_from_mlx(raw: dict, weights: dict, source: str) -> dict:
-    """A PEFT adapter_config.json for an MLX adapter (ours or mlx_lm.lora's), lora_alpha / r = its scale.
+def peft_config_from_mlx(raw: dict, weights: dict, source: str) -> tuple[dict, dict]:
+    """(PEFT adapter_config.json, MLX-keyed weights to write) for an MLX adapter (ours or mlx_lm.lora's),
+    lora_alpha / r = its scale; one converted from PEFT gets its original config and tensors back.
 
     The rank comes from the tensors; `keys` may be absent (mlx_lm.lora leaves it out when it
     adapts its default modules), so the target modules come from the tensor names too.
     """
     if raw.get("fine_tune_type", "lora") != "lora":
         raise ValueError(f"{source}: fine_tune_type {raw.get('fine_tune_type')!r} is not supported (only lora)")
+    if "peft_layout" in raw:  # converted from PEFT: give back the original selection, ranks and scalings
+        return peft_from_mlx_layout(raw, weights)
     ranks = {tuple(v.shape)[1] for k, v in weights.items() if k.endswith(".lora_a")}
     if len(ranks) != 1:
         raise ValueError(f"{source}: expected lora_a tensors of one rank, found ranks {sorted(ranks) or 'none'}")
@@ -181,7 +153,7 @@ def peft_config_from_mlx(raw: dict, weights: dict, source: str) -> dict:
         "layers_to_transform": layers_to_transform,
         "base_model_name_or_path": raw.get("base_model_name_or_path") or raw.get("model"),
     })
-    return config
+    return config, weights
 
 
 def check_peft_config(raw: dict, source: str) -> None:
@@ -199,38 +171,15 @@ def check_peft_config(raw: dict, source: str) -> None:
         raise ValueError(f"{source}: this LoRA uses options the MLX layer cannot express: " + "; ".join(problems))
 
 
-def mlx_config_from_peft(raw: dict, weights: dict, source: str) -> tuple[dict, LoraConfig, dict[str, float]]:
-    """(MLX adapter_config dict, LoraConfig, per-module lora_b factors) for PEFT config + weights.
+def mlx_config_from_peft(raw: dict, weights: dict, source: str, num_blocks: int | None = None) -> tuple[dict, LoraConfig, dict]:
+    """(MLX adapter_config dict, LoraConfig, MLX weights) for a PEFT config and its PEFT-keyed weights.
 
-    The scaling is folded into alpha so that alpha / rank equals PEFT's scaling (this covers
-    use_rslora). Per-module alpha_pattern values become factors on lora_b; a rank_pattern with
-    differing ranks is refused, since the MLX format has one rank.
+    Any layer selection, rank_pattern, alpha_pattern and use_rslora are carried exactly in
+    mlx-lm's form (see `peft_layout.py`); `num_blocks` is the model's block count, needed when
+    the adapter does not adapt every block and its base model folder is not at hand.
     """
     check_peft_config(raw, source)
-    rank = int(raw["r"])
-    rank_pattern = raw.get("rank_pattern") or {}
-    if any(int(r) != rank for r in rank_pattern.values()):
-        raise ValueError(f"{source}: rank_pattern {rank_pattern} gives modules different ranks; the MLX format "
-                         f"has one rank ({rank}), so this adapter cannot be converted")
-    module_paths = sorted({peft_key_to_mlx(k).rpartition(".")[0] for k in weights})
-    scaling = peft_scaling(raw)
-    factors = {}
-    alpha_pattern = raw.get("alpha_pattern") or {}
-    for path in module_paths:
-        module_alpha = _pattern_value(alpha_pattern, path)
-        if module_alpha is not None:
-            factors[path] = peft_scaling(raw, alpha=float(module_alpha)) / scaling
-    layers = block_indices(module_paths)
-    lora = LoraConfig(
-        rank=rank, alpha=scaling * rank, dropout=float(raw.get("lora_dropout", 0.0)),
-        target_modules=tuple(sorted({p.rsplit(".", 1)[-1] for p in module_paths})),
-        # MLX adapts the last `num_layers` blocks; PEFT's layers_to_transform names them.
-        num_layers=len(range(layers[0], layers[-1] + 1)) if raw.get("layers_to_transform") and layers else -1,
-    )
-    num_blocks = layers[-1] + 1 if layers else 0
-    extra = {"base_model_name_or_path": raw.get("base_model_name_or_path"), "converted_from": "peft"}
-    config = adapter_config(lora, block_relative_keys(module_paths), num_blocks, extra)
-    return config, lora, factors
+    return mlx_from_peft_layout(raw, peft_to_mlx_weights(weights), source, num_blocks)
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -261,14 +210,15 @@ def _save_mlx_tensors(path: Path, tensors: dict, fmt: str) -> None:
     save_safetensors(path, {k: mx.contiguous(v) for k, v in tensors.items()}, metadata={"format": fmt})
 
 
-def read_peft_adapter(folder: str | Path) -> tuple[dict, LoraConfig, dict]:
-    """(raw PEFT config, LoraConfig, weights by MLX key as mx.array) of a PEFT LoRA folder."""
+def read_peft_adapter(folder: str | Path, num_blocks: int | None = None) -> tuple[dict, LoraConfig, dict]:
+    """(raw PEFT config, LoraConfig, weights by MLX key as mx.array) of a PEFT LoRA folder, in
+    mlx-lm's form for a model of `num_blocks` blocks (see `mlx_config_from_peft`)."""
     folder = Path(folder)
     raw = _read_json(folder / PEFT_CONFIG)
     check_peft_config(raw, str(folder / PEFT_CONFIG))  # before reading tensors of an unknown layout
     peft_weights = _load_mlx_tensors(folder / PEFT_WEIGHTS)
-    _, lora, factors = mlx_config_from_peft(raw, peft_weights, str(folder))
-    return raw, lora, peft_to_mlx_weights(peft_weights, factors)
+    _, lora, weights = mlx_config_from_peft(raw, peft_weights, str(folder), num_blocks)
+    return raw, lora, weights
 
 
 def export_peft(mlx_adapter_dir: str | Path, peft_dir: str | Path) -> Path:
@@ -279,30 +229,32 @@ def export_peft(mlx_adapter_dir: str | Path, peft_dir: str | Path) -> Path:
                          f"{ADAPTER_CONFIG}); e.g. {src / 'peft'}")
     raw = _read_json(src / ADAPTER_CONFIG)
     weights = _load_mlx_tensors(src / ADAPTER_WEIGHTS)
-    config = peft_config_from_mlx(raw, weights, str(src))
+    config, weights = peft_config_from_mlx(raw, weights, str(src))
     dst.mkdir(parents=True, exist_ok=True)
     _save_mlx_tensors(dst / PEFT_WEIGHTS, mlx_to_peft_weights(weights), "pt")
     write_json(dst / PEFT_CONFIG, config)
     return dst
 
 
-def import_peft(peft_dir: str | Path, mlx_adapter_dir: str | Path) -> Path:
-    """Write the MLX form (adapters.safetensors + adapter_config.json) of a PEFT LoRA folder."""
+def import_peft(peft_dir: str | Path, mlx_adapter_dir: str | Path, num_blocks: int | None = None) -> Path:
+    """Write the MLX form (adapters.safetensors + adapter_config.json) of a PEFT LoRA folder;
+    `num_blocks` (the model's block count) is needed only when the adapter cannot tell it."""
     src, dst = Path(peft_dir), Path(mlx_adapter_dir)
     if src.resolve() == dst.resolve():
         raise ValueError(f"{dst}: write the MLX adapter to another folder than the PEFT one")
     raw = _read_json(src / PEFT_CONFIG)
     check_peft_config(raw, str(src / PEFT_CONFIG))  # before reading tensors of an unknown layout
     peft_weights = _load_mlx_tensors(src / PEFT_WEIGHTS)
-    config, _, factors = mlx_config_from_peft(raw, peft_weights, str(src))
+    config, _, weights = mlx_config_from_peft(raw, peft_weights, str(src), num_blocks)
     dst.mkdir(parents=True, exist_ok=True)
-    _save_mlx_tensors(dst / ADAPTER_WEIGHTS, peft_to_mlx_weights(peft_weights, factors), "mlx")
+    _save_mlx_tensors(dst / ADAPTER_WEIGHTS, weights, "mlx")
     write_json(dst / ADAPTER_CONFIG, config)
     return dst
 
 
-def convert_adapter(src: str | Path, dst: str | Path, to: str) -> Path:
-    """Convert an adapter folder to `to` ("peft" or "mlx"); the source format is detected."""
+def convert_adapter(src: str | Path, dst: str | Path, to: str, num_blocks: int | None = None) -> Path:
+    """Convert an adapter folder to `to` ("peft" or "mlx"); the source format is detected.
+    `num_blocks`: the base model's block count, for PEFT adapters of some blocks only."""
     src = Path(src)
     if not src.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {src}")
@@ -314,7 +266,7 @@ def convert_adapter(src: str | Path, dst: str | Path, to: str) -> Path:
     if to == "mlx":
         if not source_is_peft:
             raise ValueError(f"{src} has no {PEFT_WEIGHTS}, so it is not a PEFT adapter; use --to peft to convert an MLX one")
-        return import_peft(src, dst)
+        return import_peft(src, dst, num_blocks)
     raise ValueError(f"--to must be peft or mlx, got {to!r}")
 
 
@@ -326,9 +278,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("src", help="adapter folder (MLX: adapters.safetensors; PEFT: adapter_model.safetensors)")
     parser.add_argument("dst", help="folder to write (created if needed)")
     parser.add_argument("--to", required=True, choices=("peft", "mlx"), help="target format")
+    parser.add_argument("--num-blocks", type=int, metavar="N",
+                        help="--to mlx: the base model's number of transformer blocks (num_hidden_layers), needed "
+                             "for a PEFT adapter of some blocks only (layers_to_transform, regex target_modules) "
+                             "when its base_model_name_or_path is not a local model folder")
     args = parser.parse_args(argv)
     try:
-        out = convert_adapter(args.src, args.dst, args.to)
+        out = convert_adapter(args.src, args.dst, args.to, args.num_blocks)
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -90,6 +90,10 @@ def load_base(cfg: Config, device, dtype):
     kind, path = resolve_source(cfg.model)
     folder = float_folder_from_gguf(path) if kind in ("gguf", "demo") else path
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    if cfg.data.chat_template:
+        from ..chat import use_template_file
+
+        use_template_file(tokenizer, cfg.data.chat_template)
     quantization = None
     if cfg.quantization.mode == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
@@ -189,7 +193,7 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     from ..data import load_datasets
     from ..distributed import check_batch_size
     from ..report import MetricsWriter, ProgressBar
-    from ..run import log
+    from ..run import data_splits, describe_data, log
     from . import cuda_loop
 
     accelerator = Accelerator(cpu=device == "cpu")
@@ -215,9 +219,9 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{trainable:,} trainable parameters")
 
-    datasets, data_stats = load_datasets(cfg.data, tokenizer)
-    for split, stats in data_stats.items():
-        say(f"data {split}: {stats['examples']} examples, {stats['tokens']:,} tokens (longest {stats['max_length']})")
+    datasets, data_stats = load_datasets(cfg.data, tokenizer, data_splits(cfg), seed=cfg.seed)
+    for line in describe_data(data_stats):
+        say(line)
 
     start_step = None
     if resume:

@@ -237,7 +237,8 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
 def prompt_tokens(tokenizer, example: Example) -> list[int] | None:
     """The prompt as `data.py` tokenizes it for training (rendered template, then encoded)."""
     if example.prompt_messages is not None:
-        text = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True)
+        tools = {"tools": example.tools} if example.tools else {}
+        text = tokenizer.apply_chat_template(example.prompt_messages, tokenize=False, add_generation_prompt=True, **tools)
         return list(tokenizer.encode(text, add_special_tokens=True))
     if example.prompt_text is not None:
         return list(tokenizer.encode(example.prompt_text, add_special_tokens=True))

@@ -21,17 +21,28 @@ DESCRIPTION = """\
 Convert raw datasets into train.jsonl / valid.jsonl / test.jsonl for training.
 
 Inputs: files or folders of .jsonl, .json (an array, or an object holding one list), .csv, .tsv,
-.txt, .md, each optionally gzipped. Record formats are detected per record: Alpaca
-(instruction/input/output[/system]), ShareGPT (conversations of from/value), OpenAI chat
-(messages of role/content, tool calls kept), prompt/completion (any two columns, see
---prompt-key) and plain text. Empty records and duplicates are dropped and counted; the counts
-are printed and saved in DIR/transform_report.json.
+.txt, .md, each optionally gzipped. CSV as spreadsheets save it: the delimiter is detected
+(, ; tab |; --delimiter overrides), a byte-order mark is skipped, CRLF inside quoted cells becomes
+LF, and header names match the keys below without regard to case.
+
+Record formats are detected per record: Alpaca (instruction/input/output[/system/history/tools]),
+ShareGPT (conversations of from/value), OpenAI chat (messages of role/content, tool calls kept),
+prompt/completion (any two columns, see --prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
+turns; a top-level `system` becomes the system message. Empty records and duplicates are dropped
+and counted; fields a format does not read (e.g. an `id`) are not carried over and are named with
+their row counts. All of it is printed and saved in DIR/transform_report.json. Output lines escape
+U+2028, U+2029 and U+0085, so line-splitting readers see one row per line.
+
+The output folder is what training reads: train.jsonl always; valid.jsonl (optional: without it
+training has no validation loss, or holds out data.valid_fraction of train.jsonl) and test.jsonl
+(needed only when eval.enabled) unless their fraction is 0.
 """
 
 EPILOG = """\
 examples:
   %(prog)s alpaca.json -o data
   %(prog)s qa.csv --prompt-key question --completion-key answer -o data
+  %(prog)s export.csv --delimiter ';' --prompt-key Frage --completion-key Antwort -o data
   %(prog)s chats/ -o data --model demo --max-seq-length 1024
 """
 
@@ -45,6 +56,11 @@ def _help(name: str) -> str:
     default = field.default
     shown = "none" if default is None else ("on" if default is True else "off" if default is False else default)
     return f"{field.metadata['help']} (default: {shown})"
+
+
+def _delimiter(text: str) -> str:
+    """--delimiter value: one character, with 'tab' and '\\t' for a tab (hard to type in a shell)."""
+    return "\t" if text.lower() in ("tab", "\\t") else text
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -67,6 +83,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-key", metavar="NAME", help=_help("prompt_key"))
     parser.add_argument("--completion-key", metavar="NAME", help=_help("completion_key"))
     parser.add_argument("--text-key", metavar="NAME", help=_help("text_key"))
+    parser.add_argument("--delimiter", type=_delimiter, metavar="CHAR", help=_help("delimiter"))
     parser.add_argument("--text-unit", choices=TEXT_UNITS, help=_help("text_unit"))
     parser.add_argument("--model", metavar="SOURCE",
                         help="Tokenizer for token statistics: a local Hugging Face folder, a .gguf file, a hub id, "
@@ -95,6 +112,10 @@ def format_report(report: dict, out_dir: Path) -> str:
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    for r in report["inputs"]:
+        if r["dropped_fields"]:
+            named = ", ".join(f"{name} ({count} rows)" for name, count in r["dropped_fields"].items())
+            lines.append(f"fields not carried into the output: {r['path']}: {named}")
     for path in report["ignored_files"]:
         lines.append(f"ignored (not an input type): {path}")
     sizes = report["splits"]

@@ -11,10 +11,11 @@ from array import array
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from . import formats, stats, writer
-from .readers import RawRecord, Skipped, TransformError, expand_inputs, read_records
+from .readers import RawRecord, Skipped, TransformError, expand_inputs, input_kind, read_json, read_jsonl, read_text
+from .tables import read_csv
 
 REPORT_NAME = "transform_report.json"
 MAX_SKIP_EXAMPLES = 20  # skipped records quoted in the report per file; the counts cover all of them
@@ -33,8 +34,8 @@ class PrepareOptions:
     output_dir: Path
     input_format: str = field(default="auto", **_help("Record format of the inputs: auto (detected per record) or one of " + ", ".join(formats.INPUT_FORMATS) + "."))
     output_format: str = field(default="chat", **_help("Rows to write: chat ({messages}), completions ({prompt, completion}) or text ({text})."))
-    valid_fraction: float = field(default=0.1, **_help("Fraction of the examples for valid.jsonl (0 writes no file)."))
-    test_fraction: float = field(default=0.1, **_help("Fraction of the examples for test.jsonl (0 writes no file)."))
+    valid_fraction: float = field(default=0.1, **_help("Fraction of the examples for valid.jsonl (0 writes no file: training then runs without validation loss, or holds out data.valid_fraction of train.jsonl)."))
+    test_fraction: float = field(default=0.1, **_help("Fraction of the examples for test.jsonl (0 writes no file: then train with eval.enabled: false)."))
     seed: int = field(default=0, **_help("Seed of the shuffle before splitting (same inputs + seed = same files)."))
     system: str | None = field(default=None, **_help("System prompt added to every example that has none (completions: put before the prompt)."))
     dedupe: bool = field(default=True, **_help("Drop exact duplicates after whitespace normalisation (counted in the report)."))
@@ -44,6 +45,7 @@ class PrepareOptions:
     prompt_key: str = field(default="prompt", **_help("Field / column holding the prompt (e.g. question)."))
     completion_key: str = field(default="completion", **_help("Field / column holding the completion (e.g. answer)."))
     text_key: str = field(default="text", **_help("Field / column holding plain text."))
+    delimiter: str | None = field(default=None, **_help("Field delimiter of CSV / TSV inputs (one character; 'tab' or '\\t' for a tab). Default: detected for .csv among , ; tab |, tab for .tsv."))
     text_unit: str = field(default="document", **_help("For .txt/.md inputs, one example per: document (file), paragraph or line."))
     max_seq_length: int = field(default=512, **_help("With --model: count examples longer than this many tokens (the trainer's data.max_seq_length default)."))
 
@@ -58,6 +60,7 @@ class FileReport:
     converted: int = 0
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: list[dict] = field(default_factory=list)
+    dropped_fields: Counter = field(default_factory=Counter)  # field name -> rows whose field was left out
     _first_lines: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def skip(self, line: int, reason: str, message: str = "") -> None:
@@ -67,7 +70,8 @@ class FileReport:
 
     def to_json(self) -> dict:
         return {"path": self.path, "formats": dict(self.formats), "rows_read": self.rows_read,
-                "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples}
+                "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples,
+                "dropped_fields": dict(sorted(self.dropped_fields.items()))}
 
 
 def _validate(options: PrepareOptions) -> None:
@@ -83,6 +87,8 @@ def _validate(options: PrepareOptions) -> None:
         problems.append(f"--format {options.input_format!r}: expected auto or one of {', '.join(formats.INPUT_FORMATS)}")
     if options.output_format not in formats.OUTPUT_FORMATS:
         problems.append(f"--output-format {options.output_format!r}: expected one of {', '.join(formats.OUTPUT_FORMATS)}")
+    if options.delimiter is not None and len(options.delimiter) != 1:
+        problems.append(f"--delimiter {options.delimiter!r}: must be one character (e.g. ';', ',' or tab)")
     if options.max_seq_length < 1:
         problems.append(f"--max-seq-length {options.max_seq_length}: must be positive")
     if not options.inputs:
@@ -95,6 +101,22 @@ def _mixed_error(path: Path, first_lines: dict[str, list[int]]) -> TransformErro
     listing = "; ".join(f"{fmt} at line(s) {', '.join(map(str, lines))}" for fmt, lines in first_lines.items())
     return TransformError(f"{path}: the file mixes record formats ({listing}); give each format its own file, "
                           "or pass --format to read every record one way")
+
+
+def read_records(path: Path, encoding: str = "utf-8", skip_invalid: bool = False, text_unit: str = "document",
+                 delimiter: str | None = None, field_names: tuple[str, ...] = ()) -> Iterator[RawRecord | Skipped]:
+    """Every record of one input file, streamed (a .json file is parsed whole).
+
+    `delimiter` and `field_names` are for CSV / TSV (see `tables.read_csv`); a .tsv file defaults to tab.
+    """
+    kind = input_kind(path)
+    if kind == "jsonl":
+        return read_jsonl(path, encoding, skip_invalid)
+    if kind == "json":
+        return read_json(path, encoding, skip_invalid)
+    if kind in ("csv", "tsv"):
+        return read_csv(path, encoding, skip_invalid, delimiter or (None if kind == "csv" else "\t"), field_names)
+    return read_text(path, encoding, skip_invalid, text_unit)
 
 
 class _Run:
@@ -114,7 +136,8 @@ class _Run:
     def read_file(self, path: Path) -> FileReport:
         report = FileReport(str(path))
         options = self.options
-        for item in read_records(path, options.encoding, options.skip_invalid, options.text_unit):
+        for item in read_records(path, options.encoding, options.skip_invalid, options.text_unit,
+                                 options.delimiter, formats.field_names(self.keys)):
             report.rows_read += 1
             if isinstance(item, Skipped):
                 report.skip(item.line, item.reason, item.message)
@@ -142,25 +165,28 @@ class _Run:
                 raise _mixed_error(record.path, report._first_lines)
         row = self.converter.convert(record, fmt)
         report.formats[fmt] += 1
+        report.dropped_fields.update(formats.dropped_fields(record.value, fmt, self.keys, self.options.output_format))
         if row is None:
             report.skip(record.line, "empty", "no reply / text to learn from")
             return
         if self.options.dedupe:
             try:
-                key = hash(formats.dedupe_key(row))
+                key = hash(writer.dedupe_key(row))
             except RecursionError:
                 raise TransformError(f"{record.where()}: the record is nested too deeply; flatten it") from None
             if key in self.seen:
                 report.skip(record.line, "duplicate", "same as an earlier row after whitespace normalisation")
                 return
             self.seen.add(key)
-        line = formats.serialise(record, row)
+        line = writer.serialise(record, row)
         if self.tokenizer is not None:
             try:
                 self.lengths.append(stats.token_length(self.tokenizer, row))
+            except ValueError as err:  # a ChatTemplateError names the template's file:line
+                raise TransformError(f"{record.where()}: {err}") from None
             except Exception as err:  # noqa: BLE001 - third-party tokenizer code: report where it failed
                 raise TransformError(f"{record.where()}: the tokenizer could not encode this row "
-                                     f"({type(err).__name__}: {err})") from err
+                                     f"({type(err).__name__}: {err})") from None
         self.spool.append(line)
         report.converted += 1
 
@@ -211,8 +237,10 @@ def _skip_summary(file_reports: list[FileReport]) -> str:
 def _report(options: PrepareOptions, file_reports: list[FileReport], ignored: list[Path],
             sizes: dict[str, int], indices: dict[str, list[int]], lengths: array | None) -> dict:
     skipped: Counter = Counter()
+    dropped: Counter = Counter()
     for r in file_reports:
         skipped.update(r.skipped)
+        dropped.update(r.dropped_fields)
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
     settings["inputs"] = [str(p) for p in options.inputs]
     token_stats = None
@@ -226,7 +254,8 @@ def _report(options: PrepareOptions, file_reports: list[FileReport], ignored: li
         "inputs": [r.to_json() for r in file_reports],
         "ignored_files": [str(p) for p in ignored],
         "totals": {"rows_read": sum(r.rows_read for r in file_reports),
-                   "converted": sum(r.converted for r in file_reports), "skipped": dict(skipped)},
+                   "converted": sum(r.converted for r in file_reports), "skipped": dict(skipped),
+                   "dropped_fields": dict(sorted(dropped.items()))},
         "splits": sizes,
         "token_stats": token_stats,
     }

@@ -1,4 +1,4 @@
-"""Reading raw inputs: files and folders, gzip, encodings, JSONL / JSON / CSV / TSV / text.
+"""Reading raw inputs: files and folders, gzip, encodings, JSONL / JSON / text (CSV / TSV: `tables.py`).
 
 Each reader yields one `RawRecord` (or one `Skipped`, with `--skip-invalid`) at a time, with the
 file, line and column it came from; what the records mean is `formats.py`'s business.
@@ -325,57 +325,6 @@ def _find_list(text: str, start: int, key: str, decoder: json.JSONDecoder) -> in
         pos = _skip_ws(text, _skip_ws(text, pos) + 1)  # past ','
 
 
-def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str) -> Iterator[RawRecord | Skipped]:
-    """Rows as {header: value} dicts; the first row is the header."""
-    numbers: list[int] = []
-
-    def lines() -> Iterator[str]:
-        for item in iter_lines(path, encoding, skip_invalid):
-            if isinstance(item, Skipped):
-                skipped.append(item)
-                continue
-            numbers.append(item[0])
-            yield item[1]
-
-    skipped: list[Skipped] = []
-    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
-    header: list[str] | None = None
-    while True:
-        consumed = len(numbers)
-        try:
-            row = next(reader)
-        except StopIteration:
-            break
-        except csv.Error as err:
-            line = numbers[-1] if numbers else 1
-            message = f"{path}:{line}:1: bad CSV ({err}); check the quoting (fields with quotes, commas or newlines must be quoted)"
-            if not skip_invalid or header is None:
-                raise TransformError(message) from None
-            yield Skipped(path, line, "invalid_csv", message)
-            continue
-        yield from skipped
-        skipped.clear()
-        line = numbers[consumed] if consumed < len(numbers) else (numbers[-1] if numbers else 1)
-        if not row or all(not field.strip() for field in row):
-            continue
-        if header is None:
-            header = [name.strip() for name in row]
-            duplicated = sorted({name for name in header if header.count(name) > 1})
-            if duplicated:
-                raise TransformError(f"{path}:{line}:1: the header repeats column(s) {', '.join(map(repr, duplicated))}; "
-                                     "give every column its own name")
-            continue
-        if len(row) != len(header):
-            message = (f"{path}:{line}:1: {len(row)} fields but the header has {len(header)}; "
-                       "quote fields that contain the delimiter, or fix the row")
-            if not skip_invalid:
-                raise TransformError(message)
-            yield Skipped(path, line, "invalid_csv", message)
-            continue
-        yield RawRecord(path, line, 1, dict(zip(header, row)))
-    yield from skipped
-
-
 def read_text(path: Path, encoding: str, skip_invalid: bool, unit: str) -> Iterator[RawRecord | Skipped]:
     """Plain text: the whole file, each blank-line-separated paragraph, or each line, as one record."""
     if unit not in TEXT_UNITS:
@@ -402,17 +351,3 @@ def read_text(path: Path, encoding: str, skip_invalid: bool, unit: str) -> Itera
         block.append(text)
     if block and "\n".join(block).strip():
         yield RawRecord(path, block_line, 1, "\n".join(block))
-
-
-def read_records(path: Path, encoding: str = "utf-8", skip_invalid: bool = False,
-                 text_unit: str = "document") -> Iterator[RawRecord | Skipped]:
-    """Every record of one input file, streamed (a .json file is parsed whole)."""
-    kind = input_kind(path)
-    if kind == "jsonl":
-        return read_jsonl(path, encoding, skip_invalid)
-    if kind == "json":
-        return read_json(path, encoding, skip_invalid)
-    if kind in ("csv", "tsv"):
-        return read_csv(path, encoding, skip_invalid, "," if kind == "csv" else "\t")
-    return read_text(path, encoding, skip_invalid, text_unit)
-

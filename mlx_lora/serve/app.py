@@ -1,14 +1,13 @@
-"""The OpenAI-compatible HTTP API (FastAPI): routes, errors in OpenAI's shape, auth and body limits.
+"""The OpenAI-compatible HTTP API (FastAPI): routes, errors in OpenAI's shape, auth and limits.
 
-Generation itself is the `Engine`'s; this module turns requests into `GenerationRequest`s,
-waits on the worker's events, and writes JSON or server-sent events. `ServerThread` runs the
-app with uvicorn in a background thread (tests, benchmarks).
+Generation itself is the `Engine`'s; this module turns requests into `GenerationRequest`s and
+hands the worker's events to `responses.py` (JSON or server-sent events). `ServerThread` runs
+the app with uvicorn in a background thread (tests, benchmarks).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import secrets
@@ -17,6 +16,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 from fastapi import Depends, FastAPI, Request
@@ -25,14 +25,17 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .engine import Engine, GenerationRequest
-from .schemas import (ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest, ErrorResponse, Health,
-                      MAX_STOP_SEQUENCES, ModelCard, ModelList)
+from .responses import Collected, Reply, final_body, stream_events, wait_event
+from .sampling import SamplingParams
+from .schemas import (AdapterUpload, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
+                      ErrorResponse, Health, MAX_STOP_SEQUENCES, ModelCard, ModelList)
 
 log = logging.getLogger("mlx_lora.serve")
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-               405: "invalid_request_error", 413: "invalid_request_error", 503: "server_busy", 500: "server_error"}
-ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 500, 503)}
+RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+               404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
+               413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_busy", 500: "server_error"}
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 429, 500, 503)}
 
 
 @dataclass(frozen=True)
@@ -43,20 +46,26 @@ class ServerLimits:
     default_max_tokens: int = 512
     max_body_bytes: int = 1_000_000
     api_key: Optional[str] = None
+    adapter_dirs: tuple[str, ...] = ()  # folders POST /v1/adapters may load from (none: the endpoint is off)
 
 
 class APIError(Exception):
     """An error answered in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "invalid_request_error"),
-                      "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+def error_type(status: int) -> str:
+    return ERROR_TYPES.get(status, "invalid_request_error")
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": error_type(status), "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 class BodyLimit:
@@ -111,7 +120,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         finally:
             engine.stop()
 
-    app = FastAPI(title="mlx-lora", version="1", lifespan=lifespan,
+    app = FastAPI(title="mlx-lora", version="2", lifespan=lifespan,
                   description="OpenAI-compatible API for an MLX model and its LoRA adapters.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
     default_openapi = app.openapi
@@ -128,7 +137,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
 
     @app.exception_handler(APIError)
     async def _api_error(_request, err: APIError):
-        return error_response(err.status, err.message, err.param, err.code)
+        return error_response(err.status, err.message, err.param, err.code, err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, err: RequestValidationError):
@@ -158,12 +167,34 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
 
     @app.get("/health", response_model=Health)
     async def health():
-        return Health(models=engine.model_names(), queued=engine.queued())
+        return Health(models=engine.model_names(), queued=engine.queued(), running=engine.running())
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=[Depends(check_key)])
     async def models():
         return ModelList(data=[ModelCard(id=name, created=engine.created, owned_by="mlx-lora")
                                for name in engine.model_names()])
+
+    @app.post("/v1/adapters", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=[Depends(check_key)])
+    async def add_adapter(body: AdapterUpload):
+        folder = allowed_adapter_folder(body.path, limits.adapter_dirs)
+        try:
+            await asyncio.to_thread(engine.add_adapter, body.name, folder)
+        except (ValueError, FileNotFoundError) as err:
+            raise APIError(400, str(err), "path" if isinstance(err, FileNotFoundError) else "name"
+                           if "adapter name" in str(err) else "path", "invalid_adapter") from None
+        return await models()
+
+    @app.delete("/v1/adapters/{name}", response_model=ModelList, responses=ERROR_RESPONSES,
+                dependencies=[Depends(check_key)])
+    async def delete_adapter(name: str):
+        if name not in engine.adapters:
+            raise APIError(404, f"adapter {name!r} does not exist; adapters: {', '.join(engine.adapters) or 'none'}",
+                           "name", "model_not_found")
+        try:
+            engine.remove_adapter(name)
+        except RuntimeError as err:
+            raise APIError(409, str(err), "name", "adapter_in_use") from None
+        return await models()
 
     def common(body, max_tokens: int | None) -> GenerationRequest:
         model = body.model or engine.default_model
@@ -176,29 +207,61 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         if max_tokens is not None and max_tokens > limits.max_tokens:
             raise APIError(400, f"max_tokens: {max_tokens} is over this server's limit of {limits.max_tokens}",
                            "max_tokens", "invalid_value")
+        bias = {}
+        for key, value in (body.logit_bias or {}).items():
+            if not key.isdigit() or int(key) >= len(engine.tokenizer) or not -100 <= value <= 100:
+                raise APIError(400, f"logit_bias: {key!r}: {value} must map a token id below {len(engine.tokenizer)} "
+                                    "to a bias in [-100, 100]", "logit_bias", "invalid_value")
+            bias[int(key)] = float(value)
+        params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
+                                repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
+                                presence_penalty=body.presence_penalty, logit_bias=bias, seed=body.seed)
         return GenerationRequest(model=model, max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens),
-                                 temperature=body.temperature, top_p=body.top_p, stop=stops, seed=body.seed)
+                                 params=params, stop=stops)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
               dependencies=[Depends(check_key)])
     async def chat_completions(body: ChatCompletionRequest, request: Request):
+        from .constraints import ConstraintError, constraint_for
+
         gen = common(body, body.max_completion_tokens or body.max_tokens)
-        gen.messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
-        return await respond(gen, body, request, chat=True)
+        if body.top_logprobs and not body.logprobs:
+            raise APIError(400, "top_logprobs: needs logprobs: true", "top_logprobs", "invalid_value")
+        gen.params = SamplingParams(**{**gen.params.__dict__, "logprobs": bool(body.logprobs),
+                                       "top_logprobs": body.top_logprobs or 0})
+        gen.messages = [m.for_template() for m in body.messages]
+        if body.tools and body.tool_choice != "none":
+            if not getattr(engine.tokenizer, "has_tool_calling", False):
+                raise APIError(400, "tools: this model's chat template has no tool support (no tool-call format "
+                                    "known for it); send the request without tools", "tools", "unsupported")
+            gen.tools = [t.model_dump() for t in body.tools]
+        if body.response_format is not None and body.response_format.type != "text" or body.tool_choice not in (
+                None, "auto", "none"):
+            try:
+                compiler = await asyncio.to_thread(engine.grammar_compiler)
+                gen.constraint_factory = constraint_for(compiler, engine.tokenizer, body.response_format, gen.tools,
+                                                        body.tool_choice)
+            except ConstraintError as err:
+                raise APIError(400, str(err), err.param, "invalid_value") from None
+        return await respond(gen, body, request, chat=True, logprobs=bool(body.logprobs))
 
     @app.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES,
               dependencies=[Depends(check_key)])
     async def completions(body: CompletionRequest, request: Request):
         gen = common(body, body.max_tokens)
+        if body.echo:
+            raise APIError(400, "echo: only false is supported", "echo", "unsupported")
         if isinstance(body.prompt, list):
             if len(body.prompt) != 1:
                 raise APIError(400, "prompt: only one prompt per request is supported", "prompt", "invalid_value")
             gen.prompt = body.prompt[0]
         else:
             gen.prompt = body.prompt
-        return await respond(gen, body, request, chat=False)
+        logprobs = body.logprobs is not None
+        gen.params = SamplingParams(**{**gen.params.__dict__, "logprobs": logprobs, "top_logprobs": body.logprobs or 0})
+        return await respond(gen, body, request, chat=False, logprobs=logprobs)
 
-    async def respond(gen: GenerationRequest, body, request: Request, chat: bool):
+    async def respond(gen: GenerationRequest, body, request: Request, chat: bool, logprobs: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -211,99 +274,55 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         try:
             job = engine.submit(gen, sink)
         except queue.Full:
-            raise APIError(503, "the server is busy (request queue full); retry later", code="queue_full") from None
+            raise APIError(429, f"the server is busy ({engine.limits.max_queue} requests already wait); retry in "
+                                f"{RETRY_AFTER_S} s", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
         first = await wait_event(events, job, request)
         if first is None:
             return error_response(400, "client disconnected")
         if first[0] == "error":
             _, status, message, param = first
             raise APIError(status, message, param)
-        prompt_tokens = first[1]
-        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        created = int(time.time())
+        reply = Reply(ident=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
+                      model=gen.model, chat=chat, logprobs=logprobs, prompt_tokens=first[1],
+                      include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(stream_events(events, job, ident, created, gen.model, chat, usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts = []
+            return StreamingResponse(stream_events(events, job, reply, error_type), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        got = Collected()
         while True:
             event = await wait_event(events, job, request)
             if event is None:
                 return error_response(400, "client disconnected")
             if event[0] == "delta":
-                parts.append(event[1])
+                got.text.append(event[1])
+                got.logprobs.extend(event[2] or [])
+            elif event[0] == "tool_calls":
+                got.tool_calls = event[1]
             elif event[0] == "error":
                 raise APIError(event[1], event[2], event[3])
             elif event[0] == "done":
-                break
-        _, finish, prompt_tokens, completion_tokens = event
-        usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                 "total_tokens": prompt_tokens + completion_tokens}
-        text = "".join(parts)
-        if chat:
-            return {"id": ident, "object": "chat.completion", "created": created, "model": gen.model,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                 "finish_reason": finish, "logprobs": None}], "usage": usage}
-        return {"id": ident, "object": "text_completion", "created": created, "model": gen.model,
-                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}], "usage": usage}
+                _, finish, _, completion_tokens, cached_tokens = event
+                return final_body(reply, got, finish, completion_tokens, cached_tokens)
 
     return app
 
 
-async def wait_event(events: asyncio.Queue, job, request: Request):
-    """The next worker event, or None (and the job cancelled) when the client has disconnected."""
-    while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                job.cancel()
-                return None
-        except asyncio.CancelledError:
-            job.cancel()
-            raise
+def allowed_adapter_folder(path: str, roots: tuple[str, ...]) -> Path:
+    """`path` resolved, when it lies inside one of `roots` (symlinks followed); else APIError 403/400.
 
-
-def _sse(payload: dict) -> str:
-    return f"data: {json.dumps(payload)}\n\n"
-
-
-async def stream_events(events: asyncio.Queue, job, ident: str, created: int, model: str, chat: bool, include_usage: bool):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; cancels on disconnect."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(content: str | None, finish: str | None, role: bool = False) -> dict:
-        if chat:
-            delta = ({"role": "assistant", "content": ""} if role else {}) | ({"content": content} if content else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        else:
-            choice = {"index": 0, "text": content or "", "finish_reason": finish, "logprobs": None}
-        return {"id": ident, "object": kind, "created": created, "model": model, "choices": [choice]}
-
-    try:
-        if chat:
-            yield _sse(chunk(None, None, role=True))
-        while True:
-            event = await events.get()
-            if event[0] == "delta":
-                yield _sse(chunk(event[1], None))
-            elif event[0] == "error":
-                _, status, message, param = event
-                yield _sse({"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                                      "param": param, "code": None}})
-                break
-            elif event[0] == "done":
-                _, finish, prompt_tokens, completion_tokens = event
-                yield _sse(chunk(None, finish))
-                if include_usage:
-                    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                             "total_tokens": prompt_tokens + completion_tokens}
-                    yield _sse({"id": ident, "object": kind, "created": created, "model": model,
-                                "choices": [], "usage": usage})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancel()  # a no-op when finished; stops generation when the client went away
+    Relative paths are taken inside each root in turn; nothing outside the roots is ever opened.
+    """
+    if not roots:
+        raise APIError(403, "adding adapters at run time is off: start the server with adapter_dirs "
+                            "(--adapter-dir DIR) to allow folders", "path", "adapters_disabled")
+    for root in roots:
+        base = Path(root).resolve()
+        candidate = (base / path).resolve()
+        if candidate.is_relative_to(base):
+            if candidate.is_dir():
+                return candidate
+    raise APIError(400, f"path: {path!r} is not an adapter folder inside the allowed adapter_dirs "
+                        f"({', '.join(roots)})", "path", "invalid_path")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

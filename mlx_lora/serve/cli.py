@@ -36,7 +36,14 @@ class ServeConfig:
     max_tokens: int = field(default=2048, **_help("Largest max_tokens a request may ask for."))
     default_max_tokens: int = field(default=512, **_help("max_tokens when a request gives none."))
     max_body_bytes: int = field(default=1_000_000, **_help("Largest request body; larger ones get 413."))
-    max_queue: int = field(default=256, **_help("Requests waiting for the worker before new ones get 503."))
+    max_queue: int = field(default=256, **_help("Requests waiting for a batch slot before new ones get 429 with Retry-After."))
+    max_batch: int = field(default=8, **_help("Sequences decoding together in one batch (continuous batching)."))
+    max_context: int = field(default=8192, **_help("Most prompt + completion tokens of one request (also capped by the model's context); more get 400."))
+    prefill_chunk: int = field(default=512, **_help("Prompt tokens per sequence read between two decode steps, so long prompts do not stall streams."))
+    prompt_cache_size: int = field(default=16, **_help("KV prefixes kept per (adapter, tokens) for reuse by later requests; 0 turns the prompt cache off."))
+    prompt_cache_bytes: int = field(default=1 << 30, **_help("Memory bound of the prompt cache in bytes."))
+    adapter_dirs: tuple[str, ...] = field(default=(), **_help("Folders POST /v1/adapters may load adapters from (nothing else is opened); none: the endpoint is off."))
+    float_weights: str = field(default="auto", **_help("Quantized base on CPU: `float` keeps float32 copies (fast decode), `quantized` keeps 4-bit, `auto` picks float when it takes under half the free memory."))
 
 
 def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> ServeConfig:
@@ -69,7 +76,10 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
         problems.append("model: required (pass --model SOURCE, --from-run CONFIG, or `model:` in the YAML)")
     if not 0 < cfg.port < 65536:
         problems.append(f"port: must be 1-65535, got {cfg.port}")
-    for key in ("max_tokens", "default_max_tokens", "max_body_bytes", "max_queue"):
+    if cfg.float_weights not in ("auto", "float", "quantized"):
+        problems.append(f"float_weights: must be auto, float or quantized, got {cfg.float_weights!r}")
+    for key in ("max_tokens", "default_max_tokens", "max_body_bytes", "max_queue", "max_batch", "max_context",
+                "prefill_chunk"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}: must be positive, got {getattr(cfg, key)}")
     parse_adapters(cfg.adapters, problems)
@@ -134,6 +144,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int)
     parser.add_argument("--api-key", help=f"require this Bearer key (better: set {API_KEY_ENV})")
     parser.add_argument("--max-tokens", type=int, help="largest max_tokens a request may ask for")
+    parser.add_argument("--max-batch", type=int, help="sequences decoding together (default 8)")
+    parser.add_argument("--adapter-dir", dest="adapter_dirs", action="append", default=[], metavar="DIR",
+                        help="allow POST /v1/adapters to load adapters from DIR (repeatable)")
+    parser.add_argument("--float-weights", choices=("auto", "float", "quantized"),
+                        help="quantized base on CPU: float32 copies for fast decode, or keep 4-bit (default auto)")
     return parser
 
 
@@ -142,16 +157,20 @@ def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
     from .app import ServerLimits, create_app
-    from .engine import Engine
+    from .engine import Engine, EngineLimits
 
     if cfg.host not in LOOPBACK:
         print(f"WARNING: binding {cfg.host}: the server is reachable from other machines"
               + ("" if cfg.api_key else "; consider --api-key"), file=sys.stderr)
     print(f"loading {cfg.model}" + (f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""), flush=True)
+    engine_limits = EngineLimits(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_context=cfg.max_context,
+                                 prefill_chunk=cfg.prefill_chunk, prompt_cache_size=cfg.prompt_cache_size,
+                                 prompt_cache_bytes=cfg.prompt_cache_bytes)
     engine = Engine.from_source(cfg.model, parse_adapters(cfg.adapters), base_name=cfg.model_name or None,
-                                default_model=cfg.default_model or None, max_queue=cfg.max_queue)
+                                default_model=cfg.default_model or None, limits=engine_limits,
+                                float_weights=cfg.float_weights)
     limits = ServerLimits(max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
-                          max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key)
+                          max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key, adapter_dirs=tuple(cfg.adapter_dirs))
     app = create_app(engine, limits)
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown_host}:{cfg.port}/v1"
@@ -169,7 +188,8 @@ def run(args) -> int:
     overrides = args.items[1:] if path else args.items
     flags = {"model": args.model, "adapters": tuple(args.adapter), "model_name": args.model_name, "host": args.host,
              "port": args.port, "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
-             "max_tokens": args.max_tokens}
+             "max_tokens": args.max_tokens, "max_batch": args.max_batch, "adapter_dirs": tuple(args.adapter_dirs),
+             "float_weights": args.float_weights}
     if args.from_run is not None:
         from ..cli import _default_config
 

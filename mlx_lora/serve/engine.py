@@ -1,10 +1,10 @@
-"""The generation worker: one base model, any number of named adapters, one queue of requests.
+"""The generation engine: one base model, named adapters added and removed at run time, one worker thread.
 
-Adapters live side by side in `MultiLoRALinear` layers wrapped around the base's linears; a
-request's model name selects which one is active, so switching costs nothing and the base is
-loaded once. A single worker thread takes requests in arrival order, tokenizes them (the
-tokenizer is not thread-safe), and streams text back through a callback, checking between
-tokens whether its client has gone. HTTP is `app.py`'s business.
+Requests arrive from the HTTP layer (`submit`); the worker tokenizes them (the tokenizer is not
+thread-safe), hands them to the `Scheduler` (continuous batching, `scheduler.py`) and runs its
+steps. Each sequence carries its adapter's slot; `multi_lora.py` applies each row's adapter, so
+requests for different adapters decode in one batch and the base is loaded once. Text, stop
+strings and tool calls are `text.py`'s; HTTP is `app.py`'s.
 """
 
 from __future__ import annotations
@@ -16,93 +16,19 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from ..frozen_matmul import frozen_linear
-from ..lora import is_linear, linear_dims
+from .multi_lora import NO_ADAPTER, RowAdapters, install_adapter, read_checked_adapter, remove_adapter
+from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence
+from .text import TextStream
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 HISTORY = 256  # finished-job summaries kept for /health and tests
-
-
-class ActiveAdapter:
-    """Which adapter every MultiLoRALinear of a model applies (None: the bare base)."""
-
-    def __init__(self) -> None:
-        self.name: Optional[str] = None
-
-
-class AdapterBank:
-    """name -> (A (in, rank), B (rank, out), scaling); a plain object so MLX does not see parameters."""
-
-    def __init__(self) -> None:
-        self.entries: dict[str, tuple[mx.array, mx.array, float]] = {}
-
-
-class MultiLoRALinear(nn.Module):
-    """y = base(x) + scaling_k * x @ A_k @ B_k for the active adapter k (none: y = base(x))."""
-
-    def __init__(self, base: nn.Module, active: ActiveAdapter):
-        super().__init__()
-        base.freeze()
-        self.linear = base
-        self._active = active
-        self._bank = AdapterBank()
-
-    def add(self, name: str, lora_a: mx.array, lora_b: mx.array, scaling: float) -> None:
-        self._bank.entries[name] = (lora_a, lora_b, scaling)
-
-    def __call__(self, x):
-        y = frozen_linear(self.linear, x)
-        entry = self._bank.entries.get(self._active.name)
-        if entry is None:
-            return y
-        lora_a, lora_b, scaling = entry
-        return y + (((x @ lora_a) * scaling) @ lora_b).astype(y.dtype)  # (..., in) @ (in, r) @ (r, out)
-
-
-def install_adapter(model: nn.Module, name: str, folder: str | Path, active: ActiveAdapter) -> int:
-    """Add the adapter in `folder` (MLX or PEFT format) under `name`; returns the layers it touches.
-
-    Raises ValueError listing every module the model lacks or whose shape differs.
-    """
-    from mlx.utils import tree_unflatten
-
-    from ..adapters import read_adapter
-
-    _, lora, weights = read_adapter(folder)
-    modules = dict(model.named_modules())
-    paths = sorted({key.rsplit(".", 1)[0] for key in weights})
-    problems, new_wrappers = [], []
-    for path in paths:
-        lora_a, lora_b = weights.get(f"{path}.lora_a"), weights.get(f"{path}.lora_b")
-        module = modules.get(path)
-        base = module.linear if isinstance(module, MultiLoRALinear) else module
-        if base is None or not is_linear(base):
-            problems.append(f"{path}: no linear layer of that name in the base model")
-            continue
-        if lora_a is None or lora_b is None:
-            problems.append(f"{path}: needs both lora_a and lora_b")
-            continue
-        in_dims, out_dims = linear_dims(base)
-        if lora_a.shape != (in_dims, lora_a.shape[1]) or lora_b.shape != (lora_a.shape[1], out_dims):
-            problems.append(f"{path}: adapter shapes {tuple(lora_a.shape)}, {tuple(lora_b.shape)} do not fit "
-                            f"a ({in_dims} -> {out_dims}) layer")
-            continue
-        if not isinstance(module, MultiLoRALinear):
-            module = MultiLoRALinear(base, active)
-            new_wrappers.append((path, module))
-            modules[path] = module
-        module.add(name, lora_a.astype(mx.float32), lora_b.astype(mx.float32), lora.scaling)
-    if problems:
-        raise ValueError(f"adapter {name!r} ({folder}) does not fit the base model:\n  " + "\n  ".join(problems[:20]))
-    if new_wrappers:
-        model.update_modules(tree_unflatten(new_wrappers))
-    mx.eval([w for path in paths for w in (weights[f"{path}.lora_a"], weights[f"{path}.lora_b"])])
-    return len(paths)
+IDLE_WAIT_S = 0.05  # how long the idle worker sleeps between looks at its inbox
 
 
 class RequestError(ValueError):
@@ -113,6 +39,18 @@ class RequestError(ValueError):
         self.param = param
 
 
+@dataclass(frozen=True)
+class EngineLimits:
+    """What the engine holds at once."""
+
+    max_batch: int = 8  # sequences decoding together
+    max_queue: int = 256  # requests waiting for a batch slot; more get 429
+    max_context: int = 8192  # prompt + completion tokens of one request
+    prefill_chunk: int = 512  # prompt tokens per row read between two decode steps
+    prompt_cache_size: int = 16  # KV prefixes kept (0: no prompt cache)
+    prompt_cache_bytes: int = 1 << 30
+
+
 @dataclass
 class GenerationRequest:
     """One generation: chat `messages` or a text `prompt`, for the model (base or adapter) `model`."""
@@ -121,15 +59,15 @@ class GenerationRequest:
     max_tokens: int
     messages: Optional[list[dict]] = None
     prompt: Optional[str] = None
-    temperature: float = 0.0
-    top_p: float = 1.0
+    params: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
-    seed: Optional[int] = None
+    tools: Optional[list[dict]] = None
+    constraint_factory: Optional[Callable[[], Any]] = None  # a fresh grammar constraint per request
 
 
 @dataclass
 class Job:
-    """A queued request; `sink` receives events from the worker thread (see `Engine.submit`)."""
+    """A submitted request; `sink` receives its events from the worker thread."""
 
     request: GenerationRequest
     sink: Callable[[tuple], None]
@@ -140,70 +78,74 @@ class Job:
         self.cancelled.set()
 
 
-class StopMatcher:
-    """Cuts streamed text at the first stop string, holding back a tail that may start one."""
-
-    def __init__(self, stops: list[str]):
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """(text safe to emit now, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[: min(hits)], ""
-            return out, True
-        hold = 0
-        for stop in self.stops:  # the longest suffix of pending that is a proper prefix of a stop
-            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(stop[:k]):
-                    hold = k
-                    break
-        out = self.pending[: len(self.pending) - hold]
-        self.pending = self.pending[len(out):]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
+@dataclass
+class Adapter:
+    slot: int
+    folder: str
+    version: int  # distinguishes a re-added name in the prompt cache
 
 
 class Engine:
-    """A base model with named adapters behind one generation worker thread.
+    """A base model with named adapters behind one continuous-batching worker thread.
 
-    Events sent to a job's sink, in order: ("start", prompt_tokens), then ("delta", text)*,
-    then ("done", finish_reason, prompt_tokens, completion_tokens); or ("error", status, message, param).
+    Events sent to a job's sink, in order: ("start", prompt_tokens, cached_tokens), then
+    ("delta", text, logprobs or None)* and possibly ("tool_calls", calls), then
+    ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens);
+    or ("error", status, message, param) at any point before "done".
     """
 
     def __init__(self, model: nn.Module, tokenizer, base_name: str, adapters: dict[str, str | Path] | None = None,
-                 default_model: str | None = None, max_prompt_tokens: int = 8192, max_queue: int = 256):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.base_name = base_name
-        self.active = ActiveAdapter()
-        self.adapter_names: list[str] = []
-        self.max_prompt_tokens = max_prompt_tokens
+                 default_model: str | None = None, limits: EngineLimits = EngineLimits()):
+        self.model, self.tokenizer, self.base_name, self.limits = model, tokenizer, base_name, limits
+        self.rows = RowAdapters()
+        self.adapters: dict[str, Adapter] = {}
+        self._versions = 0
+        self._model_lock = threading.Lock()  # held by the worker during a step, and to add/remove adapters
         for name, folder in (adapters or {}).items():
             self.add_adapter(name, folder)
         self.default_model = default_model or base_name
         if self.default_model not in self.model_names():
             raise ValueError(f"default model {self.default_model!r} is not one of {', '.join(self.model_names())}")
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        from mlx_lm.models.cache import make_prompt_cache
+
+        self.scheduler = Scheduler(self._forward, lambda: make_prompt_cache(model), set(tokenizer.eos_token_ids),
+                                   limits.max_batch, limits.prefill_chunk, limits.prompt_cache_size,
+                                   limits.prompt_cache_bytes)
+        self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._wake = threading.Event()  # set when a job arrives
         self.history: deque = deque(maxlen=HISTORY)
         self.created = int(time.time())
+        self._grammar = None
+        self._grammar_lock = threading.Lock()
+
+    def grammar_compiler(self):
+        """The llguidance tokenizer for constrained decoding, built on first use (~1 s); None when impossible."""
+        from .constraints import GrammarCompiler
+
+        with self._grammar_lock:
+            if self._grammar is None:
+                vocab = getattr(getattr(self.model, "args", None), "vocab_size", None) or len(self.tokenizer)
+                try:
+                    self._grammar = GrammarCompiler(self.tokenizer, vocab)
+                except (ValueError, TypeError):  # not a fast HF tokenizer
+                    self._grammar = False
+            return self._grammar or None
 
     @classmethod
     def from_source(cls, source: str, adapters: dict[str, str | Path] | None = None, base_name: str | None = None,
-                    default_model: str | None = None, **kwargs) -> "Engine":
+                    default_model: str | None = None, limits: EngineLimits | None = None,
+                    float_weights: str = "auto") -> "Engine":
         """Load the base from any model source (HF folder, hub id, GGUF, demo) and add the adapters.
 
         On the CPU, float16/bfloat16 weights are widened to float32 once: MLX's CPU half-precision
         matmul has no BLAS behind it and decodes ~4x slower (measured on the fused demo model).
+        Quantized weights are handled per `float_weights` (see `decode_weights.prepare_for_decode`).
         """
         from ..frozen_matmul import use_fast_frozen_layers
         from ..models import load_model
+        from .decode_weights import prepare_for_decode
 
         model, tokenizer, info = load_model(source)
         use_fast_frozen_layers(model)
@@ -211,130 +153,172 @@ class Engine:
             from ..fuse import cast_floats
 
             cast_floats(model, mx.float32)
-            mx.eval(model.parameters())
-        kwargs.setdefault("max_prompt_tokens", int(info.hf_config.get("max_position_embeddings") or 8192))
-        return cls(model, tokenizer, base_name or default_base_name(source), adapters, default_model, **kwargs)
+        prepare_for_decode(model, float_weights)
+        mx.eval(model.parameters())
+        limits = limits or EngineLimits()
+        context = int(info.hf_config.get("max_position_embeddings") or limits.max_context)
+        if context < limits.max_context:
+            limits = EngineLimits(**{**limits.__dict__, "max_context": context})
+        return cls(model, tokenizer, base_name or default_base_name(source), adapters, default_model, limits)
 
     # --- models ---
 
     def add_adapter(self, name: str, folder: str | Path) -> None:
+        """Serve the adapter in `folder` as `name`, without reloading the base. Raises ValueError."""
         if not ADAPTER_NAME.match(name):
             raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 64), e.g. dates=runs/demo")
-        if name == self.base_name or name in self.adapter_names:
+        if name == self.base_name or name in self.adapters:
             raise ValueError(f"adapter name {name!r} is used twice (the base is called {self.base_name!r})")
-        install_adapter(self.model, name, folder, self.active)
-        self.adapter_names.append(name)
+        weights, scaling = read_checked_adapter(self.model, folder)
+        with self._model_lock:
+            used = {a.slot for a in self.adapters.values()}
+            slot = next(s for s in range(1, len(used) + 2) if s not in used)
+            install_adapter(self.model, slot, weights, scaling, self.rows)
+            self._versions += 1
+            self.adapters[name] = Adapter(slot, str(folder), self._versions)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving adapter `name`. Raises KeyError when unknown, RuntimeError while requests use it."""
+        adapter = self.adapters[name]
+        with self._model_lock:
+            busy = self.scheduler.uses_slot(adapter.slot) + sum(
+                job.request.model == name for job in list(self._inbox.queue))
+            if busy:
+                raise RuntimeError(f"adapter {name!r} is in use by {busy} request(s); retry when they finish")
+            remove_adapter(self.model, adapter.slot)
+            del self.adapters[name]
+            if self.default_model == name:
+                self.default_model = self.base_name
 
     def model_names(self) -> list[str]:
         """Every servable name, the default first."""
-        names = [self.base_name, *self.adapter_names]
+        names = [self.base_name, *self.adapters]
         default = getattr(self, "default_model", self.base_name)
         return [default] + [n for n in names if n != default]
+
+    def _forward(self, tokens: mx.array, caches: list, slots: list[int]) -> mx.array:
+        self.rows.set(slots)
+        return self.model(tokens, cache=caches)
 
     # --- the worker ---
 
     def start(self) -> None:
         if self._thread is None or not self._thread.is_alive():
+            self._stopping.clear()
             self._thread = threading.Thread(target=self._run, name="mlx-lora-generation", daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Cancel queued work and stop the worker after its current token."""
+        """Refuse queued work, cancel running work, and stop the worker after its current step."""
         if self._thread is None:
             return
-        pending = []
         while True:
             try:
-                pending.append(self._queue.get_nowait())
+                job = self._inbox.get_nowait()
             except queue.Empty:
                 break
-        for job in pending:
-            if job is not None:
-                job.cancel()
-                job.sink(("error", 503, "the server is shutting down", None))
-        self._queue.put(None)
+            job.cancel()
+            job.sink(("error", 503, "the server is shutting down", None))
+        self.scheduler.cancel_all()
+        self._stopping.set()
         self._thread.join(timeout)
         self._thread = None
 
     def queued(self) -> int:
-        return self._queue.qsize()
+        return self._inbox.qsize() + self.scheduler.queued()
+
+    def running(self) -> int:
+        return self.scheduler.active()
 
     def submit(self, request: GenerationRequest, sink: Callable[[tuple], None]) -> Job:
-        """Queue a request; raises queue.Full when the queue is full (the caller answers 503)."""
+        """Queue a request; raises queue.Full when `max_queue` requests already wait (the caller answers 429)."""
         if request.model not in self.model_names():
             raise KeyError(request.model)
+        if self.queued() >= self.limits.max_queue:
+            raise queue.Full
         job = Job(request, sink)
-        self._queue.put_nowait(job)
+        self._inbox.put_nowait(job)
+        self._wake.set()
         return job
 
     def _run(self) -> None:
+        while not self._stopping.is_set():
+            self._take_new_jobs()
+            if self.scheduler.idle():
+                self._wake.wait(IDLE_WAIT_S)
+                self._wake.clear()
+                continue
+            with self._model_lock:
+                self.scheduler.step()
+        self.scheduler.cancel_all()
+        with self._model_lock:
+            self.scheduler.step()  # finishes the cancelled sequences
+
+    def _take_new_jobs(self) -> None:
         while True:
-            job = self._queue.get()
-            if job is None:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
                 return
             if job.cancelled.is_set():
                 self._record(job, 0, "cancelled")
                 continue
             try:
-                self._generate(job)
+                self.scheduler.add(self._sequence(job))
             except RequestError as err:
                 job.sink(("error", 400, str(err), err.param))
             except Exception as err:  # noqa: BLE001 - one failing request must not stop the worker
                 job.sink(("error", 500, f"generation failed: {type(err).__name__}: {err}", None))
 
+    def _sequence(self, job: Job) -> Sequence:
+        request = job.request
+        tokens = self.tokenize(request)
+        adapter = self.adapters.get(request.model)
+        if adapter is None and request.model != self.base_name:
+            raise RequestError(f"model {request.model!r} was removed", "model")
+        stream = TextStream(self.tokenizer, job.sink, request.stop, request.tools)
+        seq = Sequence(prompt=tokens, max_tokens=request.max_tokens, on_token=stream.on_token, on_finish=None,
+                       slot=adapter.slot if adapter else NO_ADAPTER,
+                       cache_key=f"{request.model}#{adapter.version if adapter else 0}", params=request.params,
+                       constraint=request.constraint_factory() if request.constraint_factory else None,
+                       cancelled=job.cancelled)
+
+        def on_finish(reason: str) -> None:
+            stream.finish(reason, len(tokens), len(seq.generated), seq.cached_tokens)
+            self._record(job, len(seq.generated), reason)
+
+        seq.on_finish = on_finish
+        job.sink(("start", len(tokens), 0))
+        return seq
+
     def tokenize(self, request: GenerationRequest) -> list[int]:
         """Prompt tokens: the chat template for messages, plain encoding for a text prompt."""
         if request.messages is not None:
+            extra = {"tools": request.tools} if request.tools else {}
             try:
-                tokens = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True)
+                tokens = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=True,
+                                                            **extra)
             except Exception as err:  # jinja templates raise their own error types
                 raise RequestError(f"the model's chat template rejected these messages: {err}", "messages") from err
             tokens = list(tokens["input_ids"] if isinstance(tokens, dict) else tokens)
         else:
             tokens = list(self.tokenizer.encode(request.prompt or ""))
+        field_name = "messages" if request.messages is not None else "prompt"
         if not tokens:
-            raise RequestError("the prompt is empty", "prompt")
-        if len(tokens) > self.max_prompt_tokens:
-            raise RequestError(f"the prompt has {len(tokens)} tokens; this server accepts at most "
-                               f"{self.max_prompt_tokens}", "messages" if request.messages is not None else "prompt")
+            raise RequestError("the prompt is empty", field_name)
+        context = self.limits.max_context
+        if len(tokens) >= context:
+            raise RequestError(f"the prompt has {len(tokens)} tokens; this server accepts at most {context - 1} "
+                               f"(max_context {context} = prompt + completion)", field_name)
+        if len(tokens) + request.max_tokens > context:
+            raise RequestError(f"max_tokens: the prompt has {len(tokens)} tokens, so at most {context - len(tokens)} "
+                               f"can be generated within this server's {context}-token context; ask for fewer",
+                               "max_tokens")
         return tokens
-
-    def _generate(self, job: Job) -> None:
-        from mlx_lm.generate import stream_generate
-        from mlx_lm.sample_utils import make_sampler
-
-        request = job.request
-        tokens = self.tokenize(request)
-        job.sink(("start", len(tokens)))
-        self.active.name = None if request.model == self.base_name else request.model
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p if request.top_p < 1.0 else 0.0)
-        matcher = StopMatcher(request.stop)
-        finish, generated = "length", 0
-        for response in stream_generate(self.model, self.tokenizer, tokens, max_tokens=request.max_tokens, sampler=sampler):
-            generated = response.generation_tokens
-            if job.cancelled.is_set():
-                finish = "cancelled"
-                break
-            text, stopped = matcher.feed(response.text)
-            if text:
-                job.sink(("delta", text))
-            if stopped:
-                finish = "stop"
-                break
-            if response.finish_reason is not None:
-                finish = response.finish_reason
-                tail = matcher.flush()
-                if tail:
-                    job.sink(("delta", tail))
-        if finish != "cancelled":
-            job.sink(("done", finish, len(tokens), generated))
-        self._record(job, generated, finish)
 
     def _record(self, job: Job, generated: int, finish: str) -> None:
         self.history.append({"model": job.request.model, "completion_tokens": generated, "finish_reason": finish,
-                             "max_tokens": job.request.max_tokens})
+                             "max_tokens": job.request.max_tokens, "seconds": time.perf_counter() - job.submitted})
 
 
 def default_base_name(source: str) -> str:

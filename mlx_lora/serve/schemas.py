@@ -1,17 +1,30 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), as the OpenAPI schema shows them.
 
 Only the fields we honour are declared; unknown fields that OpenAI clients send (`user`,
-`frequency_penalty`, ...) are accepted and ignored, as OpenAI-compatible servers usually do.
+`service_tier`, ...) are accepted and ignored, as OpenAI-compatible servers usually do. An
+explicit JSON `null` for any optional field means "the default", as in OpenAI's API.
 """
 
 from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_SEED = 2**63 - 1
+
+
+class NullMeansDefault(BaseModel):
+    """A body where `"field": null` for an optional field is the same as leaving the field out."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data):
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, info in cls.model_fields.items() if not info.is_required()}
+        return {key: value for key, value in data.items() if not (value is None and key in optional)}
 
 
 class TextPart(BaseModel):
@@ -21,12 +34,25 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str = Field(..., description="The arguments as a JSON string.")
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class ChatMessage(NullMeansDefault):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
     name: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
+    tool_call_id: Optional[str] = None
 
     def text(self) -> str:
         """The content as one string (text parts joined)."""
@@ -36,25 +62,86 @@ class ChatMessage(BaseModel):
             return self.content
         return "".join(part.text for part in self.content)
 
+    def for_template(self) -> dict:
+        """The message as chat templates expect it (`developer` is `system`; tool calls with dict arguments)."""
+        message = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                                     for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
-class StreamOptions(BaseModel):
+
+def _json_or_text(text: str):
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class StreamOptions(NullMeansDefault):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class FunctionDefinition(NullMeansDefault):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: Optional[str] = None
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class Tool(BaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(NullMeansDefault):
+    name: str = "response"
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: Optional[bool] = None
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class ResponseFormat(NullMeansDefault):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: Optional[JSONSchemaFormat] = None
+
+
+class SamplingFields(NullMeansDefault):
     """Fields shared by chat and text completions."""
 
     model_config = ConfigDict(extra="allow")
 
     model: Optional[str] = Field(None, description="A name from /v1/models (the base or an adapter); default: the first listed.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
-    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: Optional[float] = Field(0.0, ge=0.0, le=2.0, description="0 is greedy.")
+    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    top_k: Optional[int] = Field(0, ge=0, description="Keep the k most likely tokens (0: all). Not in OpenAI's API.")
+    min_p: Optional[float] = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability. Not in OpenAI's API.")
+    repetition_penalty: Optional[float] = Field(1.0, gt=0.0, le=10.0,
+                                                description="CTRL-style penalty on tokens already in prompt or answer (1: none).")
+    frequency_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: Optional[dict[str, float]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer (not included).")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    stream: bool = False
+    stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
-    n: int = Field(1, ge=1, le=1, description="Only 1 is supported.")
+    n: Optional[int] = Field(1, ge=1, le=1, description="Only 1 is supported.")
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -65,28 +152,66 @@ class SamplingFields(BaseModel):
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1, description="Newer name of max_tokens; wins when both are set.")
+    logprobs: Optional[bool] = False
+    top_logprobs: Optional[int] = Field(0, ge=0, le=20)
+    tools: Optional[list[Tool]] = None
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[ResponseFormat] = None
 
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str]] = Field(..., description="A string, or a list holding exactly one string.")
+    logprobs: Optional[int] = Field(None, ge=0, le=5, description="Return the log-probabilities of this many top tokens.")
+    echo: Optional[bool] = Field(False, description="Only false is supported.")
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="Prompt tokens whose KV came from the prompt cache.")
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: Optional[str]
+    tool_calls: Optional[list[ToolCall]] = None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: Optional[list[dict[str, float]]]
+    text_offset: list[int]
+
+
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: Optional[ChatLogprobs] = None
 
 
 class ChatCompletion(BaseModel):
@@ -101,8 +226,8 @@ class ChatCompletion(BaseModel):
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    finish_reason: FinishReason
+    logprobs: Optional[CompletionLogprobs] = None
 
 
 class Completion(BaseModel):
@@ -112,6 +237,11 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class AdapterUpload(NullMeansDefault):
+    name: str = Field(..., description="The model id the adapter will be served as.")
+    path: str = Field(..., description="An adapter folder inside one of the server's `adapter_dirs`.")
 
 
 class ModelCard(BaseModel):
@@ -141,3 +271,4 @@ class Health(BaseModel):
     status: Literal["ok"] = "ok"
     models: list[str]
     queued: int
+    running: int = 0

@@ -1,0 +1,114 @@
+"""Where a training step's time goes, on the demo model: each lever against the current step.
+
+Times one compiled training step (forward, backward, AdamW) of the demo configuration for
+several variants, interleaved round by round in one process so that a shared machine's drift
+hits all of them alike, and prints the median seconds per step and the ratio to `current`:
+
+  current        the training step as `mlx-lora train` runs it
+  full-head      the output head and loss at every position (the step before target positions)
+  kept-float     the frozen base's weights dequantized once and kept in float32 (no
+                 dequantize in the step; costs a float32 copy of the base in memory)
+  no-lora        the frozen model's forward + input gradient only (the LoRA products' cost)
+
+    python bench/profile_step.py [--steps 6] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main() -> None:
+    from mlx_lora.blas import preload_command_env
+
+    env = preload_command_env()
+    if env is not None:
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variants", default="current,full-head,kept-float,no-lora", help="comma-separated")
+    args = parser.parse_args()
+
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+
+    from mlx_lora.config import load_config
+    from mlx_lora.data import BatchPosition, iterate_train, load_datasets
+    from mlx_lora.frozen_matmul import float_weights_kept
+    from mlx_lora.loss import batch_loss, enable_chunked_loss, masked_loss, target_positions
+    from mlx_lora.run import prepare_model
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = load_config(root / "configs" / "demo.yaml", [])
+    model, tokenizer, _, _, _ = prepare_model(cfg)
+    train = load_datasets(cfg.data, tokenizer, splits=("train",))[0]["train"]
+    enable_chunked_loss(model, mx.array([train[0].tokens]))
+    optimizer = optim.AdamW(learning_rate=1e-5)
+    optimizer.init(model.trainable_parameters())
+    state = [model.state, optimizer.state]
+
+    def make_step(loss_fn):
+        loss_and_grad = nn.value_and_grad(model, loss_fn)
+
+        @partial(mx.compile, inputs=state, outputs=state)
+        def step(tokens, mask, positions, weights):
+            (loss, _), grad = loss_and_grad(model, tokens, mask, positions, weights)
+            optimizer.update(model, grad)
+            return loss
+        return step
+
+    def full_head(m, tokens, mask, positions, weights):
+        return masked_loss(m, tokens, mask)
+
+    def frozen_only(m, tokens, mask, positions, weights):
+        for _, layer in m.named_modules():
+            if hasattr(layer, "lora_b"):
+                layer.scale = 0.0
+        try:
+            hidden = m.model(tokens[:, :-1])
+            return (hidden * m.model.layers[-1].self_attn.q_proj.lora_a.sum()).sum(), mask.sum()
+        finally:
+            for _, layer in m.named_modules():
+                if hasattr(layer, "lora_b"):
+                    layer.scale = layer.alpha / layer.rank
+
+    variants = {"current": make_step(batch_loss), "full-head": make_step(full_head),
+                "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only)}
+    variants = {name: variants[name] for name in args.variants.split(",")}
+    batches = iterate_train(train, cfg.training.batch_size, 0, BatchPosition())
+    fixed = [next(batches) for _ in range(args.steps)]
+    times = {name: [] for name in variants}
+    for round_index in range(args.rounds + 1):  # the first round compiles and is not counted
+        for name, step in variants.items():
+            kept = float_weights_kept(model) if name == "kept-float" else None
+            if kept:
+                kept.__enter__()
+            start = time.perf_counter()
+            for tokens, mask, _ in fixed:
+                positions, weights = target_positions(mask)
+                mx.eval(step(mx.array(tokens), mx.array(mask), mx.array(positions), mx.array(weights)), state)
+            seconds = (time.perf_counter() - start) / len(fixed)
+            if kept:
+                kept.__exit__(None, None, None)
+            if round_index:
+                times[name].append(seconds)
+            print(f"round {round_index} {name}: {seconds:.2f} s/step", flush=True)
+    base = statistics.median(times["current"])
+    print(f"demo step, batch {cfg.training.batch_size}, {args.steps} steps x {args.rounds} rounds (median s/step):")
+    for name, values in times.items():
+        median = statistics.median(values)
+        print(f"  {name:12s} {median:6.2f} s/step  {median / base:5.2f}x current  (min {min(values):.2f}, max {max(values):.2f})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Will a run fit? The predicted peak against a memory size, the changes that make it fit,
+`training.batch_size: auto`, and the table / JSON that `mlx-lora plan` and `train` print.
+
+Library code: returns data and text, prints nothing. The memory size is this machine's unless
+given: on macOS the GPU's recommended working set (`mx.metal.device_info()`), which is what
+Metal can use without swapping, elsewhere the physical RAM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+
+from .estimate import GB, StepSettings, adapted_blocks, components, lora_parameters
+from .shape import ModelShape, read_shape
+
+SAFETY_MARGIN = 0.9  # batch_size: auto and the guard's default keep the prediction under 90% of memory
+AUTO_BATCH_CAP = 32  # batch_size: auto without effective_batch_size: the largest micro-batch tried
+MEMORY_FORMS = "a size such as 16GB, 32GB, 64GB, 24GiB or 512MB"
+_UNITS = {"": GB, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": GB, "gb": GB, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_memory(text: str) -> float:
+    """'32GB', '24 GiB', '512MB', '16' (GB) -> bytes. ValueError with the accepted forms otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
+        raise ValueError(f"memory size {text!r} is not understood; expected {MEMORY_FORMS}")
+    return float(match.group(1)) * _UNITS[unit]
+
+
+def machine_memory() -> tuple[float, str]:
+    """(bytes, description) of the memory a run on this machine may use."""
+    import mlx.core as mx
+
+    if mx.metal.is_available():
+        size = mx.metal.device_info().get("max_recommended_working_set_size")
+        if size:
+            return float(size), "this Mac's GPU working set"
+    try:
+        return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "this machine's RAM"
+    except (ValueError, OSError):
+        return 16 * GB, "assumed 16 GB (this machine's memory is unknown)"
+
+
+def guard_limit(setting: str) -> float | None:
+    """Bytes for the memory guard from `training.memory_limit`: auto (this machine's memory, as
+    the planner counts it), none (no guard), or a size."""
+    if setting == "none":
+        return None
+    return machine_memory()[0] if setting == "auto" else parse_memory(setting)
+
+
+def uses_dequantize_path() -> bool:
+    """True when frozen layers go through dequantize + BLAS (MLX on the CPU), as training does."""
+    from ..frozen_matmul import use_dequantize_path
+
+    return use_dequantize_path()
+
+
+def settings_of(cfg, batch_size: int | None = None, dequantize_path: bool | None = None) -> StepSettings:
+    """The StepSettings of a Config (`batch_size` replaces an `auto` or given micro-batch)."""
+    q, lora, t = cfg.quantization, cfg.lora, cfg.training
+    batch = batch_size if batch_size is not None else (t.batch_size if isinstance(t.batch_size, int) else 1)
+    return StepSettings(
+        mode=q.mode, bits=q.bits, group_size=q.group_size, block_size=q.block_size, double_quant=q.double_quant,
+        rank=lora.rank, target_modules=tuple(lora.target_modules), num_layers=lora.num_layers,
+        batch_size=batch, seq_length=cfg.data.max_seq_length, grad_accumulation=t.grad_accumulation,
+        grad_checkpoint=t.grad_checkpoint,
+        dequantize_path=uses_dequantize_path() if dequantize_path is None else dequantize_path)
+
+
+def predict(shape: ModelShape, settings: StepSettings) -> float:
+    """Predicted training-step peak in bytes."""
+    return sum(components(shape, settings).values())
+
+
+@dataclass
+class Plan:
+    """A prediction for one run: the components, the peak, and whether it fits `memory` bytes."""
+
+    model: str
+    shape: ModelShape
+    settings: StepSettings
+    components: dict[str, float]
+    memory: float
+    memory_source: str
+    suggestions: list[tuple[list[str], float]] = field(default_factory=list)  # (overrides, predicted peak)
+
+    @property
+    def peak(self) -> float:
+        return sum(self.components.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.peak <= self.memory
+
+    def to_json(self) -> dict:
+        s = self.settings
+        return {
+            "model": self.model, "peak_gb": round(self.peak / GB, 3), "fits": self.fits,
+            "memory_gb": round(self.memory / GB, 3), "memory_source": self.memory_source,
+            "components": {name: round(value / GB, 4) for name, value in self.components.items()},
+            "settings": dataclasses.asdict(s) | {"target_modules": list(s.target_modules)},
+            "trainable_parameters": lora_parameters(self.shape, s),
+            "suggestions": [{"overrides": o, "peak_gb": round(p / GB, 3)} for o, p in self.suggestions],
+        }
+
+    def table(self) -> str:
+        s, shape = self.settings, self.shape
+        base = {"none": "float base", "affine": f"affine {s.bits}-bit group {s.group_size}",
+                "nf4": f"nf4 block {s.block_size}{' + double quant' if s.double_quant else ''}"}[s.mode]
+        if shape.gguf_tensors is not None:
+            base += " for float tensors; GGUF tensors kept as held: " + ", ".join(
+                f"{name} x {count}" for name, count in sorted(shape.source_formats.items()))
+        elif shape.source_bits:
+            base = f"source-quantized {shape.source_bits}-bit group {shape.source_group}"
+        lines = [
+            f"memory plan: {self.model}: {shape.model_type}, {shape.parameters() / 1e9:.2f}B parameters, {base}",
+            f"  LoRA rank {s.rank} on {', '.join(s.target_modules)} x {adapted_blocks(shape, s)} blocks "
+            f"({lora_parameters(shape, s):,} parameters); batch {s.batch_size} x {s.seq_length} tokens"
+            f"{f' x {s.grad_accumulation} accumulated' if s.grad_accumulation > 1 else ''}, "
+            f"grad checkpoint {'on' if s.grad_checkpoint else 'off'}"
+            f"{', CPU path (dequantize + BLAS)' if s.dequantize_path else ''}; every batch counted at max_seq_length",
+        ]
+        lines += [f"  {name:20s} {value / GB:8.2f} GB" for name, value in self.components.items()]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"  {'predicted peak':20s} {self.peak / GB:8.2f} GB: {verdict} in {self.memory / GB:.1f} GB "
+                     f"({self.memory_source})")
+        if self.suggestions:
+            lines.append("  changes that make it fit (predicted peak):")
+            lines += [f"    {' '.join(o):58s} {p / GB:6.2f} GB" for o, p in self.suggestions]
+        elif not self.fits:
+            lines.append("  no change tried here makes it fit; use a smaller model or a machine with more memory")
+        return "\n".join(lines)
+
+
+def _fits(shape: ModelShape, settings: StepSettings, memory: float) -> float | None:
+    peak = predict(shape, settings)
+    return peak if peak <= memory else None
+
+
+def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple[list[str], float]]:
+    """The cheapest single changes that make the step fit, each as `key=value` overrides with its
+    peak; when no single change does, the cheapest ones combined (checkpointing, batch 1, then
+    shorter sequences and fewer adapted blocks)."""
+    replace = dataclasses.replace
+    found: list[tuple[list[str], float]] = []
+    if not s.grad_checkpoint and (peak := _fits(shape, replace(s, grad_checkpoint=True), memory)):
+        found.append((["training.grad_checkpoint=true"], peak))
+    batch = s.batch_size // 2
+    while batch >= 1:  # smaller micro-batch, same examples per optimizer step
+        accumulation = s.grad_accumulation * s.batch_size // batch
+        if peak := _fits(shape, replace(s, batch_size=batch, grad_accumulation=accumulation), memory):
+            found.append(([f"training.batch_size={batch}", f"training.grad_accumulation={accumulation}"], peak))
+            break
+        batch //= 2
+    for key, field_name, lowest in (("data.max_seq_length", "seq_length", 128), ("lora.num_layers", "num_layers", 1)):
+        value = (s.seq_length if field_name == "seq_length" else adapted_blocks(shape, s)) // 2
+        while value >= lowest:
+            if peak := _fits(shape, replace(s, **{field_name: value}), memory):
+                found.append(([f"{key}={value}"], peak))
+                break
+            value //= 2
+    lower = {"none": ("affine", 8), "affine": ("affine", 4) if s.bits > 4 else None, "nf4": None}.get(s.mode)
+    while lower:
+        if peak := _fits(shape, replace(s, mode=lower[0], bits=lower[1]), memory):
+            found.append(([f"quantization.mode={lower[0]}", f"quantization.bits={lower[1]}"], peak))
+            break
+        lower = ("affine", 4) if lower[1] > 4 else None
+    if found:
+        return found
+    # nothing alone is enough: checkpointing and batch 1 (same effective batch), then halve the
+    # sequence length, then the adapted blocks, until it fits
+    combined = replace(s, grad_checkpoint=True, batch_size=1, grad_accumulation=s.grad_accumulation * s.batch_size)
+    overrides = ["training.grad_checkpoint=true", "training.batch_size=1", f"training.grad_accumulation={combined.grad_accumulation}"]
+    for field_name, key, lowest in (("seq_length", "data.max_seq_length", 128), ("num_layers", "lora.num_layers", 1)):
+        value = combined.seq_length if field_name == "seq_length" else adapted_blocks(shape, combined)
+        changed = False
+        while predict(shape, combined) > memory and value // 2 >= lowest:
+            value //= 2
+            combined = replace(combined, **{field_name: value})
+            changed = True
+        if changed:
+            overrides.append(f"{key}={value}")
+        if predict(shape, combined) <= memory:
+            return [(overrides, predict(shape, combined))]
+    return []
+
+
+def auto_batch(shape: ModelShape, s: StepSettings, memory: float, effective: int | None,
+               largest: int | None = None) -> tuple[int, int]:
+    """(micro-batch, grad_accumulation) for `batch_size: auto`: the largest micro-batch predicted
+    under SAFETY_MARGIN x memory, a divisor of `effective` (examples per optimizer step) when set,
+    else a power of two up to AUTO_BATCH_CAP with the accumulation left as it is. At least 1."""
+    cap = min(effective or AUTO_BATCH_CAP, largest or AUTO_BATCH_CAP * 64)
+    if effective:
+        candidates = [b for b in range(cap, 0, -1) if effective % b == 0]
+    else:
+        candidates = [1 << k for k in range(cap.bit_length() - 1, -1, -1)]
+    for batch in candidates:
+        if predict(shape, dataclasses.replace(s, batch_size=batch)) <= SAFETY_MARGIN * memory:
+            break
+    else:
+        batch = 1
+    return batch, (effective // batch if effective else s.grad_accumulation)
+
+
+def make_plan(cfg, memory: float | None = None, memory_source: str | None = None,
+              dequantize_path: bool | None = None) -> Plan:
+    """Plan the run `cfg` describes (reads config.json / the GGUF header only, never weights).
+
+    `memory`: bytes to fit in (default: `machine_memory()`). With `batch_size: auto` the plan
+    uses the micro-batch `auto_batch` picks. Raises FileNotFoundError / ValueError when the
+    model's shape cannot be read (no config.json, unknown architecture).
+    """
+    if memory is None:
+        memory, memory_source = machine_memory()
+    shape = read_shape(cfg.model)
+    settings = settings_of(cfg, dequantize_path=dequantize_path)
+    if cfg.training.batch_size == "auto":
+        batch, accumulation = auto_batch(shape, settings, memory, cfg.training.effective_batch_size)
+        settings = dataclasses.replace(settings, batch_size=batch, grad_accumulation=accumulation)
+    plan = Plan(cfg.model, shape, settings, components(shape, settings), memory, memory_source or "given")
+    if not plan.fits:
+        plan.suggestions = suggestions(shape, settings, memory)
+    return plan

@@ -1,0 +1,139 @@
+"""Reading CSV / TSV as spreadsheets save them: delimiter detection, BOM, CRLF in quoted cells,
+header names in any case, and errors that name line, column and the dialect assumed.
+
+Lines come from `readers.iter_lines` (gzip, encodings, byte-order mark); what the rows mean is
+`formats.py`'s business.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Iterator
+
+from .readers import RawRecord, Skipped, TransformError, iter_lines
+
+CSV_DELIMITERS = (",", ";", "\t", "|")  # tried in this order; spreadsheets write ";" where "," is the decimal mark
+SNIFF_CHARS = 1 << 16  # text read to detect a CSV file's delimiter
+DELIMITER_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
+
+
+def delimiter_name(delimiter: str) -> str:
+    return f"{DELIMITER_NAMES.get(delimiter, 'character')} {delimiter!r}"
+
+
+def detect_delimiter(sample: str) -> str:
+    """The delimiter among CSV_DELIMITERS that splits `sample` (the start of a file) into the
+    most rows with the header's field count (at least 2); ',' when none splits it."""
+    if len(sample) >= SNIFF_CHARS and "\n" in sample:
+        sample = sample[: sample.rfind("\n") + 1]  # whole lines only
+    best, best_score = ",", 0
+    for delimiter in CSV_DELIMITERS:
+        try:
+            rows = [row for row in csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter) if row]
+        except csv.Error:
+            continue
+        if not rows or len(rows[0]) < 2:
+            continue
+        score = sum(len(row) == len(rows[0]) for row in rows)
+        if score > best_score:
+            best, best_score = delimiter, score
+    return best
+
+
+def _sample(path: Path, encoding: str) -> str:
+    parts, size = [], 0
+    for item in iter_lines(path, encoding, skip_invalid=True):
+        if isinstance(item, Skipped):
+            continue
+        parts.append(item[1])
+        size += len(item[1])
+        if size >= SNIFF_CHARS:
+            break
+    return "".join(parts)
+
+
+def _field_position(lines: list[tuple[int, str]], delimiter: str, index: int) -> tuple[int, int]:
+    """(line, column) where field `index` (0-based) of a CSV record spread over `lines` starts;
+    the record's end when it has fewer fields."""
+    field, quoted = 0, False
+    for number, text in lines:
+        for col, char in enumerate(text, 1):
+            if char == '"':
+                quoted = not quoted
+            elif char == delimiter and not quoted:
+                field += 1
+                if field == index:
+                    return number, col + 1
+    number, text = lines[-1] if lines else (1, "")
+    return number, len(text.rstrip("\r\n")) + 1
+
+
+def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | None = None,
+             field_names: tuple[str, ...] = ()) -> Iterator[RawRecord | Skipped]:
+    """Rows as {header: value} dicts; the first row is the header.
+
+    `delimiter` None detects it (`detect_delimiter`). Header names equal to one of
+    `field_names` but for case and spaces take that spelling; CRLF inside quoted fields (as
+    spreadsheets save them) becomes LF. Errors name line, column and the dialect assumed.
+    """
+    dialect = f"delimiter {delimiter_name(delimiter)}" if delimiter else ""
+    if delimiter is None:
+        delimiter = detect_delimiter(_sample(path, encoding))
+        dialect = f"delimiter {delimiter_name(delimiter)} (detected)"
+    dialect += ", quote '\"'"
+    fix_dialect = "pass --delimiter to read it otherwise" if "detected" in dialect else "check --delimiter"
+    numbered: list[tuple[int, str]] = []
+
+    def lines() -> Iterator[str]:
+        for item in iter_lines(path, encoding, skip_invalid):
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            numbered.append(item)
+            yield item[1]
+
+    skipped: list[Skipped] = []
+    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+    header: list[str] | None = None
+    canonical = {name.casefold(): name for name in field_names}
+    while True:
+        consumed = len(numbered)
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as err:
+            line = numbered[-1][0] if numbered else 1
+            message = (f"{path}:{line}:1: bad CSV ({err}) reading it with {dialect}; fields holding quotes, the "
+                       f"delimiter or newlines must be quoted; {fix_dialect}")
+            if not skip_invalid or header is None:
+                raise TransformError(message) from None
+            yield Skipped(path, line, "invalid_csv", message)
+            continue
+        yield from skipped
+        skipped.clear()
+        record_lines = numbered[consumed:] or numbered[-1:]
+        line = record_lines[0][0] if record_lines else 1
+        if not row or all(not field.strip() for field in row):
+            continue
+        if header is None:
+            header = [canonical.get(name.strip().casefold(), name.strip()) for name in row]
+            duplicated = sorted({name for name in header if header.count(name) > 1})
+            if duplicated:
+                raise TransformError(f"{path}:{line}:1: the header repeats column(s) {', '.join(map(repr, duplicated))} "
+                                     "(names are matched without regard to case); give every column its own name")
+            continue
+        if len(row) != len(header):
+            at_line, col = _field_position(record_lines, delimiter, min(len(row), len(header)))
+            problem = "an extra field starts here" if len(row) > len(header) else "the row ends here"
+            message = (f"{path}:{at_line}:{col}: {len(row)} fields but the header has {len(header)} ({problem}), "
+                       f"reading it with {dialect}; quote fields that contain the delimiter, fix the row, or {fix_dialect}")
+            if not skip_invalid:
+                raise TransformError(message)
+            yield Skipped(path, line, "invalid_csv", message)
+            continue
+        # Spreadsheets save line ends inside quoted cells as CRLF; the text means LF.
+        yield RawRecord(path, line, 1, {name: value.replace("\r\n", "\n") for name, value in zip(header, row)})
+    yield from skipped

@@ -1,0 +1,262 @@
+"""Continuous batching: which sequences decode together, who joins and leaves, and when prompts are read.
+
+The scheduler knows token ids, KV caches and adapter slots, not HTTP, text or model internals.
+Each `step()`:
+1. drops sequences whose client went away (their rows leave the batch, their slots are free);
+2. decodes one token for every running sequence in a single forward pass (rows may use different
+   adapters and sampling settings);
+3. admits waiting sequences (up to `max_batch` in all) as one prefill group, looking each prompt
+   up in the prompt cache, and reads one chunk (`prefill_chunk` tokens per row) of the group's
+   prompts, so a long prompt never stalls the running streams for more than one chunk;
+4. when the group's prompts are read, merges its KV caches into the running batch.
+
+KV caches, their batching (left padding, merge, extend, filter) and chunked batched prefill are
+mlx-lm's (`BatchKVCache`, `PromptProcessingBatch`); the prompt cache is mlx-lm's `LRUPromptCache`
+keyed by (adapter, tokens). As in mlx-lm, the last prompt token is not prefilled: it is the first
+decode input, so a newcomer's first token comes from the same batched decode step as everyone's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import mlx.core as mx
+
+from .sampling import RowSampler, SamplingParams, token_logprobs
+
+# forward(tokens (B, L) int32, caches, adapter slots per row) -> logits (B, L, V)
+Forward = Callable[[mx.array, list, list[int]], mx.array]
+
+
+@dataclass
+class TokenEvent:
+    """One generated token with its log-probability and, when asked, the top alternatives."""
+
+    token: int
+    logprob: Optional[float] = None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request's generation. `on_token` returns True to stop (a stop string was reached);
+    `on_finish(reason)` is called once: "stop", "length" or "cancelled"."""
+
+    prompt: list[int]
+    max_tokens: int
+    on_token: Callable[[TokenEvent], bool]
+    on_finish: Callable[[str], None]
+    slot: int = 0  # adapter slot (0: the base)
+    cache_key: str = ""  # prompt-cache namespace: the adapter's name and version
+    params: SamplingParams = field(default_factory=SamplingParams)
+    constraint: Any = None  # grammar: .mask() -> (V,) bool or None, .accept(token), .is_finished()
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # state, filled in by the scheduler
+    generated: list[int] = field(default_factory=list)
+    cached_tokens: int = 0
+    pending: list[int] = field(default_factory=list)  # prompt tokens still to prefill
+    next_input: int = 0
+    kv_tokens: int = 0  # how many of prompt + generated the KV cache holds
+    sampler: Optional[RowSampler] = None
+    admitted: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class Scheduler:
+    """Continuous batching over one model (see the module doc). Call `step()` from one thread only;
+    `add` may be called from any thread."""
+
+    def __init__(self, forward: Forward, make_cache: Callable[[], list], eos_ids: set[int], max_batch: int = 8,
+                 prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30):
+        from mlx_lm.models.cache import LRUPromptCache
+
+        self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.prompt_cache = LRUPromptCache(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size > 0 else None
+        self._inbox: deque[Sequence] = deque()
+        self._lock = threading.Lock()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._caches: list = []  # per layer, the running batch's BatchKVCache
+        self.prefilling: list[Sequence] = []
+        self._prefill = None  # mlx-lm PromptProcessingBatch of the group being read
+        self.steps = 0
+
+    # --- queue ---
+
+    def add(self, seq: Sequence) -> None:
+        with self._lock:
+            self._inbox.append(seq)
+
+    def queued(self) -> int:
+        with self._lock:
+            return len(self._inbox) + len(self.waiting)
+
+    def active(self) -> int:
+        return len(self.running) + len(self.prefilling)
+
+    def idle(self) -> bool:
+        return not (self.running or self.prefilling or self.waiting or self._inbox)
+
+    def uses_slot(self, slot: int) -> int:
+        """How many queued or running sequences use adapter `slot`."""
+        with self._lock:
+            everyone = [*self._inbox, *self.waiting, *self.running, *self.prefilling]
+        return sum(seq.slot == slot for seq in everyone)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            everyone = [*self._inbox, *self.waiting, *self.running, *self.prefilling]
+        for seq in everyone:
+            seq.cancel()
+
+    # --- the step ---
+
+    def step(self) -> None:
+        with self._lock:
+            self.waiting.extend(self._inbox)
+            self._inbox.clear()
+        self._drop_cancelled()
+        if self.running:
+            self._decode()
+        if not self.prefilling and self.waiting and self.active() < self.max_batch:
+            self._admit()
+        if self.prefilling:
+            self._prefill_chunk()
+        self.steps += 1
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled.is_set()]:
+            self.waiting.remove(seq)
+            seq.on_finish("cancelled")
+        gone = [i for i, s in enumerate(self.running) if s.cancelled.is_set()]
+        if gone:
+            self._leave(gone, "cancelled")
+        if self.prefilling and all(s.cancelled.is_set() for s in self.prefilling):
+            for seq in self.prefilling:
+                seq.on_finish("cancelled")
+            self.prefilling, self._prefill = [], None
+        # A cancelled member of a group still being read leaves when the group joins the batch.
+
+    def _admit(self) -> None:
+        from mlx_lm.generate import PromptProcessingBatch
+
+        room = self.max_batch - self.active()
+        group = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        caches = []
+        for seq in group:
+            cache, rest = self._cached(seq)
+            seq.cached_tokens = len(seq.prompt) - len(rest)
+            seq.pending, seq.next_input = list(rest[:-1]), rest[-1]
+            seq.kv_tokens = len(seq.prompt) - 1
+            seq.sampler = RowSampler(seq.params, seq.prompt)
+            seq.admitted = time.perf_counter()
+            caches.append(cache)
+        self.prefilling = group
+        self._prefill = PromptProcessingBatch(model=self._group_forward, uids=list(range(len(group))), caches=caches,
+                                              prefill_step_size=self.prefill_chunk)
+
+    def _cached(self, seq: Sequence) -> tuple[list, list[int]]:
+        """(KV cache holding a prefix of the prompt, the prompt tokens after it); at least one token is left."""
+        if self.prompt_cache is None:
+            return self.make_cache(), seq.prompt
+        from mlx_lm.models.cache import trim_prompt_cache
+
+        cache, rest = self.prompt_cache.fetch_nearest_cache(seq.cache_key, seq.prompt)
+        if cache is None:
+            return self.make_cache(), seq.prompt
+        if not rest:  # the whole prompt is cached: give back its last token to feed as the first input
+            trim_prompt_cache(cache, 1)
+            rest = seq.prompt[-1:]
+        return cache, list(rest)
+
+    def _group_forward(self, tokens, cache):
+        return self.forward(tokens, cache, [seq.slot for seq in self.prefilling])
+
+    def _prefill_chunk(self) -> None:
+        chunks = [seq.pending[: self.prefill_chunk] for seq in self.prefilling]
+        if any(chunks):
+            self._prefill.prompt(chunks)
+            for seq, chunk in zip(self.prefilling, chunks):
+                del seq.pending[: len(chunk)]
+        if any(seq.pending for seq in self.prefilling):
+            return
+        group, caches = self.prefilling, self._prefill.prompt_cache
+        self.prefilling, self._prefill = [], None
+        if not self.running:
+            self.running, self._caches = group, caches
+        else:
+            for mine, theirs in zip(self._caches, caches):
+                mine.extend(theirs)
+            self.running = self.running + group
+
+    def _decode(self) -> None:
+        inputs = mx.array([seq.next_input for seq in self.running], dtype=mx.int32)[:, None]  # (B, 1)
+        logits = self.forward(inputs, self._caches, [seq.slot for seq in self.running])[:, -1, :]  # (B, V)
+        logits = logits.astype(mx.float32)
+        tokens, rows = [], []
+        for i, seq in enumerate(self.running):
+            row = logits[i]
+            if seq.params.adjusts_logits():
+                row = seq.sampler.adjust(row, seq.generated)
+            if seq.constraint is not None:
+                mask = seq.constraint.mask()
+                if mask is not None:
+                    row = mx.where(mask, row, -mx.inf)
+            rows.append(row)
+            tokens.append(seq.sampler.draw(row))
+        tokens = mx.stack(tokens)
+        mx.eval(tokens)
+        finished = []
+        for i, (seq, token) in enumerate(zip(self.running, tokens.tolist())):
+            seq.next_input = token
+            seq.kv_tokens += 1
+            reason = self._accept(seq, token, rows[i])
+            if reason is not None:
+                finished.append((i, reason))
+        if finished:
+            self._leave([i for i, _ in finished], [reason for _, reason in finished])
+
+    def _accept(self, seq: Sequence, token: int, row: mx.array) -> Optional[str]:
+        """Record one sampled token; the finish reason when the sequence is done."""
+        if token in self.eos_ids:
+            return "stop"
+        if seq.constraint is not None:
+            seq.constraint.accept(token)
+        seq.generated.append(token)
+        event = TokenEvent(token)
+        if seq.params.logprobs:
+            logprobs = row - mx.logsumexp(row)
+            event.logprob, event.top = token_logprobs(logprobs, token, seq.params.top_logprobs)
+        if seq.on_token(event):
+            return "stop"
+        if seq.constraint is not None and seq.constraint.is_finished():
+            return "stop"
+        if len(seq.generated) >= seq.max_tokens:
+            return "length"
+        return None
+
+    def _leave(self, rows: list[int], reasons) -> None:
+        """Remove `rows` from the running batch (storing their KV in the prompt cache), then finish them."""
+        reasons = [reasons] * len(rows) if isinstance(reasons, str) else reasons
+        leaving = [self.running[i] for i in rows]
+        if self.prompt_cache is not None:
+            for i, seq in zip(rows, leaving):
+                fed = (seq.prompt + seq.generated)[: seq.kv_tokens]
+                if fed:
+                    self.prompt_cache.insert_cache(seq.cache_key, fed, [c.extract(i) for c in self._caches])
+        keep = [i for i in range(len(self.running)) if i not in set(rows)]
+        if keep:
+            for cache in self._caches:
+                cache.filter(keep)
+        else:
+            self._caches = []
+        self.running = [self.running[i] for i in keep]
+        for seq, reason in zip(leaving, reasons):
+            seq.on_finish(reason)

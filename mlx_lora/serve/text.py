@@ -1,0 +1,125 @@
+"""From generated token ids to what a client sees: streamed text cut at stop strings, tool calls, logprobs.
+
+One `TextStream` per request, fed by the scheduler's worker thread. Detokenizers are mlx-lm's
+streaming ones; tool-call markers and parsers are the ones mlx-lm infers from the chat template
+(`tokenizer.tool_call_start`, `tokenizer.tool_parser`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Callable, Optional
+
+from .scheduler import TokenEvent
+
+
+class StopMatcher:
+    """Cuts streamed text at the first stop string, holding back a tail that may start one."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """(text safe to emit now, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for stop in self.stops:  # the longest suffix of pending that is a proper prefix of a stop
+            for k in range(min(len(stop) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(stop[:k]):
+                    hold = k
+                    break
+        out = self.pending[: len(self.pending) - hold]
+        self.pending = self.pending[len(out):]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+class TextStream:
+    """Turns one sequence's tokens into events for its HTTP handler (see `Engine` for the event list).
+
+    With `tools`, text from the template's tool-call start marker on is held back and parsed into
+    tool calls when the sequence ends; the finish reason then becomes "tool_calls".
+    """
+
+    def __init__(self, tokenizer, sink: Callable[[tuple], None], stops: list[str], tools: Optional[list] = None):
+        self.tokenizer, self.sink = tokenizer, sink
+        self.detokenizer = tokenizer.detokenizer
+        self.matcher = StopMatcher(stops)
+        self.tools = tools
+        self.tool_start = getattr(tokenizer, "tool_call_start", None) if tools else None
+        self.tool_text: Optional[str] = None  # text from the tool-call marker on, once seen
+        self.held = ""  # a tail that may be the start of the tool-call marker
+
+    def on_token(self, event: TokenEvent) -> bool:
+        self.detokenizer.add_token(event.token)
+        text, stopped = self.matcher.feed(self.detokenizer.last_segment)
+        logprobs = None
+        if event.logprob is not None:
+            logprobs = [(self._piece(event.token), event.logprob, [(self._piece(t), lp) for t, lp in event.top])]
+        self._emit(text, logprobs)
+        return stopped
+
+    def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
+        if reason == "cancelled":  # the client went away, or the server is shutting down
+            self.sink(("error", 503, "the request was cancelled (client disconnected or server shutting down)", None))
+            return
+        self.detokenizer.finalize()
+        tail, stopped = self.matcher.feed(self.detokenizer.last_segment)
+        self._emit(tail + ("" if stopped else self.matcher.flush()), None)
+        if self.held:
+            self.sink(("delta", self.held, None))
+        if self.tool_text is not None:
+            calls = self._parse_tools(self.tool_text)
+            if calls:
+                self.sink(("tool_calls", calls))
+                reason = "tool_calls"
+            else:  # not a parsable call after all: show it as text
+                self.sink(("delta", self.tool_text, None))
+        self.sink(("done", reason, prompt_tokens, completion_tokens, cached_tokens))
+
+    def _emit(self, text: str, logprobs) -> None:
+        if self.tool_text is not None:
+            self.tool_text += text
+            return
+        if self.tool_start:
+            self.held += text
+            at = self.held.find(self.tool_start)
+            if at >= 0:
+                text, self.tool_text, self.held = self.held[:at], self.held[at:], ""
+            else:  # hold back a tail that may be the start of the marker
+                keep = next((k for k in range(min(len(self.tool_start) - 1, len(self.held)), 0, -1)
+                             if self.held.endswith(self.tool_start[:k])), 0)
+                text, self.held = self.held[: len(self.held) - keep], self.held[len(self.held) - keep:]
+        if text or logprobs:
+            self.sink(("delta", text, logprobs))
+
+    def _piece(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _parse_tools(self, text: str) -> list[dict]:
+        """OpenAI tool_calls from the held-back text (each start..end marker pair is one call)."""
+        start, end = self.tokenizer.tool_call_start, self.tokenizer.tool_call_end
+        calls = []
+        for part in text.split(start)[1:]:
+            body = part.split(end)[0] if end else part
+            try:
+                parsed = self.tokenizer.tool_parser(body, self.tools)
+            except (ValueError, KeyError, TypeError, IndexError):
+                return []
+            for call in parsed if isinstance(parsed, list) else [parsed]:
+                if not isinstance(call, dict) or "name" not in call:
+                    return []
+                arguments = call.get("arguments", call.get("parameters", {}))
+                calls.append({"id": "call_" + uuid.uuid4().hex[:24], "type": "function",
+                              "function": {"name": call["name"],
+                                           "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments)}})
+        return calls

@@ -1,0 +1,304 @@
+"""The memory planner: it reads config.json only, sizes the frozen base exactly, predicts step
+peaks on tiny models within +-10% of `mx.get_peak_memory()`, and says so in one line when it cannot."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+import tiny
+from mlx_lora.config import load_config
+from mlx_lora.memory import shape as shape_module
+from mlx_lora.memory.estimate import FIXED_OVERHEAD_BYTES, StepSettings, base_bytes, components, lora_parameters
+from mlx_lora.memory.plan import make_plan, parse_memory
+from mlx_lora.memory.shape import read_shape, shape_from_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mlx_lora(*args):
+    env = dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1")
+    return subprocess.run([sys.executable, "-m", "mlx_lora", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def write_config(tmp_path, model, data_dir, **training):
+    config = {"model": str(model), "output_dir": str(tmp_path / "run"), "data": {"path": str(data_dir), "max_seq_length": 64},
+              "lora": {"rank": 4, "alpha": 8}, "quantization": {"mode": "affine", "group_size": 32},
+              "training": {"iters": 4, "batch_size": 2, "steps_per_report": 1, "steps_per_eval": 0, "save_every": 0,
+                           **training},
+              "eval": {"enabled": False}}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def config_only_dir(tmp_path_factory):
+    """config.json and tokenizer files of an 8B-shaped llama, and no weights at all."""
+    folder = tmp_path_factory.mktemp("config-only")
+    tiny.make_tokenizer(folder)
+    (folder / "config.json").write_text((ROOT / "bench/model_configs/Llama-3.1-8B.json").read_text())
+    return folder
+
+
+def test_plan_reads_config_json_only(config_only_dir, tiny_data_dir, tmp_path):
+    assert not list(config_only_dir.glob("*.safetensors"))
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    result = mlx_lora("plan", path, "data.max_seq_length=2048", "training.batch_size=1", "lora.rank=16",
+                      "quantization.group_size=64", "--memory", "32GB", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout)
+    assert set(plan) >= {"peak_gb", "fits", "components"}
+    assert plan["peak_gb"] == pytest.approx(sum(plan["components"].values()), abs=0.01)
+    # 8B at 4 bits: ~4.5 GB of packed weights and float32 scales; well below the 8B float size
+    assert 4.0 < plan["components"]["frozen base"] < 6.0
+    table = mlx_lora("plan", path, "--memory", "32GB")
+    assert "predicted peak" in table.stdout and "frozen base" in table.stdout
+
+
+def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data_dir, tmp_path):
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    cfg = load_config(path, ["data.max_seq_length=4096", "training.batch_size=8", "lora.rank=16"])
+    plan = make_plan(cfg, parse_memory("16GB"), "test", dequantize_path=True)
+    assert not plan.fits
+    assert plan.suggestions, plan.table()
+    for overrides, peak in plan.suggestions:  # each suggestion, applied, is predicted to fit
+        again = make_plan(load_config(path, ["data.max_seq_length=4096", "training.batch_size=8", "lora.rank=16", *overrides]),
+                          parse_memory("16GB"), "test", dequantize_path=True)
+        assert again.fits and again.peak == pytest.approx(peak)
+    assert "does NOT fit" in plan.table()
+
+
+@pytest.mark.parametrize("text, size", [("16GB", 16e9), ("32 gb", 32e9), ("24GiB", 24 * 2**30), ("512MB", 512e6), ("64", 64e9)])
+def test_memory_sizes(text, size):
+    assert parse_memory(text) == pytest.approx(size)
+
+
+def test_unparseable_memory_is_one_line_with_the_accepted_forms(tiny_model_dir, tiny_data_dir, tmp_path):
+    result = mlx_lora("plan", write_config(tmp_path, tiny_model_dir, tiny_data_dir), "--memory", "lots")
+    assert result.returncode == 1
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "16GB, 32GB, 64GB" in result.stderr and "'lots'" in result.stderr
+
+
+def test_missing_config_json_is_named(tmp_path, tiny_data_dir):
+    folder = tmp_path / "no-config"
+    folder.mkdir()
+    tiny.make_tokenizer(folder)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        read_shape(str(folder))
+    result = mlx_lora("plan", write_config(tmp_path, folder, tiny_data_dir))
+    assert result.returncode == 1 and "no config.json" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_unknown_architecture_is_named():
+    with pytest.raises(ValueError, match="model_type 'mamba'"):
+        shape_from_config({"model_type": "mamba", "hidden_size": 8})
+
+
+def test_training_runs_with_a_warning_when_no_prediction_is_made(tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch, capsys):
+    from mlx_lora.run import run_training
+
+    monkeypatch.setattr(shape_module, "KNOWN_TYPES", {"gemma2"})  # the planner does not know llama now
+    cfg = load_config(write_config(tmp_path, tiny_model_dir, tiny_data_dir, iters=2))
+    summary = run_training(cfg)
+    assert summary["steps"] == 2
+    out = capsys.readouterr().out
+    assert "warning: no memory prediction was made" in out and "model_type 'llama'" in out
+
+
+def test_architecture_traits_come_from_config_fields():
+    qwen = shape_from_config(json.loads((ROOT / "bench/model_configs/Qwen2.5-7B.json").read_text()))
+    gemma = shape_from_config(json.loads((ROOT / "bench/model_configs/gemma-2-9b.json").read_text()))
+    llama = shape_from_config(json.loads((ROOT / "bench/model_configs/Llama-3.2-3B.json").read_text()))
+    assert qwen.qkv_bias and not qwen.tied and not llama.qkv_bias and llama.tied
+    assert gemma.head_dim == 256 and gemma.q_dim == 4096 != gemma.hidden and gemma.logit_softcap and gemma.tied
+    phi3 = shape_from_config({"model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+                              "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32064})
+    assert [p.name for p in phi3.projections()] == ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    # published sizes: Qwen2.5-7B 7.62B, Llama-3.2-3B 3.21B, gemma-2-9b 9.24B parameters (norms excluded here)
+    assert qwen.parameters() + qwen.layers * 3 * 512 == pytest.approx(7.62e9, rel=0.01)
+    assert llama.parameters() == pytest.approx(3.21e9, rel=0.01)
+    assert gemma.parameters() == pytest.approx(9.24e9, rel=0.01)
+
+
+@pytest.mark.parametrize("mode, extra", [("none", {}), ("affine", {"bits": 4, "group_size": 32}),
+                                         ("affine", {"bits": 8, "group_size": 64}), ("nf4", {"block_size": 64}),
+                                         ("nf4", {"block_size": 64, "double_quant": True})])
+def test_frozen_base_bytes_match_the_loaded_model(tiny_model_dir, mode, extra):
+    from mlx_lora.frozen_matmul import use_dequantize_path
+    from mlx_lora.models import load_model
+    from mlx_lora.quantize import model_nbytes, quantize_model
+    from mlx_lora.frozen_matmul import use_fast_frozen_layers
+
+    model, _, info = load_model(str(tiny_model_dir))
+    quantize_model(model, mode, **extra)
+    use_fast_frozen_layers(model)
+    settings = StepSettings(mode=mode, **extra, dequantize_path=use_dequantize_path())
+    assert base_bytes(shape_from_config(info.hf_config), settings) == pytest.approx(model_nbytes(model), rel=0.01)
+
+
+def test_lora_parameters_match_apply_lora(tiny_model_dir):
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.lora import apply_lora, count_trainable
+    from mlx_lora.models import load_model
+
+    model, _, info = load_model(str(tiny_model_dir))
+    apply_lora(model, LoraConfig(rank=4, target_modules=("q_proj", "v_proj", "down_proj"), num_layers=1))
+    settings = StepSettings(rank=4, target_modules=("q_proj", "v_proj", "down_proj"), num_layers=1)
+    assert lora_parameters(shape_from_config(info.hf_config), settings) == count_trainable(model)
+
+
+# --- predicted against measured peaks (real training steps on small random models) --------
+
+SMALL = tiny.tiny_config(vocab_size=8192, hidden_size=256, layers=4)
+SEQ = 512
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def small_model():
+    """A 4-block llama (hidden 256, vocab 8192), affine 4-bit as a run holds it, LoRA rank 16 on all."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.frozen_matmul import use_fast_frozen_layers
+    from mlx_lora.lora import apply_lora
+    from mlx_lora.quantize import quantize_model
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict(SMALL))
+    quantize_model(model, "affine", bits=4, group_size=64)
+    use_fast_frozen_layers(model)
+    apply_lora(model, LoraConfig(rank=16, alpha=32, target_modules=ALL))
+    mx.eval(model.parameters())
+    return model
+
+
+def examples(count, length=SEQ):
+    import numpy as np
+
+    from mlx_lora.data import Example
+
+    rng = np.random.default_rng(0)
+    return [Example(tokens=rng.integers(0, SMALL["vocab_size"], length).tolist(), mask=[True] * length) for _ in range(count)]
+
+
+def run_steps(model, batch, out, steps=1, grad_checkpoint=False, memory_limit=None, resume=False):
+    import gc
+
+    import mlx.core as mx
+
+    from mlx_lora.config import TrainingConfig
+    from mlx_lora.train import train
+
+    config = TrainingConfig(iters=steps, batch_size=batch, grad_checkpoint=grad_checkpoint, steps_per_eval=0,
+                            save_every=1, steps_per_report=1, learning_rate=1e-5)
+    gc.collect()
+    mx.clear_cache()
+    return train(model, examples(batch * 2), [], config, out, resume=resume, memory_limit=memory_limit)
+
+
+def settings(batch, grad_checkpoint=False):
+    from mlx_lora.frozen_matmul import use_dequantize_path
+
+    return StepSettings(rank=16, target_modules=ALL, batch_size=batch, seq_length=SEQ, grad_checkpoint=grad_checkpoint,
+                        dequantize_path=use_dequantize_path())
+
+
+def predicted(batch, grad_checkpoint=False):
+    return sum(components(shape_from_config(SMALL), settings(batch, grad_checkpoint)).values())
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_predicted_peak_within_ten_percent_of_measured(tmp_path, grad_checkpoint):
+    model = small_model()
+    measured = run_steps(model, 4, tmp_path, grad_checkpoint=grad_checkpoint)["peak_memory_gb"] * 1e9
+    parts = components(shape_from_config(SMALL), settings(4, grad_checkpoint))
+    # the frozen base and adapters are exact (see test_frozen_base_bytes_match_the_loaded_model);
+    # the rest is what the planner models: compare it with the overhead taken out of both
+    prediction = sum(parts.values()) - FIXED_OVERHEAD_BYTES
+    assert prediction == pytest.approx(measured - FIXED_OVERHEAD_BYTES, rel=0.10), parts
+    assert prediction >= 0.95 * (measured - FIXED_OVERHEAD_BYTES)  # never under by more than 5%
+
+
+def test_auto_batch_runs_under_the_limit_and_one_larger_would_not(tmp_path):
+    from mlx_lora.memory.plan import SAFETY_MARGIN, auto_batch
+    from mlx_lora.train import MemoryLimitExceeded
+
+    limit = predicted(2) / SAFETY_MARGIN * 1.02  # batch 2 fits with the margin, batch 4 does not
+    batch, accumulation = auto_batch(shape_from_config(SMALL), settings(1), limit, effective=8)
+    assert (batch, accumulation) == (2, 4)
+    summary = run_steps(small_model(), batch, tmp_path / "fits", memory_limit=limit)
+    assert summary["peak_memory_gb"] * 1e9 < limit
+    with pytest.raises(MemoryLimitExceeded):
+        run_steps(small_model(), 4, tmp_path / "larger", memory_limit=limit)
+
+
+def test_guard_stops_with_one_line_and_a_resumable_checkpoint(tmp_path):
+    from mlx_lora.checkpoints import latest
+    from mlx_lora.train import MemoryLimitExceeded
+
+    model = small_model()
+    with pytest.raises(MemoryLimitExceeded) as stopped:
+        run_steps(model, 2, tmp_path, steps=3, memory_limit=30e6)
+    message = str(stopped.value)
+    assert "\n" not in message and "over the memory limit of 0.03 GB" in message and "--resume" in message
+    checkpoint = latest(tmp_path)
+    assert checkpoint is not None and json.loads((checkpoint / "state.json").read_text())["step"] == 1
+    summary = run_steps(model, 2, tmp_path, steps=3, resume=True)  # no limit now: it finishes
+    assert summary["steps"] == 3
+
+
+def test_train_config_records_the_batch_auto_chose(tiny_model_dir, tiny_data_dir, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mlx_lora", "train", write_config(tmp_path, tiny_model_dir, tiny_data_dir,
+                             batch_size="auto", effective_batch_size=4, iters=1)], cwd=ROOT, capture_output=True, text=True,
+                            env=dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1"), timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "memory plan:" in result.stdout and "predicted peak" in result.stdout
+    recorded = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["training"]
+    assert recorded["batch_size"] == 4 and recorded["grad_accumulation"] == 1  # a tiny model: the whole batch fits
+
+
+@pytest.mark.parametrize("value, problem", [("auto", None), (3, None), ("big", "positive integer or auto"), (0, "positive integer or auto")])
+def test_batch_size_takes_a_number_or_auto(value, problem):
+    from mlx_lora.config import ConfigError, config_from_dict
+
+    data = {"model": "x", "data": "d", "training": {"batch_size": value}}
+    if problem is None:
+        assert config_from_dict(data).training.batch_size == value
+    else:
+        with pytest.raises(ConfigError, match=problem):
+            config_from_dict(data)
+
+
+def test_memory_limit_setting_is_checked():
+    from mlx_lora.config import ConfigError, config_from_dict
+    from mlx_lora.memory.plan import guard_limit
+
+    with pytest.raises(ConfigError, match="16GB, 32GB, 64GB"):
+        config_from_dict({"model": "x", "data": "d", "training": {"memory_limit": "lots"}})
+    assert guard_limit("none") is None and guard_limit("24GB") == 24e9 and guard_limit("auto") > 0
+
+
+@pytest.mark.parametrize("types", [{"linear": "Q4_1", "embed": "Q8_0"}, {"linear": "Q4_K", "embed": "F16", "output": "Q6_K"}])
+def test_gguf_base_bytes_match_the_loaded_model(tmp_path, types):
+    from gguf import GGMLQuantizationType as T
+    from test_gguf import write_tiny_gguf
+
+    from mlx_lora.frozen_matmul import use_dequantize_path, use_fast_frozen_layers
+    from mlx_lora.models import load_model
+    from mlx_lora.quantize import model_nbytes, quantize_model
+    from mlx_lora.memory.shape import shape_from_gguf
+
+    path, _, _ = write_tiny_gguf(tmp_path, {key: T[name] for key, name in types.items()}, tied="output" not in types)
+    model, _, _ = load_model(str(path))
+    quantize_model(model, "affine", group_size=32)  # float tensors (an F16 embedding) are quantized by the run
+    use_fast_frozen_layers(model)
+    settings = StepSettings(mode="affine", group_size=32, dequantize_path=use_dequantize_path())
+    assert base_bytes(shape_from_gguf(path), settings) == pytest.approx(model_nbytes(model), rel=0.02)

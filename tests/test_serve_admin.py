@@ -1,0 +1,113 @@
+"""Over HTTP: the limits that protect the machine (429 + Retry-After, 400 naming the field) and
+adding / removing adapters at run time without a restart, guarded by the API key and confined to
+the configured folders."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+
+import pytest
+
+from test_serve import CHAT, greedy_reference, make_adapter, start_server
+
+httpx = pytest.importorskip("httpx")
+KEY = {"Authorization": "Bearer k"}
+
+
+def wait_until(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.02)
+
+
+def test_full_queue_gets_429_with_retry_after(tiny_model_dir):
+    from mlx_lora.serve.engine import EngineLimits
+
+    with start_server(tiny_model_dir, {}, engine_limits=EngineLimits(max_batch=1, max_queue=1)) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            body = {"prompt": "say hello", "max_tokens": 4}
+            results = []
+            with engine._model_lock:  # the worker cannot step, so the first request stays queued
+                waiter = threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
+                waiter.start()
+                wait_until(lambda: engine.queued() == 1)
+                refused = client.post("/v1/completions", json=body)
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
+            waiter.join(60)
+            assert results[0].status_code == 200  # the queued one is served once the worker runs
+
+
+def test_prompt_plus_completion_over_the_context_is_400_naming_the_field(tiny_model_dir):
+    from mlx_lora.serve.engine import EngineLimits
+
+    with start_server(tiny_model_dir, {}, engine_limits=EngineLimits(max_context=64)) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            over = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 60})
+            assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
+            assert "64" in over.json()["error"]["message"]
+            long_prompt = client.post("/v1/completions", json={"prompt": "hello world " * 80, "max_tokens": 1})
+            assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "prompt"
+            assert client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8}).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def admin(tiny_model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("allowed")
+    make_adapter(tiny_model_dir, root / "c", seed=4)
+    other = __import__("tiny").make_model_dir(tmp_path_factory.mktemp("wide"), hidden_size=32)
+    make_adapter(other, root / "misfit", seed=5)
+    shutil.copytree(tiny_model_dir, root / "not-an-adapter")
+    outside = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("outside") / "d", seed=6)
+    (root / "link").symlink_to(outside)
+    with start_server(tiny_model_dir, {}, api_key="k", adapter_dirs=(str(root),)) as (url, engine):
+        with httpx.Client(base_url=url, timeout=60, headers=KEY) as client:
+            yield client, engine, root
+
+
+def test_adapter_added_and_removed_at_run_time(admin, tiny_model_dir):
+    client, engine, root = admin
+    base_weight = engine.model.model.layers[0].self_attn.q_proj.weight
+    added = client.post("/v1/adapters", json={"name": "c", "path": "c"})
+    assert added.status_code == 200, added.text
+    assert [m["id"] for m in added.json()["data"]] == ["base", "c"]
+    answer = client.post("/v1/chat/completions", json={"model": "c", "messages": CHAT, "max_tokens": 8}).json()
+    assert answer["choices"][0]["message"]["content"] == greedy_reference(tiny_model_dir, root / "c", 8)
+    assert engine.model.model.layers[0].self_attn.q_proj.linear.weight is base_weight  # the base was not reloaded
+    assert client.delete("/v1/adapters/c").status_code == 200
+    gone = client.post("/v1/chat/completions", json={"model": "c", "messages": CHAT})
+    assert gone.status_code == 404 and "base" in gone.json()["error"]["message"]
+    assert client.delete("/v1/adapters/c").status_code == 404
+    base = client.post("/v1/chat/completions", json={"model": "base", "messages": CHAT, "max_tokens": 8}).json()
+    assert base["choices"][0]["message"]["content"] == greedy_reference(tiny_model_dir, None, 8)
+
+
+@pytest.mark.parametrize("path,status,words", [
+    ("misfit", 400, ["do not fit", "self_attn.q_proj"]),  # lists the mismatched layers
+    ("not-an-adapter", 400, ["adapter"]),
+    ("../outside", 400, ["allowed"]),
+    ("/etc", 400, ["allowed"]),
+    ("link", 400, ["allowed"]),  # a symlink out of the allowed folder
+    ("missing", 400, ["allowed"]),
+])
+def test_bad_adapter_uploads_are_refused(admin, path, status, words):
+    client, engine, _ = admin
+    response = client.post("/v1/adapters", json={"name": "x", "path": path})
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert all(word in error["message"] for word in words), error
+    assert "x" not in engine.model_names()
+
+
+def test_adapter_endpoints_need_the_key_and_configured_folders(admin, tiny_model_dir):
+    client, _, _ = admin
+    no_key = httpx.post(str(client.base_url) + "/v1/adapters", json={"name": "c", "path": "c"})
+    assert no_key.status_code == 401
+    assert httpx.delete(str(client.base_url) + "/v1/adapters/c").status_code == 401
+    with start_server(tiny_model_dir, {}) as (url, _):
+        off = httpx.post(url + "/v1/adapters", json={"name": "c", "path": str(tiny_model_dir)})
+        assert off.status_code == 403 and json.loads(off.text)["error"]["param"] == "path"

@@ -1,0 +1,182 @@
+"""Continuous batching on a tiny model: a sequence's tokens do not depend on who shares its batch.
+
+The scheduler is driven step by step here (no HTTP, no worker thread) so each test controls
+exactly when sequences join; `run_alone` is the reference each batched run must equal token for token.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from test_serve import make_adapter
+
+CHUNK = 8  # prefill chunk small enough that the long prompts below take several steps
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model_dir, tmp_path_factory):
+    from mlx_lora.serve.engine import Engine
+
+    root = tmp_path_factory.mktemp("adapters")
+    adapters = {"a": make_adapter(tiny_model_dir, root / "a", seed=1),
+                "b": make_adapter(tiny_model_dir, root / "b", seed=2, magnitude=0.8)}
+    return Engine.from_source(str(tiny_model_dir), adapters, base_name="base")
+
+
+def scheduler(engine, **kwargs):
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlx_lora.serve.scheduler import Scheduler
+
+    settings = {"max_batch": 8, "prefill_chunk": CHUNK, **kwargs}
+    return Scheduler(engine._forward, lambda: make_prompt_cache(engine.model), set(engine.tokenizer.eos_token_ids),
+                     **settings)
+
+
+def sequence(engine, spec: dict, out: dict):
+    """A Sequence for `spec` (prompt text, adapter name, sampling settings) recording into out[spec id]."""
+    from mlx_lora.serve.sampling import SamplingParams
+    from mlx_lora.serve.scheduler import Sequence
+
+    key = spec["id"]
+    out[key] = {"tokens": [], "finish": None, "cached": None}
+    adapter = engine.adapters.get(spec.get("adapter"))
+    seq = Sequence(prompt=list(engine.tokenizer.encode(spec["prompt"])), max_tokens=spec.get("max_tokens", 12),
+                   on_token=lambda event: out[key]["tokens"].append(event.token) or False,
+                   on_finish=lambda reason: out[key].update(finish=reason),
+                   slot=adapter.slot if adapter else 0, cache_key=spec.get("adapter") or "base",
+                   params=SamplingParams(**spec.get("params", {})))
+    seq.on_finish = lambda reason, seq=seq: out[key].update(finish=reason, cached=seq.cached_tokens)
+    return seq
+
+
+def drain(sched, limit: int = 500) -> int:
+    steps = 0
+    while not sched.idle():
+        sched.step()
+        steps += 1
+        assert steps < limit, "the scheduler did not finish"
+    return steps
+
+
+def run_alone(engine, specs: list[dict]) -> dict:
+    out = {}
+    for spec in specs:
+        sched = scheduler(engine)
+        sched.add(sequence(engine, spec, out))
+        drain(sched)
+    return out
+
+
+LONG = "The quick brown fox jumps over the lazy dog. " * 6  # ~5 prefill chunks
+SPECS = [
+    {"id": "greedy-base", "prompt": "say hello", "adapter": None},
+    {"id": "greedy-a-long", "prompt": LONG, "adapter": "a"},
+    {"id": "seeded-b", "prompt": "what is the capital of France?", "adapter": "b",
+     "params": {"temperature": 0.9, "seed": 11, "top_p": 0.9}},
+    {"id": "seeded-a-filters", "prompt": "hello world", "adapter": "a",
+     "params": {"temperature": 1.3, "seed": 5, "top_k": 20, "min_p": 0.02, "repetition_penalty": 1.3,
+                "frequency_penalty": 0.5, "presence_penalty": 0.4}},
+    {"id": "greedy-b-bias", "prompt": "Convert this date", "adapter": "b", "max_tokens": 7,
+     "params": {"logit_bias": {5: 4.0, 9: -100.0}, "logprobs": True, "top_logprobs": 3}},
+    {"id": "greedy-base-long", "prompt": LONG[:100], "adapter": None},
+]
+
+
+def test_mixed_batch_equals_each_sequence_alone(engine):
+    alone = run_alone(engine, SPECS)
+    assert len({tuple(v["tokens"]) for v in alone.values()}) == len(SPECS)  # the settings really differ
+    together = {}
+    sched = scheduler(engine)
+    for spec in SPECS:
+        sched.add(sequence(engine, spec, together))
+    sched.step()
+    assert sched.active() == len(SPECS)  # all admitted in one prefill group
+    drain(sched)
+    for spec in SPECS:
+        assert together[spec["id"]]["tokens"] == alone[spec["id"]]["tokens"], spec["id"]
+        assert together[spec["id"]]["finish"] == alone[spec["id"]]["finish"]
+
+
+def test_a_sequence_joining_mid_batch_changes_no_one(engine):
+    first, joiner = SPECS[:3], SPECS[3:5]
+    alone = run_alone(engine, SPECS[:5])
+    out = {}
+    sched = scheduler(engine)
+    for spec in first:
+        sched.add(sequence(engine, spec, out))
+    while not all(out[s["id"]]["tokens"] for s in first):  # until all three decode
+        sched.step()
+    for spec in joiner:
+        sched.add(sequence(engine, spec, out))
+    drain(sched)
+    for spec in SPECS[:5]:
+        assert out[spec["id"]]["tokens"] == alone[spec["id"]]["tokens"], spec["id"]
+
+
+def test_max_batch_bounds_the_running_batch(engine):
+    alone = run_alone(engine, SPECS[:4])
+    out, sizes = {}, []
+    sched = scheduler(engine, max_batch=2)
+    for spec in SPECS[:4]:
+        sched.add(sequence(engine, spec, out))
+    while not sched.idle():
+        sched.step()
+        sizes.append(sched.active())
+    assert max(sizes) == 2
+    assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_cancelled_sequence_leaves_at_the_next_step(engine):
+    out = {}
+    sched = scheduler(engine)
+    seqs = [sequence(engine, {**spec, "max_tokens": 200}, out) for spec in SPECS[:3]]
+    for seq in seqs:
+        sched.add(seq)
+    for _ in range(10):
+        sched.step()
+    seqs[1].cancel()
+    sched.step()
+    assert sched.active() == 2 and out[SPECS[1]["id"]]["finish"] == "cancelled"
+    drain(sched)
+    finishes = [out[s["id"]]["finish"] for s in SPECS[:3]]
+    assert finishes[1] == "cancelled" and finishes[0] in ("stop", "length") and finishes[2] in ("stop", "length")
+
+
+def test_prompt_cache_gives_identical_tokens_and_counts_cached_tokens(engine):
+    turn1 = {"id": "t1", "prompt": LONG, "adapter": "a", "max_tokens": 6}
+    plain = run_alone(engine, [turn1])
+    follow = {"id": "t2", "prompt": LONG + engine.tokenizer.decode(plain["t1"]["tokens"]) + " and then", "adapter": "a"}
+    other_adapter = {**follow, "id": "t2b", "adapter": "b"}
+    reference = run_alone(engine, [follow, other_adapter])
+    out = {}
+    sched = scheduler(engine, prompt_cache_size=4)
+    for spec in (turn1, follow, other_adapter):
+        sched.add(sequence(engine, spec, out))
+        drain(sched)
+    assert out["t1"]["tokens"] == plain["t1"]["tokens"] and out["t1"]["cached"] == 0
+    assert out["t2"]["tokens"] == reference["t2"]["tokens"]
+    assert out["t2"]["cached"] > len(engine.tokenizer.encode(LONG)) // 2  # the first turn's prefix was reused
+    assert out["t2b"]["cached"] == 0  # another adapter's KV is never reused
+    assert out["t2b"]["tokens"] == reference["t2b"]["tokens"]
+    # the very same prompt again: all but its last token come from the cache
+    again = {}
+    sched.add(sequence(engine, {**follow, "id": "t3"}, again))
+    drain(sched)
+    assert again["t3"]["tokens"] == reference["t2"]["tokens"]
+    assert again["t3"]["cached"] == len(engine.tokenizer.encode(follow["prompt"])) - 1
+
+
+def test_logprobs_are_normalised_and_rank_the_sampled_token(engine):
+    events = []
+    sched = scheduler(engine)
+    out = {}
+    seq = sequence(engine, SPECS[4], out)
+    seq.on_token = lambda event: events.append(event) or False
+    sched.add(seq)
+    drain(sched)
+    assert events and all(e.logprob <= 0 and len(e.top) == 3 for e in events)
+    for e in events:  # greedy: the sampled token is the most likely one
+        assert e.top[0][0] == e.token and abs(e.top[0][1] - e.logprob) < 1e-6
+        assert e.top[0][1] >= e.top[1][1] >= e.top[2][1]
+    assert 9 not in [e.token for e in events]  # logit_bias -100 bans it
