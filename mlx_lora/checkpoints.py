@@ -109,12 +109,18 @@ def write_checkpoint(output_dir: Path, step: int, position, elapsed_s: float, ke
 
 def save(output_dir: Path, model, optimizer, step: int, position, elapsed_s: float, keep: int = 2) -> Path:
     """Write a complete MLX checkpoint for `step` and prune older ones beyond `keep`."""
+    return save_state(output_dir, model.trainable_parameters(), optimizer.state, step, position, elapsed_s, keep)
+
+
+def save_state(output_dir: Path, adapters: dict, optimizer_state: dict, step: int, position, elapsed_s: float,
+               keep: int = 2) -> Path:
+    """`save` from the parameter and optimizer-state trees themselves (e.g. ones kept from an earlier step)."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
 
     def write_payload(folder: Path) -> None:
-        mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(model.trainable_parameters())))
-        mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer.state)))
+        mx.save_safetensors(str(folder / "adapters.safetensors"), dict(tree_flatten(adapters)))
+        mx.save_safetensors(str(folder / "optimizer.safetensors"), dict(tree_flatten(optimizer_state)))
 
     return write_checkpoint(output_dir, step, position, elapsed_s, keep, write_payload)
 

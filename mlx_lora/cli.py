@@ -42,6 +42,8 @@ def cmd_train(args) -> int:
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
+    if args.hosts or (args.processes or 1) > 1:
+        return launch_ranks(cfg, [path or _default_config(), *overrides], args)
     if cfg.backend == "cuda":
         from .backends.cuda import run_training as run_cuda
 
@@ -62,6 +64,37 @@ def cmd_train(args) -> int:
             mx.set_wired_limit(int(min(limit, mx.metal.device_info()["max_recommended_working_set_size"])))
     run_training(cfg, resume=args.resume, setup_s=_setup_seconds(), memory_limit=limit)
     return 0
+
+
+def launch_ranks(cfg, items: list[str], args) -> int:
+    """Check the hosts and the batch, then become `mlx.launch`, which runs `mlx-lora train` once per rank."""
+    import signal
+
+    from .distributed import check_batch_size
+    from .launch import check_reachable, launch_command, read_hosts, run_launcher
+
+    if cfg.backend != "mlx":
+        raise ValueError(f"--hosts / -n start MLX ranks; with backend: {cfg.backend} use "
+                         "`accelerate launch --num_processes N -m mlx_lora train CONFIG` (see the README)")
+    if args.hosts:
+        hosts = read_hosts(args.hosts, cfg.distributed.backend)
+        if len(hosts) == 1:
+            raise ValueError(f"{args.hosts}: lists one host; data parallel needs two or more (or train without --hosts)")
+        check_reachable(hosts, args.hosts)
+        size = len(hosts)
+    else:
+        size = args.processes
+    if cfg.training.batch_size == "auto":
+        raise ValueError("training.batch_size: auto is planned per machine; with several ranks set the global "
+                         f"batch as a number divisible by {size}")
+    check_batch_size(cfg.training.batch_size, size)
+    command = launch_command(["train", *items, *(["--resume"] if args.resume else [])], args.processes,
+                             args.hosts, cfg.distributed.backend)
+    print(f"==> {size} ranks: {' '.join(command)}", file=sys.stderr, flush=True)
+    # Ctrl-C goes to every rank (same terminal), and each stops at a step boundary with a
+    # checkpoint; the launcher ignores it, so it keeps relaying their output until they are done.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return run_launcher(command)
 
 
 def cmd_plan(args) -> int:
@@ -146,7 +179,36 @@ def cmd_doctor(args) -> int:
         print(f"blas loaded   {', '.join(loaded) or 'none found in /proc/self/maps'}")
         print(f"fast blas     {find_fast_blas() or 'none: ' + INSTALL_HINT}")
     print(f"matmul        {matmul_gflops():.0f} GFLOP/s (float32 1024x1024 on {mx.default_device()})")
+    if args.hosts:
+        return doctor_hosts(args)
     return 0
+
+
+def doctor_hosts(args) -> int:
+    """Reachability over ssh, then one `launch check` rank per host: the ring connects, inputs agree."""
+    import subprocess
+
+    from .config import load_config
+    from .launch import check_reachable, launch_command, read_hosts
+
+    path, overrides = _split_config_and_overrides(args.items)
+    path = path or _default_config()
+    cfg = load_config(path, overrides)
+    hosts = read_hosts(args.hosts, cfg.distributed.backend)
+    check_reachable(hosts, args.hosts)
+    print(f"hosts         {len(hosts)} reachable: {', '.join(h.ssh for h in hosts)}")
+    command = launch_command([], None, args.hosts, cfg.distributed.backend)
+    command = command[: command.index("-m") + 1] + ["mlx_lora.launch", "check", path, *overrides]
+    limit = cfg.distributed.timeout_s
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=limit)
+    except subprocess.TimeoutExpired as err:
+        raise RuntimeError(f"{args.hosts}: the ranks did not connect within {limit:g}s (distributed.timeout_s); "
+                           "check each host's \"ips\" (reachable from the others, same subnet) and the firewall") from err
+    lines = [line for line in (done.stdout + done.stderr).splitlines() if line.strip()]
+    verdict = [line for line in lines if line.startswith(("ring ok", "error:"))] or lines[-1:]
+    print(f"ring          {verdict[0] if verdict else f'mlx.launch exited with {done.returncode}'}")
+    return 0 if done.returncode == 0 else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,6 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]",
                        help="config file (default: configs/demo.yaml) then overrides")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument("--hosts", metavar="HOSTS.json",
+                       help="data-parallel over the Macs in this mlx.launch hosts file (distributed.backend picks the engine)")
+    train.add_argument("-n", "--processes", type=int, metavar="N",
+                       help="data-parallel over N local processes (mlx.launch -n N)")
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("eval", help="score a trained run on its test split (base vs tuned)")
     evaluate.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
@@ -175,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "activations) from any machine")
     plan.set_defaults(func=cmd_plan)
     doctor = sub.add_parser("doctor", help="print device, versions, BLAS and memory")
+    doctor.add_argument("--hosts", metavar="HOSTS.json",
+                        help="also check that every host is reachable, joins the ring and has the same kit, model and data")
+    doctor.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]",
+                        help="with --hosts: the run's config (default: configs/demo.yaml)")
     doctor.set_defaults(func=cmd_doctor)
     for name, (module, help_) in DELEGATES.items():
         delegate = sub.add_parser(name, help=help_, add_help=False)
@@ -208,7 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         if "prog" in inspect.signature(delegate_main).parameters:
             return delegate_main(argv[1:], prog=f"mlx-lora {argv[0]}")
         return delegate_main(argv[1:])
-    args = parser.parse_args(argv)
+    # `train CONFIG -n 2 key=value`: positionals after an option come back as extras; they are items.
+    args, extras = parser.parse_known_args(argv)
+    if extras and hasattr(args, "items") and not any(e.startswith("-") for e in extras):
+        args.items += extras
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     return run_command(args.func, args)
 
 

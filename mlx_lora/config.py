@@ -87,7 +87,7 @@ class LoraConfig:
 class TrainingConfig:
     iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
     epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
-    batch_size: Union[int, str] = field(default=4, **_help("Examples per micro-batch, or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
+    batch_size: Union[int, str] = field(default=4, **_help("Examples per micro-batch (across all ranks when data-parallel: each of N ranks takes batch_size / N; must divide), or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
     grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step (with batch_size: auto and effective_batch_size set, derived)."))
     effective_batch_size: Optional[int] = field(default=None, **_help("With batch_size: auto: examples per optimizer step; the micro-batch is its largest divisor that fits and grad_accumulation = this / micro-batch. null: grad_accumulation stays, micro-batch up to 32."))
     memory_limit: str = field(default="auto", **_help("Stop with a resumable checkpoint when a step's peak memory passes this: auto (this machine's memory as the planner sees it), a size such as 24GB, or none."))
@@ -122,6 +122,12 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    backend: str = field(default="any", **_help("Data-parallel engine when launched with --hosts or -n: ring (TCP/Thunderbolt) | jaccl (RDMA over Thunderbolt 5) | mpi | any (MLX picks). A single process ignores it."))
+    timeout_s: float = field(default=300.0, **_help("Seconds a rank waits for the others (a step, a checkpoint, validation) before it stops all with a message."))
+
+
+@dataclass(frozen=True)
 class Config:
     model: str = field(**_help("Base model: a Hugging Face folder, a hub id (org/name), a .gguf file, or `demo` (SmolLM2-135M-Instruct)."))
     output_dir: str = field(default="runs/latest", **_help("Run folder: adapters, metrics, plots, checkpoints, eval."))
@@ -132,6 +138,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig, **_help("LoRA adapters."))
     training: TrainingConfig = field(default_factory=TrainingConfig, **_help("Optimisation."))
     eval: EvalConfig = field(default_factory=EvalConfig, **_help("Evaluation after training."))
+    distributed: DistributedConfig = field(default_factory=DistributedConfig, **_help("Data-parallel training over several processes or Macs."))
 
 
 CHOICES = {
@@ -142,6 +149,7 @@ CHOICES = {
     "training.lr_schedule": ("constant", "linear", "cosine"),
     "training.objective": ("sft", "dpo", "orpo"),
     "training.loss_type": ("sigmoid", "ipo", "hinge"),
+    "distributed.backend": ("ring", "jaccl", "mpi", "any"),
 }
 
 
@@ -191,6 +199,7 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(0 <= t.label_smoothing < 0.5, "training.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
     need(t.label_smoothing == 0 or (t.objective == "dpo" and t.loss_type == "sigmoid"), "training.label_smoothing",
          "applies only to training.objective: dpo with loss_type: sigmoid; set it to 0")
+    need(cfg.distributed.timeout_s > 0, "distributed.timeout_s", f"must be positive, got {cfg.distributed.timeout_s}")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
     return problems
 

@@ -142,40 +142,55 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     `setup_s`: seconds spent before this call (environment set-up by the shell scripts), shown
     in the closing per-phase timing line when given. `memory_limit` (bytes) is the memory guard
     handed to `train` (see `memory.plan.guard_limit`).
+
+    Under `mlx.launch` this is one rank of a data-parallel run: every rank trains, rank 0 alone
+    writes files, reports and evaluates.
     """
     import mlx.core as mx
 
+    from . import distributed
     from .adapters import adapter_config, save_adapters
     from .preference_data import load_datasets_for
+    from .launch import check_same_inputs
     from .lora import count_trainable, transformer_blocks
     from .train import still_improving, train
 
     phases = {"set-up": setup_s} if setup_s is not None else {}
     clock = time.perf_counter()
 
+    world = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s,
+                             tell=lambda message: print(message, file=sys.stderr, flush=True))
+    if world.size > 1 and cfg.training.batch_size == "auto":
+        raise ValueError("training.batch_size: auto is planned per machine; with several ranks set the global "
+                         f"batch as a number divisible by {world.size}")
+    distributed.check_batch_size(cfg.training.batch_size, world.size)
+    say = log if world.is_main else (lambda message="": None)
     out = Path(cfg.output_dir)
     if out.exists() and not resume and (out / "checkpoints").exists():
         raise FileExistsError(f"output_dir {out} already holds a run; pass --resume to continue it, "
                               "or choose another output_dir (e.g. output_dir=runs/new)")
-    out.mkdir(parents=True, exist_ok=True)
-    write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
-    log(f"mlx-lora {__version__} | device {mx.default_device()} | model {cfg.model}")
-    plan = memory_plan(cfg)
+    ranks = f" | {world.size} ranks ({cfg.distributed.backend})" if world.size > 1 else ""
+    say(f"mlx-lora {__version__} | device {mx.default_device()}{ranks} | model {cfg.model}")
+    plan = memory_plan(cfg) if world.is_main else None
     model, tokenizer, info, quant_report, keys = prepare_model(cfg)
+    check_same_inputs(world, info.path, cfg.data.path)
     blocks = transformer_blocks(model)
     trainable = count_trainable(model)
-    log(f"base: {info.kind} {info.path}")
-    log(f"quantization: {quant_report.describe()}")
+    say(f"base: {info.kind} {info.path}")
+    say(f"quantization: {quant_report.describe()}")
     if info.gguf_report is not None:
-        log(f"GGUF tensors: {info.gguf_report.describe()}")
-    log(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
+        say(f"GGUF tensors: {info.gguf_report.describe()}")
+    say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
         f"{len(keys)} modules x {min(len(blocks), cfg.lora.num_layers) if cfg.lora.num_layers > 0 else len(blocks)} blocks, "
         f"{trainable:,} trainable parameters")
 
     datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, data_splits(cfg), seed=cfg.seed)
     for line in describe_data(data_stats, cfg.training.objective):
-        log(line)
+        say(line)
     if cfg.training.batch_size == "auto":
         cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
         write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
@@ -183,7 +198,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)
     start_step = None
-    if resume:
+    if resume and world.is_main:
         from .checkpoints import latest
 
         checkpoint = latest(out)
@@ -194,7 +209,10 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
-                    resume=resume, callbacks=[metrics, ProgressBar()], memory_limit=memory_limit)
+                    resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
+                    memory_limit=memory_limit, world=world)
+    if not world.is_main:
+        return summary
     save_adapters(out, model, config)
     from .adapters.peft_format import export_peft
 
@@ -205,7 +223,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
         "trainable_parameters": trainable, "base_memory_gb": quant_report.bytes_after / 1e9,
         "quantization_relative_error": quant_report.relative_error,
         "tokens_per_second": sum(tps) / max(len(tps), 1), "data": data_stats,
-        "final_train_loss": rows[-1]["train_loss"] if rows else None,
+        "final_train_loss": rows[-1]["train_loss"] if rows else None, "ranks": world.size,
     })
     log(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s, "
         f"{summary['tokens_per_second']:.0f} tok/s, peak memory {summary['peak_memory_gb']:.2f} GB; "

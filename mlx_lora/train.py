@@ -4,6 +4,8 @@
 pairs for dpo / orpo, whose losses live in `objectives.py`) and talks only through callbacks (see
 `report.py`). Checkpoints hold adapters, optimizer state, step and data position (dropout is
 seeded by step), so `resume=True` continues exactly where the run stopped, including after Ctrl-C.
+Data parallelism enters through the `world` argument (`distributed.py` holds every rank-dependent
+line): a batch share per rank, averaged gradients and losses, rank-0 checkpoints.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from mlx.utils import tree_map
 from . import checkpoints
 from .config import TrainingConfig
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
+from .distributed import LastGood, World, check_batch_size
 from .loss import batch_loss, enable_chunked_loss, target_positions
 from .objectives import METRICS, evaluate_preferences, preference_loss, reference_logps
 
@@ -158,8 +161,16 @@ class GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array, weights: mx.array,
+                  share: mx.array):
+    """`batch_loss` times this rank's share of the global batch's target tokens (1 on a single process)."""
+    loss, count = batch_loss(model, tokens, mask, positions, weights)
+    return loss * share, count
+
+
 def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
-          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), memory_limit: float | None = None) -> dict:
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), memory_limit: float | None = None,
+          world: World | None = None) -> dict:
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
@@ -169,15 +180,18 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     `memory_limit` (bytes): the memory guard. After any step whose peak (`mx.get_peak_memory()`)
     passed it, a checkpoint is written and MemoryLimitExceeded is raised, so the run stops before
     a larger batch pushes the machine into swap; `--resume` continues from that checkpoint.
+    `world` (distributed.init()) makes this one rank of a data-parallel run; rank 0 writes.
     """
     output_dir = Path(output_dir)
+    world = world or World()
     steps = total_steps(config, len(train_set))
+    check_batch_size(config.batch_size, world.size)
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config, steps), weight_decay=config.weight_decay)
     position = BatchPosition()
     start_step = 0
     mx.random.seed(seed)
-    if resume:
+    if resume and world.is_main:  # the others get rank 0's state in start_together
         state = checkpoints.load_latest(output_dir, model, optimizer)
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint in {output_dir / 'checkpoints'}; start without --resume")
@@ -190,12 +204,17 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     longest = max(train_set, key=lambda e: e.length)
     enable_chunked_loss(model, mx.array([longest.chosen.tokens if preference else longest.tokens]))
 
+    start_step = world.start_together(model, optimizer, start_step, position)
     if preference:
+        if world.size > 1:
+            raise ValueError(f"training.objective {config.objective} runs in one process for now (this run has "
+                             f"{world.size} ranks); train it without -n / --hosts")
+
         def objective(model, inputs):  # (tokens, masks) for orpo, plus the reference log-probs for dpo
             return preference_loss(model, inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, config)
     else:
-        def objective(model, inputs):
-            return batch_loss(model, *inputs)  # (tokens, mask, positions, weights)
+        def objective(model, inputs):  # (tokens, mask, positions, weights, this rank's share)
+            return weighted_loss(model, *inputs)
     loss_and_grad = nn.value_and_grad(model, objective)
     accumulation = config.grad_accumulation
     compiled_state = [model.state, optimizer.state, mx.random.state]
@@ -212,13 +231,14 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
+            grad = world.average_gradients(grad)  # before clipping, so the clip sees the global norm
             if accumulation > 1:
                 grad = tree_map(lambda g: g / accumulation, grad)
             if config.grad_clip is not None:
                 grad, _ = optim.clip_grad_norm(grad, config.grad_clip)
             optimizer.update(model, grad)
             grad = None
-        return loss, aux, grad
+        return world.average(loss), aux, grad
 
     if config.compile:
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
@@ -231,7 +251,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
 
         batches = iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs)
     else:
-        batches = iterate_train(train_set, config.batch_size, seed, position)
+        batches = world.share(iterate_train(train_set, config.batch_size, seed, position))
     window_loss, window_tokens, window_steps = 0.0, 0, 0
     window_metrics = [0.0] * len(METRICS)
     window_start = time.perf_counter()
@@ -245,19 +265,27 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     stopped_early = False
     mx.reset_peak_memory()
 
-    def save(at_step: int) -> Path:
+    def save(at_step: int) -> Path | None:
+        if not world.is_main:
+            return None
         path = checkpoints.save(output_dir, model, optimizer, at_step, position,
                                 elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
         for callback in callbacks:
             callback.on_checkpoint(path)
         return path
 
-    with GracefulInterrupt() as interrupt:
+    def save_kept(good: LastGood) -> Path:  # after another rank failed: the last step all finished
+        return checkpoints.save_state(output_dir, good.adapters, good.optimizer_state, good.step,
+                                      BatchPosition(good.epoch, good.index),
+                                      elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
+
+    with GracefulInterrupt() as interrupt, world.guard(save_kept):
         while step < steps:
-            if interrupt.requested:
+            if world.any(interrupt.requested):
                 path = save(step) if step > start_step else last_good
                 for callback in callbacks:
                     callback.on_interrupt(step, path)
+                world.barrier()  # no rank exits (and so stops the launcher) before rank 0 has written
                 raise KeyboardInterrupt
             position_before = BatchPosition(position.epoch, position.index)
             grad = None
@@ -265,15 +293,15 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             try:
                 for micro in range(accumulation):
                     # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
-                    mx.random.seed(seed * 1_000_003 + step * accumulation + micro)
-                    tokens, mask, n_tokens = next(batches)
+                    mx.random.seed(world.seed(seed * 1_000_003 + step * accumulation + micro))
+                    tokens, mask, n_tokens, *share = next(batches)
                     inputs = (mx.array(tokens), mx.array(mask))
                     if reference_fn is not None:
                         reference = reference_fn(inputs[0], inputs[1][0])
                         mx.eval(reference)
                         inputs = (*inputs, reference)
-                    elif not preference:  # the output head only where there is loss
-                        inputs = (*inputs, *map(mx.array, target_positions(mask)))
+                    elif not preference:  # the output head only where there is loss; this rank's share
+                        inputs = (*inputs, *map(mx.array, target_positions(mask)), mx.array(share[0]))
                     loss, aux, grad = step_fn(inputs, grad, micro == accumulation - 1)
                     mx.eval(loss, aux, model.state, optimizer.state, *([grad] if grad is not None else []))
                     step_loss += loss.item() / accumulation
@@ -294,6 +322,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     "Lower training.learning_rate, enable training.grad_clip, or check the data."
                 )
             step += 1
+            world.keep(step, position, model, optimizer)
             if memory_limit is not None and mx.get_peak_memory() > memory_limit:
                 path = save(step)
                 raise MemoryLimitExceeded(
@@ -305,7 +334,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             window_tokens += step_tokens
             window_steps += 1
             is_last = step == steps
-            if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set:
+            if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set and world.is_main:
                 model.eval()
                 if preference:
                     scores = evaluate_preferences(model, valid_set, config.batch_size, config, config.val_batches)
@@ -340,6 +369,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 window_start = time.perf_counter()
             if config.save_every and step % config.save_every == 0 and not is_last:
                 last_good = save(step)
+            stopped_early = world.any(stopped_early)  # validation runs on rank 0 only: all stop together
             if stopped_early:
                 break
     final = save(step)

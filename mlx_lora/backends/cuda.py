@@ -10,6 +10,7 @@ MLX adapter (adapters.safetensors + adapter_config.json) and the PEFT adapter (p
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 from pathlib import Path
@@ -59,8 +60,8 @@ def resolve_device(device: str | None) -> str:
     """"cuda" when a GPU is visible; "cpu" only when asked for explicitly (tests, smoke runs)."""
     import torch
 
-    if device == "cpu":
-        return "cpu"
+    if device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        return "cpu"  # asked for: a test, or `accelerate launch --cpu`
     if device not in (None, "cuda"):
         raise ValueError(f"device must be None, 'cuda' or 'cpu', got {device!r}")
     if not torch.cuda.is_available():
@@ -190,11 +191,13 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     from accelerate import Accelerator
 
     from ..preference_data import load_datasets_for
+    from ..distributed import check_batch_size
     from ..report import MetricsWriter, ProgressBar
     from ..run import data_splits, describe_data, log
     from . import cuda_loop
 
     accelerator = Accelerator(cpu=device == "cpu")
+    check_batch_size(cfg.training.batch_size, accelerator.num_processes)  # the global batch, as on MLX
     main = accelerator.is_main_process
     say = log if main else (lambda message="": None)
     out = Path(cfg.output_dir)

@@ -120,11 +120,14 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
     import bitsandbytes as bnb
     import torch
 
+    from ..distributed import World, check_batch_size
     from ..train import GracefulInterrupt, StepReport, TrainingStopped, total_steps
 
     output_dir = Path(output_dir)
     device = accelerator.device
-    rank, world = accelerator.process_index, accelerator.num_processes
+    # Only the batch shares and dropout seeds come from World; accelerate/DDP does the communication.
+    ranks = World(rank=accelerator.process_index, size=accelerator.num_processes)
+    check_batch_size(config.batch_size, ranks.size)
     steps = total_steps(config, len(train_set))
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
     params = [p for p in model.parameters() if p.requires_grad]
@@ -150,9 +153,13 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
         from ..preference_data import collate_pairs
         from .cuda_objectives import evaluate_preferences, preference_loss, reference_logps
 
-        batches = iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs)
+        if ranks.size > 1:
+            raise ValueError(f"training.objective {config.objective} runs in one process for now (this run has "
+                             f"{ranks.size}); launch it without accelerate's --num_processes")
+        batches = ((*batch, 1.0) for batch in
+                   iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs))
     else:
-        batches = iterate_train(train_set, config.batch_size, seed, position)
+        batches = ranks.share(iterate_train(train_set, config.batch_size, seed, position))
     window_loss, window_tokens, window_steps = 0.0, 0, 0
     window_metrics = None
     window_start = run_start = time.perf_counter()
@@ -182,11 +189,11 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                 group["lr"] = learning_rate_at(config, steps, step)
             step_loss, step_tokens = 0.0, 0
             for micro in range(accumulation):
-                # Data parallel: every process draws the same `world` batches and keeps its own.
-                drawn = [next(batches) for _ in range(world)]
-                tokens, mask, n_tokens = drawn[rank]
+                # Data parallel: each process takes its rows of the global batch; `weight` makes DDP's
+                # gradient average the mean over all of its target tokens (see distributed.py).
+                tokens, mask, n_tokens, weight = next(batches)
                 # Dropout draws depend on (seed, step, micro-batch, process) only, so a resumed run repeats them.
-                torch.manual_seed(seed * 1_000_003 + (step * accumulation + micro) * world + rank)
+                torch.manual_seed(ranks.seed(seed * 1_000_003 + step * accumulation + micro))
                 is_last = micro == accumulation - 1
                 with accelerator.no_sync(model) if not is_last else nullcontext():
                     tokens, mask = torch.as_tensor(tokens, dtype=torch.long, device=device), torch.as_tensor(mask, device=device)
@@ -199,10 +206,11 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                         window_metrics = metrics if window_metrics is None else window_metrics + metrics
                     else:
                         loss, _ = masked_loss(model, tokens, mask)
+                        loss = loss * float(weight)
                     accelerator.backward(loss / accumulation)
                 step_loss += loss.item() / accumulation
                 step_tokens += n_tokens
-            if world > 1:
+            if ranks.size > 1:
                 step_loss = accelerator.reduce(torch.tensor(step_loss, device=device), "mean").item()
             if not math.isfinite(step_loss):
                 position.epoch, position.index = position_before.epoch, position_before.index
@@ -216,7 +224,7 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
             learning_rate = optimizer.param_groups[0]["lr"]
             step += 1
             window_loss += step_loss
-            window_tokens += step_tokens * world
+            window_tokens += step_tokens
             window_steps += 1
             is_final = step == steps
             val_loss = val_accuracy = None
