@@ -244,7 +244,7 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                     peak_memory_gb=peak_memory_gb(device), elapsed_s=elapsed_before + now - run_start,
                     val_loss=val_loss)
                 if preference:
-                    if world > 1:
+                    if ranks.size > 1:
                         window_metrics = accelerator.reduce(window_metrics, "mean")
                     for name, total in zip(METRICS, window_metrics.tolist()):
                         setattr(report, name, total / window_steps)

@@ -161,7 +161,7 @@ def hf_config_from_header(header: GGUFHeader) -> dict:
         # the embedding's row count, not the metadata's, is what the weights need
         "vocab_size": int(header.tensors["token_embd.weight"].shape[0]),
         "tie_word_embeddings": "output.weight" not in header.tensors,
-        "attention_bias": f"blk.0.attn_q.bias" in header.tensors,
+        "attention_bias": "blk.0.attn_q.bias" in header.tensors,
         "mlp_bias": False,
     }
     for name, field in (("bos_token_id", "tokenizer.ggml.bos_token_id"), ("eos_token_id", "tokenizer.ggml.eos_token_id")):
