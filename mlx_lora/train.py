@@ -186,6 +186,8 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     world = world or World()
     steps = total_steps(config, len(train_set))
     check_batch_size(config.batch_size, world.size)
+    if world.time_all_reduce and config.compile:
+        raise ValueError("timing the gradient all-reduce evaluates the step in pieces; set training.compile=false")
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config, steps), weight_decay=config.weight_decay)
     position = BatchPosition()
