@@ -281,9 +281,14 @@ def save_adapters(model, cfg: Config, info: dict, out: Path, state_dict: dict | 
     from ..checkpoints import atomic_path
     from ..adapters.peft_format import block_relative_keys, peft_to_mlx_weights
 
-    model.save_pretrained(str(out / PEFT_SUBDIR), state_dict=state_dict)
-    peft_weights = {k: v.detach().float().cpu().numpy()
-                    for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items()}
+    if state_dict is None:
+        model.save_pretrained(str(out / PEFT_SUBDIR))
+        state_dict = get_peft_model_state_dict(model)
+    else:
+        from .cuda_fsdp import save_peft_adapter
+
+        state_dict = save_peft_adapter(model, out / PEFT_SUBDIR, state_dict)
+    peft_weights = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
     weights = {k: v.copy(order="C") for k, v in peft_to_mlx_weights(peft_weights).items()}  # (in, r), (r, out)
     with atomic_path(out / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "mlx"})

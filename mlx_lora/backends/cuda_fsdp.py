@@ -55,18 +55,18 @@ def use_lora_wrap_policy(accelerator, model) -> None:
 
 
 @contextmanager
-def _full_state(model, processes: int):
-    """FSDP's FULL_STATE_DICT context: gathered on rank 0 (offloaded to CPU) when there are several processes.
-
-    (FSDP refuses rank0_only / offload_to_cpu in a world of one.)
-    """
+def _full_state(accelerator, model):
+    """FSDP's FULL_STATE_DICT context: gathered on rank 0 only when there are several processes,
+    and moved to CPU memory when the model is on a GPU (FSDP refuses both in a world of one, and
+    offloading CPU tensors to the CPU frees them under gloo)."""
     from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    several = processes > 1
+    several = accelerator.num_processes > 1
+    offload = several and accelerator.device.type != "cpu"
     with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=several, rank0_only=several),
-                              FullOptimStateDictConfig(offload_to_cpu=several, rank0_only=several)):
+                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=several),
+                              FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=several)):
         yield
 
 
@@ -79,7 +79,7 @@ def trainable_state(accelerator, model) -> dict:
     """
     unwrapped = accelerator.unwrap_model(model)
     trainable = {name for name, p in unwrapped.named_parameters() if p.requires_grad}
-    with _full_state(model, accelerator.num_processes):
+    with _full_state(accelerator, model):
         state = model.state_dict()
     if not accelerator.is_main_process:
         return {}
@@ -91,11 +91,31 @@ def _is_lora(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
+def save_peft_adapter(model, folder, state: dict) -> dict:
+    """Write a PEFT adapter folder (adapter_model.safetensors + adapter_config.json) from gathered
+    LoRA weights; returns them by PEFT's saved names.
+
+    PEFT's own `save_pretrained(state_dict=...)` picks the adapter's entries by the model's module
+    names, which FSDP has changed (`..._fsdp_wrapped_module...`), and so would save nothing.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    name = model.active_adapter
+    weights = {key.replace(f".{name}.", "."): tensor.detach().contiguous() for key, tensor in state.items()}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    model.peft_config[name].save_pretrained(str(folder))
+    return weights
+
+
 def optimizer_state(accelerator, model, optimizer) -> dict:
     """The optimizer's full state keyed by parameter names, on rank 0 (collective; {} on the others)."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with _full_state(model, accelerator.num_processes):
+    with _full_state(accelerator, model):
         state = FSDP.optim_state_dict(model, optimizer)
     return state if accelerator.is_main_process else {}
 

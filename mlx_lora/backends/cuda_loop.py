@@ -87,10 +87,15 @@ def save_checkpoint(output_dir: Path, model, optimizer, step: int, position: Bat
     """
     import torch
 
+    from . import cuda_fsdp
+
     adapter, optimizer_state = gathered if gathered is not None else (None, optimizer.state_dict())
 
     def write_payload(folder: Path) -> None:
-        model.save_pretrained(str(folder), state_dict=adapter)
+        if adapter is None:
+            model.save_pretrained(str(folder))
+        else:
+            cuda_fsdp.save_peft_adapter(model, folder, adapter)
         torch.save(optimizer_state, folder / OPTIMIZER_STATE)
 
     return write_checkpoint(output_dir, step, position, elapsed_s, keep, write_payload, {"backend": "cuda"})
@@ -250,8 +255,10 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                 raise TrainingStopped(f"loss became {step_loss} at step {step + 1}; stopped ({kept}). "
                                       "Lower training.learning_rate, enable training.grad_clip, or check the data.")
             if config.grad_clip is not None:
-                # FSDP clips through the wrapped model, which asks for all of its parameters.
-                accelerator.clip_grad_norm_(model.parameters() if fsdp else params, config.grad_clip)
+                if fsdp:  # the root FSDP module computes the norm over every rank's shards
+                    model.clip_grad_norm_(config.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             learning_rate = optimizer.param_groups[0]["lr"]
