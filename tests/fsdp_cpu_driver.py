@@ -5,7 +5,7 @@ says MULTI_CPU and ignores the FSDP config. This driver, started by `accelerate 
 --config_file configs/accelerate/fsdp_qlora.yaml`, turns that state into FSDP with the plugin the
 launcher's environment describes, then trains: torch's FSDP1 itself runs on CPU with gloo.
 
-    ACCELERATE_USE_CPU=1 accelerate launch --config_file ... --num_processes 2 tests/fsdp_cpu_driver.py CONFIG [key=value ...]
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file ... --num_processes 2 tests/fsdp_cpu_driver.py CONFIG [key=value ...] [--resume]
 """
 
 from __future__ import annotations
@@ -37,4 +37,5 @@ def _init_as_fsdp(self, *args, **kwargs):
 AcceleratorState.__init__ = _init_as_fsdp
 
 if __name__ == "__main__":
-    run_training(load_config(sys.argv[1], sys.argv[2:]), device="cpu")
+    items = [item for item in sys.argv[2:] if item != "--resume"]
+    run_training(load_config(sys.argv[1], items), resume="--resume" in sys.argv[2:], device="cpu")
