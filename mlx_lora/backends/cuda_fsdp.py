@@ -129,15 +129,3 @@ def load_optimizer_state(accelerator, model, optimizer, state: dict) -> None:
                               FullOptimStateDictConfig(rank0_only=False)):
         optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, state))
 
-
-@contextmanager
-def whole_root(model, fsdp: bool):
-    """Gather the root unit's weights (embeddings, final norm, head) for calls that bypass FSDP's
-    forward, such as `generate` on the unwrapped model; the inner units gather themselves."""
-    if not fsdp:
-        yield
-        return
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    with FSDP.summon_full_params(model, recurse=False, writeback=False):
-        yield
