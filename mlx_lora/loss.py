@@ -184,18 +184,25 @@ def target_positions(mask: np.ndarray, multiple: int = POSITION_MULTIPLE) -> tup
 
 
 def batch_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array,
-               weights: mx.array) -> tuple[mx.array, mx.array]:
+               weights: mx.array, segments: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """`masked_loss`, with the output head run only at `positions` when the chunked loss is on.
 
     tokens (B, T) int, mask (B, T-1) float; positions (K,) int32 and weights (K,) float32 from
     `target_positions(mask)`. Returns (mean loss, target count), equal to `masked_loss`'s.
     A model on the plain path (its head transforms the logits) ignores positions and weights.
+    segments (B, T) int32: packed rows (`packing.pack_batch`), each example attending to itself.
     """
+    from .packing import packed_hidden, packed_logits
+
     head = output_head(model) if getattr(model, "chunked_loss", False) else None
-    if head is None:
-        return masked_loss(model, tokens, mask)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = model.model(inputs)  # (B, T-1, D)
+    if head is None:
+        if segments is None:
+            return masked_loss(model, tokens, mask)
+        logits = packed_logits(model, inputs, segments[:, :-1]).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, targets) * mask
+        return ce.sum() / mx.maximum(mask.sum(), 1), mask.sum()
+    hidden = model.model(inputs) if segments is None else packed_hidden(model, inputs, segments[:, :-1])  # (B, T-1, D)
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (K, D)
     ce = chunked_cross_entropy(picked, targets.reshape(-1)[positions], head) * weights
     count = weights.sum()
