@@ -211,7 +211,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
                     resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
-                    memory_limit=memory_limit, world=world)
+                    memory_limit=memory_limit, world=world,
+                    pack_capacity=cfg.data.max_seq_length if cfg.data.pack else None)
     if not world.is_main:
         return summary
     save_adapters(out, model, config)
