@@ -90,7 +90,8 @@ class Engine:
     """A base model with named adapters behind one continuous-batching worker thread.
 
     Events sent to a job's sink, in order: ("start", prompt_tokens, cached_tokens), then
-    ("delta", text, logprobs or None)* and possibly ("tool_calls", calls), then
+    ("delta", text, logprobs or None)* with ("tool_delta", delta.tool_calls entries)* among them
+    and possibly ("tool_calls", calls) (the parsed whole, for non-streamed answers), then
     ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens);
     or ("error", status, message, param) at any point before "done".
     """
