@@ -194,3 +194,41 @@ def test_structured_bad_input(sdk, tiny_model_dir):
         with pytest.raises(openai.BadRequestError, match="no tool support") as err:
             plain.chat.completions.create(model="base", messages=messages, tools=[WEATHER])
         assert err.value.body["param"] == "tools"
+
+
+def template_with_calls(call: str) -> str:
+    """TOOLS_TEMPLATE with the assistant's calls rendered by the jinja expression `call` (of tool_call)."""
+    json_call = ("'<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) "
+                 "+ '}\\n</tool_call>'")
+    assert json_call in TOOLS_TEMPLATE
+    return TOOLS_TEMPLATE.replace(json_call, call)
+
+
+MISTRAL_CALL = "'[TOOL_CALLS][{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) + '}]'"
+QWEN3_CODER_CALL = "'<tool_call>\\n<function=' + tool_call.name + '>\\n</function>\\n</tool_call>'"
+
+
+@pytest.mark.parametrize("family, call", [("mistral", MISTRAL_CALL), ("qwen3_coder", QWEN3_CODER_CALL)])
+def test_forced_tool_call_per_template_family(tiny_model_dir, tmp_path, family, call):
+    folder = tmp_path / family
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").write_text(template_with_calls(call))
+    kwargs = {"model": "base", "messages": [{"role": "user", "content": "weather in Paris?"}], "tools": [WEATHER],
+              "max_tokens": 120, "tool_choice": "required"}
+    with start_server(folder, {}, max_tokens=400) as (url, engine):
+        assert engine.tokenizer.tool_parser.__module__.endswith(family)  # mlx-lm inferred this family
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        if family == "qwen3_coder":  # XML parameters: parsed when written, not forced
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(**kwargs)
+            assert err.value.body["param"] == "tool_choice" and "qwen3_coder" in err.value.body["message"]
+            assert client.chat.completions.create(**{**kwargs, "tool_choice": "auto", "max_tokens": 4}).choices
+            return
+        plain = client.chat.completions.create(**kwargs).choices[0]
+        assert plain.finish_reason == "tool_calls" and plain.message.tool_calls[0].function.name == "get_weather"
+        jsonschema.validate(json.loads(plain.message.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+        with client.chat.completions.stream(**kwargs) as stream:
+            final = stream.get_final_completion()
+        streamed = final.choices[0].message.tool_calls[0].function
+        assert (streamed.name, streamed.arguments) == (plain.message.tool_calls[0].function.name,
+                                                       plain.message.tool_calls[0].function.arguments)
