@@ -7,12 +7,15 @@
     y[i] = base(x[i]) + scaling_k * x[i] @ A_k @ B_k      with k = slot[i]
 
 The per-row product is two `mx.gather_mm` calls over stacked (slots, in, rank) / (slots, rank, out)
-adapters (the vLLM/LoRAX "gather by index" idea). Grouping rows by adapter (one plain product per
-adapter, then a scatter; `RowAdapters.strategy = "group"`) was measured too, with
-`bench/bench_multi_lora.py` (CPU, OpenBLAS, a machine shared with other jobs): a whole 576x576
-layer, 8 rows over 4 adapters of rank 8, took 2.7 ms (gather) vs 4.6 ms (group) per decode step
-and 31 vs 33 ms for 64-token prefill, with identical outputs; so gather is the default. When every
-row shares one adapter (or none), a plain product (or nothing) is used.
+adapters (the vLLM/LoRAX "gather by index" idea). Two others are kept for measurement
+(`RowAdapters.strategy`): "group" (rows sharing an adapter take one plain product each, then a
+scatter) and "stacked" (every A side by side, (in, slots*rank), and every B one above the other:
+two plain BLAS products per batch, with each row's other adapters' columns zeroed). Measured with
+`bench/bench_multi_lora.py --model` (SmolLM2-135M float32, 8 rows over 4 rank-8 adapters, whole
+decode steps, CPU, OpenBLAS, a shared 2-core machine; two runs): gather 0.92x / 1.22x the
+one-adapter step, stacked 1.07x / 1.65x, group 1.22x / 2.76x; so gather is the default. All three
+give identical tokens (tested). When every row shares one adapter (or none), a plain product (or
+nothing) is used.
 
 Reading adapter files and checking them against the base is `install_adapter`'s job; choosing
 slots and names is the engine's.
