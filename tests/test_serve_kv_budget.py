@@ -84,3 +84,16 @@ def test_a_request_that_never_fits_gets_400_and_a_full_queue_429(tiny_model_dir)
             first.join(120)
             second.join(120)
             assert [r.status_code for r in results] == [200, 200]
+
+
+def test_kv_memory_setting():
+    from mlx_lora.config import ConfigError
+    from mlx_lora.serve.cli import load_serve_config
+    from mlx_lora.serve.engine import kv_budget
+
+    assert kv_budget("none") is None and kv_budget("512MB") == 512_000_000 and kv_budget("auto") > 0
+    with pytest.raises(ValueError, match="kv_memory"):
+        kv_budget("lots")
+    with pytest.raises(ConfigError, match="kv_memory"):
+        load_serve_config(None, ["model=demo", "kv_memory=lots"], {})
+    assert load_serve_config(None, ["model=demo", "kv_memory=2GB"], {}).kv_memory == "2GB"

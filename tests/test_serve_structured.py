@@ -206,9 +206,11 @@ def template_with_calls(call: str) -> str:
 
 MISTRAL_CALL = "'[TOOL_CALLS][{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) + '}]'"
 QWEN3_CODER_CALL = "'<tool_call>\\n<function=' + tool_call.name + '>\\n</function>\\n</tool_call>'"
+PYTHONIC_CALL = "'<|tool_call_start|>[' + tool_call.name + '()]<|tool_call_end|>'"
 
 
-@pytest.mark.parametrize("family, call", [("mistral", MISTRAL_CALL), ("qwen3_coder", QWEN3_CODER_CALL)])
+@pytest.mark.parametrize("family, call", [("mistral", MISTRAL_CALL), ("qwen3_coder", QWEN3_CODER_CALL),
+                                          ("pythonic", PYTHONIC_CALL)])
 def test_forced_tool_call_per_template_family(tiny_model_dir, tmp_path, family, call):
     folder = tmp_path / family
     shutil.copytree(tiny_model_dir, folder)
@@ -218,10 +220,10 @@ def test_forced_tool_call_per_template_family(tiny_model_dir, tmp_path, family, 
     with start_server(folder, {}, max_tokens=400) as (url, engine):
         assert engine.tokenizer.tool_parser.__module__.endswith(family)  # mlx-lm inferred this family
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
-        if family == "qwen3_coder":  # XML parameters: parsed when written, not forced
+        if family == "pythonic":  # parsed when a model writes it, not forced
             with pytest.raises(openai.BadRequestError) as err:
                 client.chat.completions.create(**kwargs)
-            assert err.value.body["param"] == "tool_choice" and "qwen3_coder" in err.value.body["message"]
+            assert err.value.body["param"] == "tool_choice" and "pythonic" in err.value.body["message"]
             assert client.chat.completions.create(**{**kwargs, "tool_choice": "auto", "max_tokens": 4}).choices
             return
         plain = client.chat.completions.create(**kwargs).choices[0]
