@@ -139,7 +139,7 @@ def test_streamed_tool_call_sends_the_name_first_then_arguments_in_pieces(sdk):
 def test_tool_call_deltas_join_to_the_final_arguments_at_every_cut():
     from types import SimpleNamespace
 
-    from mlx_lm.tool_parsers import json_tools, qwen3_coder
+    from mlx_lm.tool_parsers import json_tools, pythonic, qwen3_coder
 
     from mlx_lora.serve.tool_deltas import ToolCallDeltas
 
@@ -158,11 +158,23 @@ def test_tool_call_deltas_join_to_the_final_arguments_at_every_cut():
         entries += deltas.complete([dict(final[0])])
         assert "".join(e["function"]["arguments"] for e in entries) == final[0]["function"]["arguments"]
         assert [e for e in entries if "id" in e] == [entries[0]]
-    # a format parsed only at the end (Qwen3-Coder XML): one name entry, then the arguments
+    # Qwen3-Coder XML: the format's own parser on the completed parameters
+    xml = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPa\"ris\n</parameter>\n<parameter=days>\n12\n"
+           "</parameter>\n</function>\n</tool_call>")
     xml_tok = SimpleNamespace(tool_call_start="<tool_call>", tool_call_end="</tool_call>",
                               tool_parser=qwen3_coder.parse_tool_call)
-    deltas = ToolCallDeltas(xml_tok)
-    assert deltas.update("<tool_call>\n<function=get_weather>\n<parameter=city>\nParis") == []
+    xml_final = {"id": "call_y", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(
+        {"city": 'Pa"ris', "days": 12})}}
+    deltas = ToolCallDeltas(xml_tok, [WEATHER])
+    entries = [e for cut in range(1, len(xml) + 1) for e in deltas.update(xml[:cut])]
+    assert entries[0]["function"]["name"] == "get_weather" and len(entries) == 4  # name, '{', city, days
+    entries += deltas.complete([dict(xml_final)])
+    assert "".join(e["function"]["arguments"] for e in entries) == xml_final["function"]["arguments"]
+    # a format parsed only at the end (pythonic): one name entry, then the arguments
+    py_tok = SimpleNamespace(tool_call_start="<|tool_call_start|>", tool_call_end="<|tool_call_end|>",
+                             tool_parser=pythonic.parse_tool_call)
+    deltas = ToolCallDeltas(py_tok)
+    assert deltas.update("<|tool_call_start|>[get_weather(city=") == []
     entries = deltas.complete([dict(final[0])])
     assert entries[0]["function"] == {"name": "get_weather", "arguments": ""} and entries[0]["id"] == "call_x"
     assert entries[1] == {"index": 0, "function": {"arguments": final[0]["function"]["arguments"]}}

@@ -60,7 +60,7 @@ class TextStream:
         self.tool_start = getattr(tokenizer, "tool_call_start", None) if tools else None
         self.tool_text: Optional[str] = None  # text from the tool-call marker on, once seen
         self.held = ""  # a tail that may be the start of the tool-call marker
-        self.deltas = ToolCallDeltas(tokenizer) if self.tool_start else None
+        self.deltas = ToolCallDeltas(tokenizer, tools) if self.tool_start else None
 
     def on_token(self, event: TokenEvent) -> bool:
         self.detokenizer.add_token(event.token)

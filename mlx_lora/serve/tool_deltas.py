@@ -6,11 +6,12 @@ call's arguments; the `openai` SDK (and every client) joins them by `index`. The
 here are exactly what the non-streamed answer holds: `json.dumps` of the parsed arguments.
 
 For the JSON tool-call format (`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, mlx-lm's
-`json_tools`) the name is sent as soon as it is written and each argument as soon as its value is
-complete: `{"city": "Paris"`, then `, "days": 3`, then `}`; every piece is a prefix of the final
-`json.dumps`, because a completed key's value never changes. Other formats (XML-like, pythonic,
-Mistral's) are parsed by their mlx-lm parser when the call ends and sent as one name chunk and one
-arguments chunk.
+`json_tools`) and Qwen3-Coder's XML (`<function=NAME><parameter=KEY>value</parameter>...`) the
+name is sent as soon as it is written and each argument as soon as its value is complete:
+`{"city": "Paris"`, then `, "days": 3`, then `}`; every piece is a prefix of the final
+`json.dumps`, because a completed key's value never changes. Other formats (pythonic, Mistral's,
+GLM's, ...) are parsed by their mlx-lm parser when the call ends and sent as one name chunk and
+one arguments chunk.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Optional
 
 NAME = re.compile(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"')
 ARGUMENTS = re.compile(r'"(?:arguments|parameters)"\s*:\s*\{')
+FUNCTION = re.compile(r"<function=([^\s<>]+)>")
+PARAMETER_END = "</parameter>"
 _DECODER = json.JSONDecoder()
 
 
@@ -63,14 +66,37 @@ def partial_json_call(body: str) -> tuple[Optional[str], Optional[dict]]:
         pos += body[pos] == ","
 
 
+def partial_xml_call(body: str, parser, tools) -> tuple[Optional[str], Optional[dict]]:
+    """(name, the arguments whose `</parameter>` is written) of a Qwen3-Coder XML call still being written.
+
+    The completed parameters are parsed by the format's own parser (so values convert exactly as
+    in the final parse) on the text up to the last `</parameter>`, closed with `</function>`.
+    """
+    named = FUNCTION.search(body)
+    if named is None:
+        return None, None
+    cut = body.rfind(PARAMETER_END)
+    if cut < 0:
+        return named.group(1), {}
+    try:
+        parsed = parser(body[: cut + len(PARAMETER_END)] + "\n</function>", tools)
+    except (ValueError, KeyError, TypeError, IndexError):
+        return named.group(1), None
+    arguments = parsed.get("arguments") if isinstance(parsed, dict) else None
+    return named.group(1), arguments if isinstance(arguments, dict) else None
+
+
 class ToolCallDeltas:
     """One sequence's streamed tool calls: `update(text)` while the call is written, `complete(calls)` at the end."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, tools: Optional[list] = None):
         self.start = tokenizer.tool_call_start
         self.end = tokenizer.tool_call_end
-        parser = getattr(tokenizer, "tool_parser", None)
-        self.incremental = parser is not None and parser.__module__.endswith("json_tools")
+        self.parser, self.tools = getattr(tokenizer, "tool_parser", None), tools
+        family = self.parser.__module__.rsplit(".", 1)[-1] if self.parser is not None else None
+        self.partial = {"json_tools": lambda body: partial_json_call(body),
+                        "qwen3_coder": lambda body: partial_xml_call(body, self.parser, self.tools)}.get(family)
+        self.incremental = self.partial is not None
         self.sent: list[dict] = []  # per call index: {"id", "name", "arguments" sent so far}
 
     def update(self, tool_text: str) -> list[dict]:
@@ -80,7 +106,7 @@ class ToolCallDeltas:
         deltas = []
         for index, region in enumerate(tool_text.split(self.start)[1:]):
             body = region.split(self.end)[0] if self.end else region
-            name, arguments = partial_json_call(body)
+            name, arguments = self.partial(body)
             if name is None:
                 break  # calls are sent in order: a later one waits for this one's name
             if index == len(self.sent):
