@@ -98,6 +98,21 @@ def test_mixed_batch_equals_each_sequence_alone(engine):
         assert together[spec["id"]]["finish"] == alone[spec["id"]]["finish"]
 
 
+@pytest.mark.parametrize("strategy", ["stacked", "group"])
+def test_other_mixing_strategies_give_each_sequence_its_own_tokens(engine, strategy):
+    alone = run_alone(engine, SPECS)  # one row: the plain one-adapter product
+    together = {}
+    engine.rows.strategy = strategy
+    try:
+        sched = scheduler(engine)
+        for spec in SPECS:
+            sched.add(sequence(engine, spec, together))
+        drain(sched)
+    finally:
+        engine.rows.strategy = "gather"
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
 def test_a_sequence_joining_mid_batch_changes_no_one(engine):
     first, joiner = SPECS[:3], SPECS[3:5]
     alone = run_alone(engine, SPECS[:5])

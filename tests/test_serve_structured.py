@@ -113,14 +113,71 @@ def test_tool_call_round_trip_through_the_sdk(sdk):
                          {"role": "tool", "tool_call_id": call.id, "content": "sunny, 21 C"}]
     second = sdk.chat.completions.create(model="base", messages=follow, tools=[WEATHER], max_tokens=5)
     assert second.choices[0].finish_reason in ("stop", "length", "tool_calls")
-    # streamed: the call arrives as delta.tool_calls
-    chunks = list(sdk.chat.completions.create(model="base", messages=messages, tools=[WEATHER], max_tokens=120,
-                                              tool_choice={"type": "function", "function": {"name": "get_weather"}},
-                                              stream=True))
-    calls = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.name == "get_weather"
-    assert json.loads(calls[0].function.arguments) == json.loads(call.function.arguments)  # greedy: same call
+
+
+def test_streamed_tool_call_sends_the_name_first_then_arguments_in_pieces(sdk):
+    kwargs = {"model": "base", "messages": [{"role": "user", "content": "what is the weather in Paris?"}],
+              "tools": [WEATHER], "max_tokens": 120,
+              "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    plain = sdk.chat.completions.create(**kwargs).choices[0].message.tool_calls[0]
+    chunks = list(sdk.chat.completions.create(**kwargs, stream=True))
+    entries = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+    head, rest = entries[0], entries[1:]
+    assert head.id and head.type == "function" and head.function.name == "get_weather" and head.function.arguments == ""
+    assert all(e.index == 0 and e.id is None and e.function.name is None for e in rest)
+    assert len(rest) >= 3  # '{"city": ...', ', "days": ...', '}': one piece per completed argument at least
+    assert "".join(e.function.arguments for e in rest) == plain.function.arguments  # greedy: the same call
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # the SDK's own stream accumulation yields the non-streamed call
+    with sdk.chat.completions.stream(**kwargs) as stream:
+        final = stream.get_final_completion()
+    call = final.choices[0].message.tool_calls[0]
+    assert (call.function.name, call.function.arguments) == (plain.function.name, plain.function.arguments)
+    assert final.choices[0].finish_reason == "tool_calls"
+
+
+def test_tool_call_deltas_join_to_the_final_arguments_at_every_cut():
+    from types import SimpleNamespace
+
+    from mlx_lm.tool_parsers import json_tools, pythonic, qwen3_coder
+
+    from mlx_lora.serve.tool_deltas import ToolCallDeltas
+
+    text = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa\\"ris", "days": 12, '
+            '"tags": ["a", {"b": null}], "ok": true}}\n</tool_call>')
+    final = [{"id": "call_x", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(
+        {"city": 'Pa"ris', "days": 12, "tags": ["a", {"b": None}], "ok": True})}}]
+    json_tok = SimpleNamespace(tool_call_start="<tool_call>", tool_call_end="</tool_call>",
+                               tool_parser=json_tools.parse_tool_call)
+    for step in (1, 3, 7):  # the text arrives in pieces of 1, 3, 7 characters
+        deltas = ToolCallDeltas(json_tok)
+        entries = [e for cut in range(step, len(text) + step, step) for e in deltas.update(text[:cut])]
+        assert entries[0]["function"]["name"] == "get_weather" and len(entries) >= 5
+        streamed = "".join(e["function"]["arguments"] for e in entries)
+        assert final[0]["function"]["arguments"].startswith(streamed)  # never a piece to take back
+        entries += deltas.complete([dict(final[0])])
+        assert "".join(e["function"]["arguments"] for e in entries) == final[0]["function"]["arguments"]
+        assert [e for e in entries if "id" in e] == [entries[0]]
+    # Qwen3-Coder XML: the format's own parser on the completed parameters
+    xml = ("<tool_call>\n<function=get_weather>\n<parameter=city>\nPa\"ris\n</parameter>\n<parameter=days>\n12\n"
+           "</parameter>\n</function>\n</tool_call>")
+    xml_tok = SimpleNamespace(tool_call_start="<tool_call>", tool_call_end="</tool_call>",
+                              tool_parser=qwen3_coder.parse_tool_call)
+    xml_final = {"id": "call_y", "type": "function", "function": {"name": "get_weather", "arguments": json.dumps(
+        {"city": 'Pa"ris', "days": 12})}}
+    deltas = ToolCallDeltas(xml_tok, [WEATHER])
+    entries = [e for cut in range(1, len(xml) + 1) for e in deltas.update(xml[:cut])]
+    assert entries[0]["function"]["name"] == "get_weather" and len(entries) == 4  # name, '{', city, days
+    entries += deltas.complete([dict(xml_final)])
+    assert "".join(e["function"]["arguments"] for e in entries) == xml_final["function"]["arguments"]
+    # a format parsed only at the end (pythonic): one name entry, then the arguments
+    py_tok = SimpleNamespace(tool_call_start="<|tool_call_start|>", tool_call_end="<|tool_call_end|>",
+                             tool_parser=pythonic.parse_tool_call)
+    deltas = ToolCallDeltas(py_tok)
+    assert deltas.update("<|tool_call_start|>[get_weather(city=") == []
+    entries = deltas.complete([dict(final[0])])
+    assert entries[0]["function"] == {"name": "get_weather", "arguments": ""} and entries[0]["id"] == "call_x"
+    assert entries[1] == {"index": 0, "function": {"arguments": final[0]["function"]["arguments"]}}
 
 
 def test_json_object_and_schema_through_the_sdk(sdk):
@@ -149,3 +206,43 @@ def test_structured_bad_input(sdk, tiny_model_dir):
         with pytest.raises(openai.BadRequestError, match="no tool support") as err:
             plain.chat.completions.create(model="base", messages=messages, tools=[WEATHER])
         assert err.value.body["param"] == "tools"
+
+
+def template_with_calls(call: str) -> str:
+    """TOOLS_TEMPLATE with the assistant's calls rendered by the jinja expression `call` (of tool_call)."""
+    json_call = ("'<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) "
+                 "+ '}\\n</tool_call>'")
+    assert json_call in TOOLS_TEMPLATE
+    return TOOLS_TEMPLATE.replace(json_call, call)
+
+
+MISTRAL_CALL = "'[TOOL_CALLS][{\"name\": \"' + tool_call.name + '\", \"arguments\": ' + (tool_call.arguments | tojson) + '}]'"
+QWEN3_CODER_CALL = "'<tool_call>\\n<function=' + tool_call.name + '>\\n</function>\\n</tool_call>'"
+PYTHONIC_CALL = "'<|tool_call_start|>[' + tool_call.name + '()]<|tool_call_end|>'"
+
+
+@pytest.mark.parametrize("family, call", [("mistral", MISTRAL_CALL), ("qwen3_coder", QWEN3_CODER_CALL),
+                                          ("pythonic", PYTHONIC_CALL)])
+def test_forced_tool_call_per_template_family(tiny_model_dir, tmp_path, family, call):
+    folder = tmp_path / family
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").write_text(template_with_calls(call))
+    kwargs = {"model": "base", "messages": [{"role": "user", "content": "weather in Paris?"}], "tools": [WEATHER],
+              "max_tokens": 120, "tool_choice": "required"}
+    with start_server(folder, {}, max_tokens=400) as (url, engine):
+        assert engine.tokenizer.tool_parser.__module__.endswith(family)  # mlx-lm inferred this family
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        if family == "pythonic":  # parsed when a model writes it, not forced
+            with pytest.raises(openai.BadRequestError) as err:
+                client.chat.completions.create(**kwargs)
+            assert err.value.body["param"] == "tool_choice" and "pythonic" in err.value.body["message"]
+            assert client.chat.completions.create(**{**kwargs, "tool_choice": "auto", "max_tokens": 4}).choices
+            return
+        plain = client.chat.completions.create(**kwargs).choices[0]
+        assert plain.finish_reason == "tool_calls" and plain.message.tool_calls[0].function.name == "get_weather"
+        jsonschema.validate(json.loads(plain.message.tool_calls[0].function.arguments), WEATHER["function"]["parameters"])
+        with client.chat.completions.stream(**kwargs) as stream:
+            final = stream.get_final_completion()
+        streamed = final.choices[0].message.tool_calls[0].function
+        assert (streamed.name, streamed.arguments) == (plain.message.tool_calls[0].function.name,
+                                                       plain.message.tool_calls[0].function.arguments)

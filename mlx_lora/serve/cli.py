@@ -43,6 +43,7 @@ class ServeConfig:
     prompt_cache_size: int = field(default=16, **_help("KV prefixes kept per (adapter, tokens) for reuse by later requests; 0 turns the prompt cache off."))
     prompt_cache_bytes: int = field(default=1 << 30, **_help("Memory bound of the prompt cache in bytes."))
     adapter_dirs: tuple[str, ...] = field(default=(), **_help("Folders POST /v1/adapters may load adapters from (nothing else is opened); none: the endpoint is off."))
+    kv_memory: str = field(default="auto", **_help("Memory for the running batch's KV caches (a size such as 2GB, `auto`: half the memory free after loading, `none`): sequences wait for room; one that can never fit gets 400 naming max_tokens."))
     float_weights: str = field(default="auto", **_help("Quantized base on CPU: `float` keeps float32 copies (fast decode), `quantized` keeps 4-bit, `auto` picks float when it takes under half the free memory."))
 
 
@@ -82,6 +83,13 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
                 "prefill_chunk"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}: must be positive, got {getattr(cfg, key)}")
+    if cfg.kv_memory not in ("auto", "none"):
+        from ..memory.plan import parse_memory
+
+        try:
+            parse_memory(cfg.kv_memory)
+        except ValueError as err:
+            problems.append(f"kv_memory: {err}; or auto, or none")
     parse_adapters(cfg.adapters, problems)
     if problems:
         raise ConfigError(problems, source)
@@ -147,6 +155,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--max-batch", type=int, help="sequences decoding together (default 8)")
     parser.add_argument("--adapter-dir", dest="adapter_dirs", action="append", default=[], metavar="DIR",
                         help="allow POST /v1/adapters to load adapters from DIR (repeatable)")
+    parser.add_argument("--kv-memory", help="memory for the batch's KV caches: a size (2GB), auto or none")
     parser.add_argument("--float-weights", choices=("auto", "float", "quantized"),
                         help="quantized base on CPU: float32 copies for fast decode, or keep 4-bit (default auto)")
     return parser
@@ -168,7 +177,7 @@ def serve(cfg: ServeConfig) -> None:
                                  prompt_cache_bytes=cfg.prompt_cache_bytes)
     engine = Engine.from_source(cfg.model, parse_adapters(cfg.adapters), base_name=cfg.model_name or None,
                                 default_model=cfg.default_model or None, limits=engine_limits,
-                                float_weights=cfg.float_weights)
+                                float_weights=cfg.float_weights, kv_memory=cfg.kv_memory)
     limits = ServerLimits(max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
                           max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key, adapter_dirs=tuple(cfg.adapter_dirs))
     app = create_app(engine, limits)
@@ -176,6 +185,9 @@ def serve(cfg: ServeConfig) -> None:
     url = f"http://{shown_host}:{cfg.port}/v1"
     auth = ' -H "Authorization: Bearer $MLX_LORA_API_KEY"' if cfg.api_key else ""
     print(f"models: {', '.join(engine.model_names())}")
+    if engine.scheduler.kv_tokens is not None:
+        print(f"KV-cache budget: {engine.limits.kv_budget_bytes / 2**20:.0f} MiB = {engine.scheduler.kv_tokens} tokens "
+              f"in flight at {engine.kv_bytes_per_token} bytes per token (kv_memory {cfg.kv_memory})")
     print(f"serving on {url}  (OpenAPI docs: http://{shown_host}:{cfg.port}/docs; Ctrl-C stops)")
     print("try:\n  curl " + url + "/chat/completions -H 'Content-Type: application/json'" + auth +
           " -d '{\"model\": \"" + engine.default_model + "\", \"messages\": [{\"role\": \"user\", "
@@ -189,7 +201,7 @@ def run(args) -> int:
     flags = {"model": args.model, "adapters": tuple(args.adapter), "model_name": args.model_name, "host": args.host,
              "port": args.port, "api_key": args.api_key or os.environ.get(API_KEY_ENV) or None,
              "max_tokens": args.max_tokens, "max_batch": args.max_batch, "adapter_dirs": tuple(args.adapter_dirs),
-             "float_weights": args.float_weights}
+             "float_weights": args.float_weights, "kv_memory": args.kv_memory}
     if args.from_run is not None:
         from ..cli import _default_config
 

@@ -109,11 +109,41 @@ def response_grammar(response_format) -> Optional[str]:
     return LLMatcher.grammar_from_json_schema(schema, overrides=LAYOUT)
 
 
+FORCEABLE_FORMATS = ("json_tools", "mistral", "qwen3_coder")  # mlx-lm tool parsers we can write a grammar for
+
+
+def _xml_value(schema: dict) -> str:
+    """Lark for one Qwen3-Coder parameter value: raw text for strings (the parser keeps it as is), else JSON."""
+    if schema.get("type") == "string" and not ({"enum", "const", "pattern", "format"} & set(schema)):
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        return f"/[^<\\n]{{{low},{'' if high is None else int(high)}}}/"  # no '<' or newline: the markup stays unambiguous
+    return f"%json {json.dumps({**schema, 'x-guidance': LAYOUT})}"
+
+
+def _qwen3_coder_call(tool: dict, rule: str) -> str:
+    """Lark rules for one call in Qwen3-Coder's XML: <function=NAME> then <parameter=KEY> blocks, in schema order."""
+    function = tool["function"]
+    schema = function.get("parameters") or {}
+    required = set(schema.get("required", []))
+    parts, rules = [], []
+    for i, (key, value_schema) in enumerate((schema.get("properties") or {}).items()):
+        rules.append(f"{rule}_{i}: {json.dumps(f'<parameter={key}>' + chr(10))} {_xml_value(value_schema)} "
+                     f"{json.dumps(chr(10) + '</parameter>' + chr(10))}")
+        parts.append(f"{rule}_{i}" + ("" if key in required else "?"))
+    head = json.dumps(f"<function={function['name']}>\n")
+    return "\n".join([f"{rule}: {head} {' '.join(parts)} \"</function>\"", *rules])
+
+
 def tool_grammar(tokenizer, tools: list[dict], tool_choice) -> Optional[str]:
     """A grammar forcing a tool call when `tool_choice` is "required" or names a function; else None.
 
-    The call is written in the template's own format: `tool_call_start` + {"name", "arguments"} JSON
-    + `tool_call_end` (the JSON tool-call format; other formats are parsed but not forced).
+    The call is written in the template's own format, with the arguments as JSON by the tool's schema:
+    - `json_tools` (Qwen2.5, Hermes): `<tool_call>` + {"name", "arguments"} + `</tool_call>`;
+    - `mistral`: `[TOOL_CALLS]` + [{"name", "arguments"}];
+    - `qwen3_coder`: `<tool_call>` + `<function=NAME>` + one `<parameter=KEY>` block per argument
+      (strings as raw text without `<` or newlines, other values as JSON) + `</tool_call>`.
+    Other formats (XML-like parameters, pythonic calls, ...) are parsed when a model writes them, but
+    a forced call is refused with a ConstraintError naming `tool_choice`.
     """
     from llguidance import LLMatcher
 
@@ -124,17 +154,27 @@ def tool_grammar(tokenizer, tools: list[dict], tool_choice) -> Optional[str]:
     wanted = [t for t in tools if tool_choice == "required" or t["function"]["name"] == tool_choice.function.name]
     if not wanted:
         raise ConstraintError(f"tool_choice: no tool named {tool_choice.function.name!r} in tools", "tool_choice")
-    if getattr(tokenizer, "tool_parser", None) is None or "json" not in tokenizer.tool_parser.__module__:
-        raise ConstraintError("tool_choice: forcing a call needs a JSON tool-call template; use tool_choice auto",
-                              "tool_choice")
+    parser = getattr(tokenizer, "tool_parser", None)
+    family = parser.__module__.rsplit(".", 1)[-1] if parser is not None else None
+    if family not in FORCEABLE_FORMATS:
+        raise ConstraintError(f"tool_choice: forcing a call works with the {' and '.join(FORCEABLE_FORMATS)} tool-call "
+                              f"formats; this template's is {family}; use tool_choice auto (the model may still "
+                              "call a tool, and the call is parsed)", "tool_choice")
     for tool in wanted:
         check_schema(tool["function"]["parameters"], "tools")
     calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                "arguments": t["function"]["parameters"]},
               "required": ["name", "arguments"], "additionalProperties": False} for t in wanted]
     schema = {**(calls[0] if len(calls) == 1 else {"anyOf": calls}), "x-guidance": LAYOUT}
-    lark = (f"start: {json.dumps(tokenizer.tool_call_start)} \"\\n\" call \"\\n\" {json.dumps(tokenizer.tool_call_end)}\n"
-            f"call: %json {json.dumps(schema)}\n")
+    start = json.dumps(tokenizer.tool_call_start)
+    if family == "mistral":  # no end marker: the call is a JSON list, then end of sequence
+        lark = f'start: {start} "[" call "]"\ncall: %json {json.dumps(schema)}\n'
+    elif family == "qwen3_coder":
+        names = [f"call{i}" for i in range(len(wanted))]
+        lark = (f'start: {start} "\\n" ({" | ".join(names)}) "\\n" {json.dumps(tokenizer.tool_call_end)}\n'
+                + "\n".join(_qwen3_coder_call(t, n) for t, n in zip(wanted, names)) + "\n")
+    else:
+        lark = f'start: {start} "\\n" call "\\n" {json.dumps(tokenizer.tool_call_end)}\ncall: %json {json.dumps(schema)}\n'
     return LLMatcher.grammar_from_lark(lark)
 
 

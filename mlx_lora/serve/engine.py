@@ -49,6 +49,7 @@ class EngineLimits:
     prefill_chunk: int = 512  # prompt tokens per row read between two decode steps
     prompt_cache_size: int = 16  # KV prefixes kept (0: no prompt cache)
     prompt_cache_bytes: int = 1 << 30
+    kv_budget_bytes: Optional[int] = None  # KV caches of the running batch (None: unbounded); see kv_budget
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Engine:
     """A base model with named adapters behind one continuous-batching worker thread.
 
     Events sent to a job's sink, in order: ("start", prompt_tokens, cached_tokens), then
-    ("delta", text, logprobs or None)* and possibly ("tool_calls", calls), then
+    ("delta", text, logprobs or None)* with ("tool_delta", delta.tool_calls entries)* among them
+    and possibly ("tool_calls", calls) (the parsed whole, for non-streamed answers), then
     ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens);
     or ("error", status, message, param) at any point before "done".
     """
@@ -108,9 +110,16 @@ class Engine:
             raise ValueError(f"default model {self.default_model!r} is not one of {', '.join(self.model_names())}")
         from mlx_lm.models.cache import make_prompt_cache
 
+        self.kv_bytes_per_token = kv_bytes_per_token(model)
+        kv_tokens = None
+        if limits.kv_budget_bytes is not None:
+            if self.kv_bytes_per_token is None:
+                raise ValueError("kv_memory: the memory planner does not know this model's shape, so a KV budget "
+                                 "cannot be derived; use kv_memory: none")
+            kv_tokens = limits.kv_budget_bytes // self.kv_bytes_per_token
         self.scheduler = Scheduler(self._forward, lambda: make_prompt_cache(model), set(tokenizer.eos_token_ids),
                                    limits.max_batch, limits.prefill_chunk, limits.prompt_cache_size,
-                                   limits.prompt_cache_bytes)
+                                   limits.prompt_cache_bytes, kv_tokens)
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -136,12 +145,13 @@ class Engine:
     @classmethod
     def from_source(cls, source: str, adapters: dict[str, str | Path] | None = None, base_name: str | None = None,
                     default_model: str | None = None, limits: EngineLimits | None = None,
-                    float_weights: str = "auto") -> "Engine":
+                    float_weights: str = "auto", kv_memory: str = "none") -> "Engine":
         """Load the base from any model source (HF folder, hub id, GGUF, demo) and add the adapters.
 
         On the CPU, float16/bfloat16 weights are widened to float32 once: MLX's CPU half-precision
         matmul has no BLAS behind it and decodes ~4x slower (measured on the fused demo model).
-        Quantized weights are handled per `float_weights` (see `decode_weights.prepare_for_decode`).
+        Quantized weights are handled per `float_weights` (see `decode_weights.prepare_for_decode`);
+        `kv_memory` ("auto", "none" or a size such as 2GB) bounds the KV caches (see `kv_budget`).
         """
         from ..frozen_matmul import use_fast_frozen_layers
         from ..models import load_model
@@ -159,6 +169,9 @@ class Engine:
         context = int(info.hf_config.get("max_position_embeddings") or limits.max_context)
         if context < limits.max_context:
             limits = EngineLimits(**{**limits.__dict__, "max_context": context})
+        budget = kv_budget(kv_memory)
+        if budget is not None:
+            limits = EngineLimits(**{**limits.__dict__, "kv_budget_bytes": budget})
         return cls(model, tokenizer, base_name or default_base_name(source), adapters, default_model, limits)
 
     # --- models ---
@@ -314,11 +327,61 @@ class Engine:
             raise RequestError(f"max_tokens: the prompt has {len(tokens)} tokens, so at most {context - len(tokens)} "
                                f"can be generated within this server's {context}-token context; ask for fewer",
                                "max_tokens")
+        if not self.scheduler.fits_alone(len(tokens), request.max_tokens):
+            room = self.scheduler.kv_tokens - self.scheduler.kv_step - len(tokens)
+            raise RequestError(f"max_tokens: the prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) do "
+                               f"not fit this server's KV-cache budget ({self.limits.kv_budget_bytes} bytes = "
+                               f"{self.scheduler.kv_tokens} tokens, {self.scheduler.kv_step} of them held for cache "
+                               f"growth); " + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
+                               "max_tokens" if room > 0 else field_name)
         return tokens
 
     def _record(self, job: Job, generated: int, finish: str) -> None:
         self.history.append({"model": job.request.model, "completion_tokens": generated, "finish_reason": finish,
                              "max_tokens": job.request.max_tokens, "seconds": time.perf_counter() - job.submitted})
+
+
+def kv_bytes_per_token(model: nn.Module) -> Optional[int]:
+    """KV-cache bytes per token of a loaded mlx-lm model, by the memory planner; None for a shape it does not know.
+
+    The shape comes from the model's own args (its config.json fields); the dtype is the model's
+    float dtype after loading (float32 on the CPU, where the server widens half precision).
+    """
+    from mlx.utils import tree_flatten
+
+    from ..memory.estimate import kv_cache_bytes_per_token
+    from ..memory.shape import shape_from_config
+
+    args = getattr(model, "args", None)
+    try:
+        shape = shape_from_config(dict(vars(args)), "the model's config") if args is not None else None
+    except (ValueError, TypeError):
+        return None
+    floats = [v.dtype for _, v in tree_flatten(model.parameters()) if mx.issubdtype(v.dtype, mx.floating)]
+    return kv_cache_bytes_per_token(shape, floats[0].size if floats else 4) if shape else None
+
+
+def kv_budget(setting: str) -> Optional[int]:
+    """Bytes for the running batch's KV caches from the `kv_memory` setting, or None (unbounded).
+
+    "none": unbounded; a size ("2GB", "512MB"): that; "auto": half the memory available now
+    (after the model is loaded; MemAvailable on Linux, else the planner's machine memory).
+    Raises ValueError for anything else.
+    """
+    from ..memory.plan import machine_memory, parse_memory
+    from .decode_weights import available_memory_bytes
+
+    if setting == "none":
+        return None
+    if setting == "auto":
+        available = available_memory_bytes()
+        if available is None:  # a Mac: the GPU working set, less what the loaded model already holds
+            available = machine_memory()[0] - mx.get_active_memory()
+        return int(max(available, 0) // 2)
+    try:
+        return int(parse_memory(setting))
+    except ValueError as err:
+        raise ValueError(f"kv_memory: {err}; or auto, or none") from None
 
 
 def default_base_name(source: str) -> str:

@@ -7,12 +7,15 @@
     y[i] = base(x[i]) + scaling_k * x[i] @ A_k @ B_k      with k = slot[i]
 
 The per-row product is two `mx.gather_mm` calls over stacked (slots, in, rank) / (slots, rank, out)
-adapters (the vLLM/LoRAX "gather by index" idea). Grouping rows by adapter (one plain product per
-adapter, then a scatter; `RowAdapters.strategy = "group"`) was measured too, with
-`bench/bench_multi_lora.py` (CPU, OpenBLAS, a machine shared with other jobs): a whole 576x576
-layer, 8 rows over 4 adapters of rank 8, took 2.7 ms (gather) vs 4.6 ms (group) per decode step
-and 31 vs 33 ms for 64-token prefill, with identical outputs; so gather is the default. When every
-row shares one adapter (or none), a plain product (or nothing) is used.
+adapters (the vLLM/LoRAX "gather by index" idea). Two others are kept for measurement
+(`RowAdapters.strategy`): "group" (rows sharing an adapter take one plain product each, then a
+scatter) and "stacked" (every A side by side, (in, slots*rank), and every B one above the other:
+two plain BLAS products per batch, with each row's other adapters' columns zeroed). Measured with
+`bench/bench_multi_lora.py --model` (SmolLM2-135M float32, 8 rows over 4 rank-8 adapters, whole
+decode steps, CPU, OpenBLAS, a shared 2-core machine; two runs): gather 0.92x / 1.22x the
+one-adapter step, stacked 1.07x / 1.65x, group 1.22x / 2.76x; so gather is the default. All three
+give identical tokens (tested). When every row shares one adapter (or none), a plain product (or
+nothing) is used.
 
 Reading adapter files and checking them against the base is `install_adapter`'s job; choosing
 slots and names is the engine's.
@@ -39,7 +42,7 @@ class RowAdapters:
         self.uniform: Optional[int] = NO_ADAPTER  # the one slot, when all rows share it
         self.groups: list[tuple[int, mx.array]] = []  # (slot, row indices), for the grouped strategy
         self.max_slot = NO_ADAPTER
-        self.strategy = "gather"  # or "group"; see the module doc
+        self.strategy = "gather"  # or "stacked", "group"; see the module doc
 
     def set(self, slots: list[int]) -> None:
         self.max_slot = max(slots, default=NO_ADAPTER)
@@ -53,20 +56,23 @@ class RowAdapters:
 
 
 class AdapterBank:
-    """slot -> (A (in, rank), B (rank, out), scaling), plus the stacks for gathering.
+    """slot -> (A (in, rank), B (rank, out), scaling), plus the stacks the mixed-batch strategies use.
 
     A plain object, not an nn.Module, so MLX's parameter walks (and fusing, saving) never see it.
     """
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[mx.array, mx.array, float]] = {}
-        self.a_stack: Optional[mx.array] = None  # (slots, in, max_rank), zero where unused
+        self.a_stack: Optional[mx.array] = None  # (slots, in, max_rank), zero where unused ("gather")
         self.b_stack: Optional[mx.array] = None  # (slots, max_rank, out)
         self.scales: Optional[mx.array] = None  # (slots,)
+        self.a_wide: Optional[mx.array] = None  # (in, slots * max_rank): every A side by side ("stacked")
+        self.b_tall: Optional[mx.array] = None  # (slots * max_rank, out): every B one above the other
+        self.column_slot: Optional[mx.array] = None  # (slots * max_rank,) uint32: the slot of each column
 
     def restack(self) -> None:
         if not self.entries:
-            self.a_stack = self.b_stack = self.scales = None
+            self.a_stack = self.b_stack = self.scales = self.a_wide = self.b_tall = self.column_slot = None
             return
         any_a, any_b, _ = next(iter(self.entries.values()))
         in_dims, out_dims = any_a.shape[0], any_b.shape[1]
@@ -81,7 +87,10 @@ class AdapterBank:
             b_stack[slot, : b.shape[0], :] = b
             scales[slot] = scaling
         self.a_stack, self.b_stack, self.scales = a_stack, b_stack, mx.array(scales)
-        mx.eval(self.a_stack, self.b_stack, self.scales)
+        self.a_wide = a_stack.transpose(1, 0, 2).reshape(in_dims, slots * rank)
+        self.b_tall = b_stack.reshape(slots * rank, out_dims)
+        self.column_slot = mx.repeat(mx.arange(slots, dtype=mx.uint32), rank)
+        mx.eval(self.a_stack, self.b_stack, self.scales, self.a_wide, self.b_tall, self.column_slot)
 
 
 class MultiLoRALinear(nn.Module):
@@ -120,10 +129,23 @@ class MultiLoRALinear(nn.Module):
             return y + self._grouped(x, rows.groups).astype(y.dtype)
         if bank.a_stack.shape[0] <= rows.max_slot:  # some row's adapter does not touch this layer
             slots = mx.where(slots < bank.a_stack.shape[0], slots, NO_ADAPTER).astype(mx.uint32)
+        if rows.strategy == "stacked":
+            return y + self._stacked(x, slots).astype(y.dtype)
         z = mx.gather_mm(x.astype(mx.float32), bank.a_stack, rhs_indices=slots)  # (B, L, r)
         z = z * bank.scales[slots][:, None, None]
         return y + mx.gather_mm(z, bank.b_stack, rhs_indices=slots).astype(y.dtype)  # (B, L, out)
 
+    def _stacked(self, x: mx.array, slots: mx.array) -> mx.array:
+        """The adapter term as two plain products over every adapter side by side, other rows' columns zeroed.
+
+        x (B, L, in) @ a_wide (in, S*r) -> (B, L, S*r); each row keeps only its own slot's r columns,
+        times that adapter's scaling; then @ b_tall (S*r, out). Computes S adapters' worth of a
+        rank-r product per row (cheap at decode sizes) in two BLAS calls instead of B small ones.
+        """
+        bank = self._bank
+        keep = (bank.column_slot[None, :] == slots[:, None]) * bank.scales[slots][:, None]  # (B, S*r) float32
+        z = (x.astype(mx.float32) @ bank.a_wide) * keep[:, None, :]  # (B, L, S*r)
+        return z @ bank.b_tall  # (B, L, out)
 
     def _grouped(self, x: mx.array, groups: list[tuple[int, mx.array]]) -> mx.array:
         """The adapter term by groups of rows sharing an adapter: one plain product each, then a scatter."""

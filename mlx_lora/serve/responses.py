@@ -121,9 +121,8 @@ async def stream_events(events: asyncio.Queue, job, reply: Reply, error_type):
                         choice["logprobs"] = completion_logprobs(logprobs, offset)
                     offset += len(text)
                 yield sse(chunk(choice))
-            elif event[0] == "tool_calls":
-                calls = [{"index": i, **call} for i, call in enumerate(event[1])]
-                yield sse(chunk({"delta": {"tool_calls": calls}}))
+            elif event[0] == "tool_delta":  # the id and name first, then the arguments in pieces
+                yield sse(chunk({"delta": {"tool_calls": event[1]}}))
             elif event[0] == "error":
                 _, status, message, param = event
                 yield sse({"error": {"message": message, "type": error_type(status), "param": param, "code": None}})

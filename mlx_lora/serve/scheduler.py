@@ -5,7 +5,8 @@ Each `step()`:
 1. drops sequences whose client went away (their rows leave the batch, their slots are free);
 2. decodes one token for every running sequence in a single forward pass (rows may use different
    adapters and sampling settings);
-3. admits waiting sequences (up to `max_batch` in all) as one prefill group, looking each prompt
+3. admits waiting sequences (up to `max_batch` in all, and while the batch's KV stays within
+   `kv_tokens`, see `kv_slots`) as one prefill group, looking each prompt
    up in the prompt cache, and reads one chunk (`prefill_chunk` tokens per row) of the group's
    prompts, so a long prompt never stalls the running streams for more than one chunk;
 4. when the group's prompts are read, merges its KV caches into the running batch.
@@ -73,11 +74,16 @@ class Scheduler:
     `add` may be called from any thread."""
 
     def __init__(self, forward: Forward, make_cache: Callable[[], list], eos_ids: set[int], max_batch: int = 8,
-                 prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30):
-        from mlx_lm.models.cache import LRUPromptCache
+                 prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30,
+                 kv_tokens: Optional[int] = None):
+        from mlx_lm.models.cache import BatchKVCache, LRUPromptCache
 
         self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
         self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        # KV budget in token slots (None: unbounded). The batch's caches are one rectangle: every row
+        # as long as the longest (left padding), grown `kv_step` slots at a time, so a batch of n rows
+        # whose longest prompt + max_tokens is T holds at most n * (T + kv_step) slots.
+        self.kv_tokens, self.kv_step = kv_tokens, BatchKVCache.step
         self.prompt_cache = LRUPromptCache(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size > 0 else None
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -144,11 +150,28 @@ class Scheduler:
             self.prefilling, self._prefill = [], None
         # A cancelled member of a group still being read leaves when the group joins the batch.
 
+    def kv_slots(self, rows: list[Sequence]) -> int:
+        """KV token slots a batch of `rows` may come to hold (see `kv_tokens`)."""
+        return len(rows) * (max(len(s.prompt) + s.max_tokens for s in rows) + self.kv_step) if rows else 0
+
+    def fits_alone(self, prompt_tokens: int, max_tokens: int) -> bool:
+        """Whether one sequence of this size fits the KV budget on its own (else it never can)."""
+        return self.kv_tokens is None or prompt_tokens + max_tokens + self.kv_step <= self.kv_tokens
+
     def _admit(self) -> None:
         from mlx_lm.generate import PromptProcessingBatch
 
-        room = self.max_batch - self.active()
-        group = [self.waiting.popleft() for _ in range(min(room, len(self.waiting)))]
+        group: list[Sequence] = []
+        present = self.running + self.prefilling
+        while self.waiting and self.active() + len(group) < self.max_batch:
+            # FIFO: the head waits for room rather than letting smaller requests pass it forever.
+            # With nothing running the head goes in regardless (the engine refuses what never fits).
+            over = self.kv_tokens is not None and self.kv_slots(present + group + [self.waiting[0]]) > self.kv_tokens
+            if over and (present or group):
+                break
+            group.append(self.waiting.popleft())
+        if not group:
+            return
         caches = []
         for seq in group:
             cache, rest = self._cached(seq)

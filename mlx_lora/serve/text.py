@@ -12,6 +12,7 @@ import uuid
 from typing import Callable, Optional
 
 from .scheduler import TokenEvent
+from .tool_deltas import ToolCallDeltas
 
 
 class StopMatcher:
@@ -46,8 +47,9 @@ class StopMatcher:
 class TextStream:
     """Turns one sequence's tokens into events for its HTTP handler (see `Engine` for the event list).
 
-    With `tools`, text from the template's tool-call start marker on is held back and parsed into
-    tool calls when the sequence ends; the finish reason then becomes "tool_calls".
+    With `tools`, text from the template's tool-call start marker on is held back: streamed as
+    ("tool_delta", entries) while it is written (`tool_deltas.py`), and parsed into tool calls
+    when the sequence ends; the finish reason then becomes "tool_calls".
     """
 
     def __init__(self, tokenizer, sink: Callable[[tuple], None], stops: list[str], tools: Optional[list] = None):
@@ -58,6 +60,7 @@ class TextStream:
         self.tool_start = getattr(tokenizer, "tool_call_start", None) if tools else None
         self.tool_text: Optional[str] = None  # text from the tool-call marker on, once seen
         self.held = ""  # a tail that may be the start of the tool-call marker
+        self.deltas = ToolCallDeltas(tokenizer, tools) if self.tool_start else None
 
     def on_token(self, event: TokenEvent) -> bool:
         self.detokenizer.add_token(event.token)
@@ -80,6 +83,7 @@ class TextStream:
         if self.tool_text is not None:
             calls = self._parse_tools(self.tool_text)
             if calls:
+                self.sink(("tool_delta", self.deltas.complete(calls)))
                 self.sink(("tool_calls", calls))
                 reason = "tool_calls"
             else:  # not a parsable call after all: show it as text
@@ -89,12 +93,21 @@ class TextStream:
     def _emit(self, text: str, logprobs) -> None:
         if self.tool_text is not None:
             self.tool_text += text
+            deltas = self.deltas.update(self.tool_text) if text else []
+            if deltas:
+                self.sink(("tool_delta", deltas))
             return
         if self.tool_start:
             self.held += text
             at = self.held.find(self.tool_start)
             if at >= 0:
                 text, self.tool_text, self.held = self.held[:at], self.held[at:], ""
+                deltas = self.deltas.update(self.tool_text)
+                if text or logprobs:
+                    self.sink(("delta", text, logprobs))
+                if deltas:
+                    self.sink(("tool_delta", deltas))
+                return
             else:  # hold back a tail that may be the start of the marker
                 keep = next((k for k in range(min(len(self.tool_start) - 1, len(self.held)), 0, -1)
                              if self.held.endswith(self.tool_start[:k])), 0)
