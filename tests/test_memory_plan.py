@@ -227,6 +227,41 @@ def test_predicted_peak_within_ten_percent_of_measured(tmp_path, grad_checkpoint
     assert prediction >= 0.95 * (measured - FIXED_OVERHEAD_BYTES)  # never under by more than 5%
 
 
+def block_model(layers):
+    """SMALL with `layers` blocks, affine 4-bit, LoRA rank 16 on all: the per-block slope's models."""
+    import mlx.core as mx
+    from mlx_lm.models import llama
+
+    from mlx_lora.config import LoraConfig
+    from mlx_lora.frozen_matmul import use_fast_frozen_layers
+    from mlx_lora.lora import apply_lora
+    from mlx_lora.quantize import quantize_model
+
+    mx.random.seed(0)
+    model = llama.Model(llama.ModelArgs.from_dict({**SMALL, "num_hidden_layers": layers}))
+    quantize_model(model, "affine", bits=4, group_size=64)
+    use_fast_frozen_layers(model)
+    apply_lora(model, LoraConfig(rank=16, alpha=32, target_modules=ALL))
+    mx.eval(model.parameters())
+    return model
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True])
+def test_what_one_block_adds_matches_its_components(tmp_path, grad_checkpoint):
+    # The slope over blocks isolates the per-block components (frozen base, LoRA + optimizer state,
+    # saved activations and scores, or with checkpointing the kept input and mask) from the fixed
+    # working set and MLX's own overhead, which the same in both runs cancel.
+    few, many = 2, 6
+    measured = [run_steps(block_model(n), 2, tmp_path / str(n), grad_checkpoint=grad_checkpoint)["peak_memory_gb"] * 1e9
+                for n in (few, many)]
+    predicted_peaks = [sum(components(shape_from_config({**SMALL, "num_hidden_layers": n}),
+                                      settings(2, grad_checkpoint)).values()) for n in (few, many)]
+    measured_slope = (measured[1] - measured[0]) / (many - few)
+    predicted_slope = (predicted_peaks[1] - predicted_peaks[0]) / (many - few)
+    assert predicted_slope == pytest.approx(measured_slope, rel=0.10)
+    assert predicted_slope >= 0.95 * measured_slope
+
+
 def test_auto_batch_runs_under_the_limit_and_one_larger_would_not(tmp_path):
     from mlx_lora.memory.plan import SAFETY_MARGIN, auto_batch
     from mlx_lora.train import MemoryLimitExceeded

@@ -164,8 +164,9 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     saved_copies = SAVED_SCORE_COPIES_SOFTCAP if shape.attention_softcap else SAVED_SCORE_COPIES
     per_block = block_saved_elements(shape, s) * tokens * a
     if s.grad_checkpoint:  # each block keeps its input and mask; two blocks are recomputed at a time
-        activations = shape.layers * tokens * shape.hidden * a + RECOMPUTED_BLOCKS * per_block
-        saved_scores = shape.layers * score_elements(shape, s) * MASK_BYTES + RECOMPUTED_BLOCKS * saved_copies * scores
+        recomputed = min(RECOMPUTED_BLOCKS, shape.layers)
+        activations = shape.layers * tokens * shape.hidden * a + recomputed * per_block
+        saved_scores = shape.layers * score_elements(shape, s) * MASK_BYTES + recomputed * saved_copies * scores
     else:
         activations = shape.layers * per_block
         saved_scores = shape.layers * saved_copies * scores
