@@ -2,12 +2,15 @@
 
 bitsandbytes 0.50 runs NF4 (double quantization included) on CPU, so everything but speed is
 tested here: QLoRA training end to end, the output folder, resume, the masks, and the adapters.
+On an NVIDIA machine the same tests train on the GPU with `MLX_LORA_TEST_DEVICE=cuda`
+(bench/cuda_check.sh).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +42,7 @@ from tiny import write_chat_split  # noqa: E402
 from tiny_torch import make_torch_model_dir  # noqa: E402
 
 TOLERANCE = 1e-4
+DEVICE = os.environ.get("MLX_LORA_TEST_DEVICE", "cpu")  # "cuda": the GPU, bfloat16 compute
 ITERS = 10
 RUN_FILES = {"adapters.safetensors", "adapter_config.json", "peft", "checkpoints", "metrics.jsonl", "loss.png",
              "eval.json", "train_config.yaml", "run_summary.json"}
@@ -71,7 +75,7 @@ def make_config(model_dir, data_dir, output_dir, *overrides):
 def trained_run(model_dir, data_dir, tmp_path_factory) -> Path:
     """One 10-step QLoRA run (NF4 + double quantization) on CPU."""
     out = tmp_path_factory.mktemp("cuda-run") / "run"
-    cuda.run_training(make_config(model_dir, data_dir, out), device="cpu")
+    cuda.run_training(make_config(model_dir, data_dir, out), device=DEVICE)
     return out
 
 
@@ -127,10 +131,10 @@ def test_resume_continues_to_the_same_adapters(trained_run, model_dir, data_dir,
 
     out = tmp_path / "run"
     half = make_config(model_dir, data_dir, out, "eval.enabled=false")
-    cuda.run_training(dataclasses.replace(half, training=dataclasses.replace(half.training, iters=5)), device="cpu")
+    cuda.run_training(dataclasses.replace(half, training=dataclasses.replace(half.training, iters=5)), device=DEVICE)
     with pytest.raises(FileExistsError, match="--resume"):
-        cuda.run_training(half, device="cpu")
-    cuda.run_training(half, resume=True, device="cpu")
+        cuda.run_training(half, device=DEVICE)
+    cuda.run_training(half, resume=True, device=DEVICE)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, ITERS + 1))
     resumed, straight = load_file(str(out / "adapters.safetensors")), load_file(str(trained_run / "adapters.safetensors"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_cuda_backend_preference_run_writes_the_mlx_backends_files(tmp_path, obj
                              "training.iters=4", "training.batch_size=4", "training.steps_per_report=2",
                              "training.steps_per_eval=4", "training.val_batches=1", "training.save_every=2",
                              f"training.objective={objective}", "training.learning_rate=5e-3"])
-    summary = cuda.run_training(cfg, device="cpu")
+    summary = cuda.run_training(cfg, device=os.environ.get("MLX_LORA_TEST_DEVICE", "cpu"))
     out = tmp_path / "run"
     assert summary["steps"] == 4
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
