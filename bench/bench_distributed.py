@@ -1,13 +1,14 @@
 """Data-parallel overhead: the demo trained by 1 rank and by 2 local ranks (mlx.launch -n 2, ring).
 
-    python bench/bench_distributed.py [--iters 16] [--rounds 2]
+    python bench/bench_distributed.py [--iters 8] [--rounds 1]
 
 Both runs train the demo config (SmolLM2-135M, rank 8 on all 7 projections of 30 blocks) with
-the same global batch (4), in turns, `--rounds` times each. Reported per configuration:
-tokens/s over the steps after the first report (compilation excluded), and the time of one
-step's collectives, measured on their own by a 2-rank job: the gradient all-reduce
-(`mlx.nn.average_gradients` over a tree with the demo adapters' shapes) plus the loss average
-and the stop-flag agreement the loop also does each step.
+the same global batch (4), in turns, `--rounds` times each, through `run.run_training` with a
+world whose `time_all_reduce` is on: every optimizer step evaluates the rank's gradient, waits
+for the other rank (a barrier), then times `mlx.nn.average_gradients` with `mx.eval` around it.
+That needs `training.compile=false`, so both runs train uncompiled. Reported per configuration:
+tokens/s over the steps after the first report (start-up excluded), the step time, and for 2
+ranks the measured all-reduce time per step (median over the same steps) and its share of a step.
 
 On one machine the two ranks share its cores, so 2 ranks cannot be faster than 1: the point
 is the cost of the communication, not a speed-up. Across Macs the README computes the
@@ -23,7 +24,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,82 +60,75 @@ def estimate() -> None:
 REPORT_EVERY = 4
 
 
-def run_training(ranks: int, iters: int, out: Path) -> tuple[float, float]:
-    """(tokens/s, seconds per step) of one demo training run, after the first report."""
-    command = [sys.executable, "-m", "mlx_lora", "train", str(ROOT / "configs" / "demo.yaml"),
-               f"output_dir={out}", f"training.iters={iters}", f"training.steps_per_report={REPORT_EVERY}",
-               "training.steps_per_eval=0", "training.save_every=0", "eval.enabled=false"]
+def demo_overrides(out: Path, iters: int) -> list[str]:
+    return [f"output_dir={out}", f"training.iters={iters}", f"training.steps_per_report={REPORT_EVERY}",
+            "training.steps_per_eval=0", "training.save_every=0", "training.compile=false", "eval.enabled=false"]
+
+
+def train_worker(out: str, iters: int) -> None:
+    """One rank (or the single process) of a timed demo run; rank 0 writes all_reduce_s.json."""
+    from mlx_lora import distributed
+    from mlx_lora.config import load_config
+    from mlx_lora.run import run_training
+
+    cfg = load_config(str(ROOT / "configs" / "demo.yaml"), demo_overrides(Path(out), iters))
+    world = distributed.init("ring", cfg.distributed.timeout_s)  # a world of one when not under mlx.launch
+    world.time_all_reduce = True
+    run_training(cfg, world=world)
+    if world.is_main:
+        (Path(out) / "all_reduce_s.json").write_text(json.dumps(world.all_reduce_s))
+
+
+def run_training(ranks: int, iters: int, out: Path) -> dict:
+    """tokens/s, step time and all-reduce times of one demo training run, after the first report."""
+    from mlx_lora.blas import preload_command_env
+
+    worker = [sys.executable, str(Path(__file__).resolve()), "--train-worker", str(out), str(iters)]
     if ranks > 1:
-        command += ["-n", str(ranks)]
-    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        worker = [str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", str(ranks), "--", *worker]
+    env = {**(preload_command_env() or os.environ), "PYTHONPATH": str(ROOT)}  # the BLAS `mlx-lora train` uses
+    done = subprocess.run(worker, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         raise SystemExit(f"training with {ranks} rank(s) failed:\n{done.stderr[-2000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    rows = rows[1:]
-    seconds = sum(r["tokens"] / r["tokens_per_second"] for r in rows)
-    return sum(r["tokens"] for r in rows) / seconds, seconds / (REPORT_EVERY * len(rows))
-
-
-def collectives_worker(adapters: str, repeats: int) -> None:
-    """One rank of the collectives timing (run under mlx.launch -n 2)."""
-    import mlx.core as mx
-
-    from mlx_lora.distributed import init
-
-    world = init("ring")
-    grads = {k: mx.zeros_like(v) + 1 for k, v in mx.load(adapters).items()}
-    loss = mx.array(1.0)
-    mx.eval(grads)
-    times = []
-    for i in range(repeats + 3):
-        start = time.perf_counter()
-        mx.eval(world.average_gradients(grads), world.average(loss))
-        world.any(False)
-        if i >= 3:  # the first calls set up buffers
-            times.append(time.perf_counter() - start)
-    if world.is_main:
-        size = sum(v.nbytes for v in grads.values())
-        print(json.dumps({"ms": statistics.median(times) * 1e3, "bytes": size}))
-
-
-def time_collectives(adapters: Path, repeats: int = 50) -> dict:
-    command = [sys.executable, str(Path(sys.executable).parent / "mlx.launch"), "--backend", "ring", "-n", "2", "--",
-               sys.executable, str(Path(__file__).resolve()), "--collectives-worker", str(adapters), str(repeats)]
-    done = subprocess.run(command[1:], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    if not lines:
-        raise SystemExit(f"collectives timing failed:\n{done.stderr[-2000:]}")
-    return json.loads(lines[0])
+    timed = rows[1:]
+    seconds = sum(r["tokens"] / r["tokens_per_second"] for r in timed)
+    all_reduce = json.loads((out / "all_reduce_s.json").read_text())[REPORT_EVERY:]
+    return {"tokens_per_s": sum(r["tokens"] for r in timed) / seconds, "step_s": seconds / (REPORT_EVERY * len(timed)),
+            "all_reduce_s": statistics.median(all_reduce) if all_reduce else 0.0,
+            "final_loss": rows[-1]["train_loss"]}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--estimate", action="store_true", help="print the computed multi-Mac table and exit")
-    parser.add_argument("--collectives-worker", nargs=2, metavar=("ADAPTERS", "REPEATS"), help=argparse.SUPPRESS)
+    parser.add_argument("--train-worker", nargs=2, metavar=("OUT", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.collectives_worker:
-        collectives_worker(args.collectives_worker[0], int(args.collectives_worker[1]))
+    if args.train_worker:
+        train_worker(args.train_worker[0], int(args.train_worker[1]))
         return 0
     if args.estimate:
         estimate()
         return 0
-    speeds: dict[int, list[tuple[float, float]]] = {1: [], 2: []}
+    runs: dict[int, list[dict]] = {1: [], 2: []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for ranks in (1, 2):
-                speeds[ranks].append(run_training(ranks, args.iters, Path(tmp) / f"r{round_}-{ranks}"))
-        collectives = time_collectives(Path(tmp) / "r0-1" / "adapters.safetensors")
-    (one, one_step), (two, two_step) = (min(speeds[n], key=lambda s: -s[0]) for n in (1, 2))
+                runs[ranks].append(run_training(ranks, args.iters, Path(tmp) / f"r{round_}-{ranks}"))
+        import mlx.core as mx
+
+        gradient_bytes = sum(v.nbytes for v in mx.load(str(Path(tmp) / "r0-1" / "adapters.safetensors")).values())
+    one, two = (max(runs[n], key=lambda r: r["tokens_per_s"]) for n in (1, 2))
     print(f"machine: {os.cpu_count()} cores shared by both ranks (and by other work; compare within this run)")
-    print("| ranks | tokens/s (best of rounds) | step | vs 1 rank |")
-    print("|---|---|---|---|")
-    print(f"| 1 | {one:.0f} | {one_step * 1e3:.0f} ms | 1.00 |")
-    print(f"| 2 (local, ring) | {two:.0f} | {two_step * 1e3:.0f} ms | {two / one:.2f} |")
-    print(f"collectives per step, 2 local ranks: {collectives['ms']:.2f} ms (gradient all-reduce of "
-          f"{collectives['bytes'] / 1e6:.1f} MB + loss average + stop flag) = "
-          f"{collectives['ms'] / (two_step * 1e3):.1%} of a 2-rank step")
+    print("| ranks | tokens/s (best of rounds) | step | gradient all-reduce per step | share of the step | vs 1 rank |")
+    print("|---|---|---|---|---|---|")
+    print(f"| 1 | {one['tokens_per_s']:.1f} | {one['step_s']:.2f} s | none | - | 1.00 |")
+    print(f"| 2 (local, ring) | {two['tokens_per_s']:.1f} | {two['step_s']:.2f} s | {two['all_reduce_s'] * 1e3:.1f} ms "
+          f"({gradient_bytes / 1e6:.1f} MB float32) | {two['all_reduce_s'] / two['step_s']:.1%} | "
+          f"{two['tokens_per_s'] / one['tokens_per_s']:.2f} |")
+    print(f"final train loss: 1 rank {one['final_loss']:.6f}, 2 ranks {two['final_loss']:.6f}")
     return 0
 
 

@@ -134,8 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, help="keep only this many blocks of each model (real block shapes, "
                         "fewer of them; the prediction uses the same truncated config)")
     parser.add_argument("--no-compile", action="store_true",
-                        help="training.compile=false: MLX's CPU backend compiles a kernel per vocabulary chunk of the "
-                             "loss on first use, which takes long for 150k-token vocabularies on a busy machine")
+                        help="training.compile=false (uncompiled steps: no kernels for MLX's CPU backend to compile first)")
     parser.add_argument("--json", nargs="?", const="-", help="print the rows as JSON on stdout, or write them to this file")
     args = parser.parse_args(argv)
     from mlx_lora.blas import preload_command_env

@@ -9,6 +9,8 @@ hits all of them alike, and prints the median seconds per step and the ratio to 
   kept-float     the frozen base's weights dequantized once and kept in float32 (no
                  dequantize in the step; costs a float32 copy of the base in memory)
   no-lora        the frozen model's forward + input gradient only (the LoRA products' cost)
+  packed         the same examples per step packed into fewer rows (`packing.pack_batch`, rows of
+                 up to data.max_seq_length tokens, block-diagonal causal attention)
 
     python bench/profile_step.py [--steps 6] [--rounds 3]
 """
@@ -43,9 +45,10 @@ def main() -> None:
     import mlx.optimizers as optim
 
     from mlx_lora.config import load_config
-    from mlx_lora.data import BatchPosition, iterate_train, load_datasets
+    from mlx_lora.data import collate, epoch_order, load_datasets, make_batches
     from mlx_lora.frozen_matmul import float_weights_kept
     from mlx_lora.loss import batch_loss, enable_chunked_loss, masked_loss, target_positions
+    from mlx_lora.packing import pack_batch
     from mlx_lora.run import prepare_model
 
     root = Path(__file__).resolve().parent.parent
@@ -61,8 +64,8 @@ def main() -> None:
         loss_and_grad = nn.value_and_grad(model, loss_fn)
 
         @partial(mx.compile, inputs=state, outputs=state)
-        def step(tokens, mask, positions, weights):
-            (loss, _), grad = loss_and_grad(model, tokens, mask, positions, weights)
+        def step(tokens, mask, positions, weights, *segments):
+            (loss, _), grad = loss_and_grad(model, tokens, mask, positions, weights, *segments)
             optimizer.update(model, grad)
             return loss
         return step
@@ -83,10 +86,14 @@ def main() -> None:
                     layer.scale = layer.alpha / layer.rank
 
     variants = {"current": make_step(batch_loss), "full-head": make_step(full_head),
-                "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only)}
+                "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only),
+                "packed": make_step(batch_loss)}
     variants = {name: variants[name] for name in args.variants.split(",")}
-    batches = iterate_train(train, cfg.training.batch_size, 0, BatchPosition())
-    fixed = [next(batches) for _ in range(args.steps)]
+    batches = make_batches(train, cfg.training.batch_size)
+    chosen = [batches[i] for i in epoch_order(len(batches), 0, 0)[: args.steps]]
+    unpacked = [collate(train, indices)[:2] for indices in chosen]
+    packed = [pack_batch(train, indices, cfg.data.max_seq_length)[:3] for indices in chosen]
+    print(f"rows x width per step: unpacked {[t.shape for t, _ in unpacked]}, packed {[t.shape for t, _, _ in packed]}")
     times = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):  # the first round compiles and is not counted
         for name, step in variants.items():
@@ -94,10 +101,10 @@ def main() -> None:
             if kept:
                 kept.__enter__()
             start = time.perf_counter()
-            for tokens, mask, _ in fixed:
+            for tokens, mask, *segments in (packed if name == "packed" else unpacked):
                 positions, weights = target_positions(mask)
-                mx.eval(step(mx.array(tokens), mx.array(mask), mx.array(positions), mx.array(weights)), state)
-            seconds = (time.perf_counter() - start) / len(fixed)
+                mx.eval(step(*map(mx.array, (tokens, mask, positions, weights, *segments))), state)
+            seconds = (time.perf_counter() - start) / args.steps
             if kept:
                 kept.__exit__(None, None, None)
             if round_index:

@@ -71,6 +71,10 @@ class World:
     tell: Callable[[str], None] = _stderr  # how a rank that must exit at once says why
     last_good: LastGood | None = field(default=None, repr=False)
     stop_requested: bool = False
+    # Benchmarks: time each gradient all-reduce on its own (seconds, appended per optimizer step).
+    # It evaluates the step in pieces, so it needs training.compile=false (train() says so).
+    time_all_reduce: bool = False
+    all_reduce_s: list = field(default_factory=list, repr=False)
     _beat: float = field(default_factory=time.monotonic, repr=False)
 
     @property
@@ -118,7 +122,17 @@ class World:
             return grad
         import mlx.nn as nn
 
-        return nn.average_gradients(grad, group=self.group)
+        if not self.time_all_reduce:
+            return nn.average_gradients(grad, group=self.group)
+        import mlx.core as mx
+
+        mx.eval(grad)  # this rank's forward and backward are done,
+        self.barrier()  # and every other rank's: the time below is the exchange alone, not a wait
+        start = time.perf_counter()
+        grad = nn.average_gradients(grad, group=self.group)
+        mx.eval(grad)
+        self.all_reduce_s.append(time.perf_counter() - start)
+        return grad
 
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True (e.g. Ctrl-C reached only some)."""

@@ -92,9 +92,18 @@ def vocab_chunk_rows(num_tokens: int) -> int:
 
 
 def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead) -> mx.array:
-    """Per-token cross-entropy of (N, D) hidden states through `head` against (N,) targets, float32."""
-    size = vocab_chunk_rows(hidden.shape[0])
+    """Per-token cross-entropy of (N, D) hidden states through `head` against (N,) targets, float32.
+
+    Every chunk runs the same operations on arrays: its first and last row reach the graph as
+    entries of one (chunks, 2) array, never as Python numbers. Compiled on the CPU, MLX turns
+    each fused element-wise group into a C++ kernel named by its operations and by the values
+    of its scalar constants, so an offset baked in as a number made one kernel per chunk (Qwen2.5's
+    151,936-token vocabulary: hundreds of kernels, >25 minutes before the first step). Kernels
+    do not depend on array shapes, so the narrower last chunk reuses them too.
+    """
+    size = min(vocab_chunk_rows(hidden.shape[0]), head.rows)
     chunks = [(start, min(start + size, head.rows)) for start in range(0, head.rows, size)]
+    bounds = mx.array(np.array(chunks, np.int32))  # (C, 2) first row, end row of each chunk
 
     def block(arrays, start, stop, after):
         # `after` (the previous chunk's results) orders the chunks: without it the scheduler may
@@ -102,35 +111,42 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead)
         sliced = [a[start:stop] for a in arrays]
         return mx.depends(sliced, after) if after else sliced
 
+    def local_targets(targets, bounds):
+        """(C, N) each target's row within each chunk (may be out of it), and its clamped index."""
+        local = targets[None, :] - bounds[:, :1]
+        inside = (targets[None, :] >= bounds[:, :1]) & (targets[None, :] < bounds[:, 1:])
+        return local, inside, mx.where(inside, local, 0)
+
     @mx.custom_function
-    def cross_entropy(h, targets, arrays):
+    def cross_entropy(h, targets, bounds, arrays):
+        _, inside, index = local_targets(targets, bounds)
         log_normalizer, target_logit = None, mx.zeros(targets.shape, mx.float32)
-        for start, stop in chunks:
-            logits = head.project(h, block(arrays, start, stop, [log_normalizer, target_logit] if start else [])).astype(mx.float32)
+        for i, (start, stop) in enumerate(chunks):
+            logits = head.project(h, block(arrays, start, stop, [log_normalizer, target_logit] if i else [])).astype(mx.float32)
             chunk_lse = mx.logsumexp(logits, axis=-1)
             log_normalizer = chunk_lse if log_normalizer is None else mx.logaddexp(log_normalizer, chunk_lse)
-            local = targets - start
-            inside = (local >= 0) & (local < stop - start)
-            picked = mx.take_along_axis(logits, mx.clip(local, 0, stop - start - 1)[:, None], axis=-1)[:, 0]
-            target_logit = target_logit + mx.where(inside, picked, 0.0)
+            picked = mx.take_along_axis(logits, index[i][:, None], axis=-1)[:, 0]
+            target_logit = target_logit + mx.where(inside[i], picked, 0.0)
         return log_normalizer - target_logit, log_normalizer
 
     @cross_entropy.vjp
     def cross_entropy_vjp(primals, cotangents, outputs):
-        h, targets, arrays = primals
+        h, targets, bounds, arrays = primals
+        local, _, _ = local_targets(targets, bounds)
         weight = cotangents[0].astype(mx.float32)[:, None]  # d loss / d ce, per token
         log_normalizer = outputs[1][:, None]
         grad_h = None
-        for start, stop in chunks:
-            sliced = block(arrays, start, stop, [grad_h] if start else [])
+        for i, (start, stop) in enumerate(chunks):
+            sliced = block(arrays, start, stop, [grad_h] if i else [])
             logits = head.project(h, sliced).astype(mx.float32)
-            one_hot = mx.arange(start, stop)[None, :] == targets[:, None]
+            one_hot = mx.arange(stop - start)[None, :] == local[i][:, None]  # a target outside matches no column
             grad_logits = (mx.exp(logits - log_normalizer) - one_hot) * weight
             part = head.project_back(grad_logits, sliced).astype(mx.float32)
             grad_h = part if grad_h is None else grad_h + part
-        return grad_h.astype(h.dtype), mx.zeros_like(targets), tuple(mx.zeros_like(a) for a in arrays)
+        return (grad_h.astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(bounds),
+                tuple(mx.zeros_like(a) for a in arrays))
 
-    return cross_entropy(hidden, targets, head.arrays)[0]
+    return cross_entropy(hidden, targets, bounds, head.arrays)[0]
 
 
 def token_losses(model: nn.Module, tokens: mx.array) -> mx.array:
@@ -168,18 +184,25 @@ def target_positions(mask: np.ndarray, multiple: int = POSITION_MULTIPLE) -> tup
 
 
 def batch_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array,
-               weights: mx.array) -> tuple[mx.array, mx.array]:
+               weights: mx.array, segments: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """`masked_loss`, with the output head run only at `positions` when the chunked loss is on.
 
     tokens (B, T) int, mask (B, T-1) float; positions (K,) int32 and weights (K,) float32 from
     `target_positions(mask)`. Returns (mean loss, target count), equal to `masked_loss`'s.
     A model on the plain path (its head transforms the logits) ignores positions and weights.
+    segments (B, T) int32: packed rows (`packing.pack_batch`), each example attending to itself.
     """
+    from .packing import packed_hidden, packed_logits
+
     head = output_head(model) if getattr(model, "chunked_loss", False) else None
-    if head is None:
-        return masked_loss(model, tokens, mask)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    hidden = model.model(inputs)  # (B, T-1, D)
+    if head is None:
+        if segments is None:
+            return masked_loss(model, tokens, mask)
+        logits = packed_logits(model, inputs, segments[:, :-1]).astype(mx.float32)
+        ce = nn.losses.cross_entropy(logits, targets) * mask
+        return ce.sum() / mx.maximum(mask.sum(), 1), mask.sum()
+    hidden = model.model(inputs) if segments is None else packed_hidden(model, inputs, segments[:, :-1])  # (B, T-1, D)
     picked = hidden.reshape(-1, hidden.shape[-1])[positions]  # (K, D)
     ce = chunked_cross_entropy(picked, targets.reshape(-1)[positions], head) * weights
     count = weights.sum()

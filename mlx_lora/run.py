@@ -136,7 +136,7 @@ def resolve_auto_batch(cfg: Config, plan, train_examples: int) -> Config:
 
 
 def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None,
-                 memory_limit: float | None = None) -> dict:
+                 memory_limit: float | None = None, world=None) -> dict:
     """Train per `cfg` and write the output folder; returns the run summary.
 
     `setup_s`: seconds spent before this call (environment set-up by the shell scripts), shown
@@ -144,7 +144,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     handed to `train` (see `memory.plan.guard_limit`).
 
     Under `mlx.launch` this is one rank of a data-parallel run: every rank trains, rank 0 alone
-    writes files, reports and evaluates.
+    writes files, reports and evaluates. `world`: an already joined `distributed.World` (a
+    benchmark's, with `time_all_reduce`); by default this call joins the ranks itself.
     """
     import mlx.core as mx
 
@@ -158,8 +159,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     phases = {"set-up": setup_s} if setup_s is not None else {}
     clock = time.perf_counter()
 
-    world = distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s,
-                             tell=lambda message: print(message, file=sys.stderr, flush=True))
+    world = world or distributed.init(cfg.distributed.backend, cfg.distributed.timeout_s,
+                                      tell=lambda message: print(message, file=sys.stderr, flush=True))
     if world.size > 1 and cfg.training.batch_size == "auto":
         raise ValueError("training.batch_size: auto is planned per machine; with several ranks set the global "
                          f"batch as a number divisible by {world.size}")
@@ -210,7 +211,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
                     resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
-                    memory_limit=memory_limit, world=world)
+                    memory_limit=memory_limit, world=world,
+                    pack_capacity=cfg.data.max_seq_length if cfg.data.pack else None)
     if not world.is_main:
         return summary
     save_adapters(out, model, config)

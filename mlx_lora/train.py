@@ -21,6 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_map
 
 from . import checkpoints
@@ -29,6 +30,7 @@ from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batc
 from .distributed import LastGood, World, check_batch_size
 from .loss import batch_loss, enable_chunked_loss, target_positions
 from .objectives import METRICS, evaluate_preferences, preference_loss, reference_logps
+from .packing import pack_batch, packing_matches
 
 
 EARLY_STOP_MIN_IMPROVEMENT = 0.01  # a validation loss counts as better when 1% under the best so far
@@ -162,15 +164,27 @@ class GracefulInterrupt:
 
 
 def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array, weights: mx.array,
-                  share: mx.array):
-    """`batch_loss` times this rank's share of the global batch's target tokens (1 on a single process)."""
-    loss, count = batch_loss(model, tokens, mask, positions, weights)
+                  share: mx.array, segments: mx.array | None = None):
+    """`batch_loss` times this rank's share of the global batch's target tokens (1 on a single process).
+
+    `segments` (B, T): packed rows (`packing.pack_batch`)."""
+    loss, count = batch_loss(model, tokens, mask, positions, weights, segments)
     return loss * share, count
+
+
+def check_packing(model: nn.Module, train_set: list[Example], config: TrainingConfig, world: World) -> None:
+    """ValueError unless packing can run here: SFT, one process, and a model that passes the probe."""
+    if config.objective != "sft" or world.size > 1:
+        raise ValueError(f"data.pack: packing runs for objective sft in one process (this run: {config.objective}, "
+                         f"{world.size} rank(s)); set data.pack: false")
+    if len(train_set) > 1 and not packing_matches(model, sorted(train_set, key=lambda e: e.length)[:2]):
+        raise ValueError("data.pack: this model computes a packed example differently from the example alone (its "
+                         "attention takes no per-example mask, or its positions are absolute); set data.pack: false")
 
 
 def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
           output_dir: Path, seed: int = 0, resume: bool = False, callbacks=(), memory_limit: float | None = None,
-          world: World | None = None) -> dict:
+          world: World | None = None, pack_capacity: int | None = None) -> dict:
     """Train the trainable (adapter) parameters of `model`; returns a summary dict.
 
     Callbacks get `on_start(info)`, `on_report(StepReport)`, `on_checkpoint(path)`, `on_end(summary)`.
@@ -181,11 +195,16 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     passed it, a checkpoint is written and MemoryLimitExceeded is raised, so the run stops before
     a larger batch pushes the machine into swap; `--resume` continues from that checkpoint.
     `world` (distributed.init()) makes this one rank of a data-parallel run; rank 0 writes.
+    `pack_capacity` (tokens): pack each batch's examples into rows of up to this many tokens
+    (`packing.pack_batch`; SFT in one process), after checking the model computes each packed
+    example as it would alone (`packing.packing_matches`; a ValueError when it does not).
     """
     output_dir = Path(output_dir)
     world = world or World()
     steps = total_steps(config, len(train_set))
     check_batch_size(config.batch_size, world.size)
+    if world.time_all_reduce and config.compile:
+        raise ValueError("timing the gradient all-reduce evaluates the step in pieces; set training.compile=false")
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
     optimizer = optim.AdamW(learning_rate=learning_rate_schedule(config, steps), weight_decay=config.weight_decay)
     position = BatchPosition()
@@ -201,6 +220,8 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     if config.grad_checkpoint:
         enable_grad_checkpoint(model)
     preference = config.objective != "sft"
+    if pack_capacity is not None:
+        check_packing(model, train_set, config, world)
     longest = max(train_set, key=lambda e: e.length)
     enable_chunked_loss(model, mx.array([longest.chosen.tokens if preference else longest.tokens]))
 
@@ -250,6 +271,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         from .preference_data import collate_pairs
 
         batches = iterate_train(train_set, config.batch_size, seed, position, collate_fn=collate_pairs)
+    elif pack_capacity is not None:  # (tokens, mask, count, share 1, segments)
+        batches = ((t, m, n, np.float32(1.0), seg) for t, m, seg, n in iterate_train(
+            train_set, config.batch_size, seed, position, collate_fn=partial(pack_batch, capacity=pack_capacity)))
     else:
         batches = world.share(iterate_train(train_set, config.batch_size, seed, position))
     window_loss, window_tokens, window_steps = 0.0, 0, 0
@@ -301,7 +325,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                         mx.eval(reference)
                         inputs = (*inputs, reference)
                     elif not preference:  # the output head only where there is loss; this rank's share
-                        inputs = (*inputs, *map(mx.array, target_positions(mask)), mx.array(share[0]))
+                        inputs = (*inputs, *map(mx.array, target_positions(mask)), *map(mx.array, share))
                     loss, aux, grad = step_fn(inputs, grad, micro == accumulation - 1)
                     mx.eval(loss, aux, model.state, optimizer.state, *([grad] if grad is not None else []))
                     step_loss += loss.item() / accumulation

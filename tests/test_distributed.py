@@ -52,6 +52,17 @@ def test_a_world_of_one_changes_nothing():
     assert world.any(False) is False and world.any(True) is True and world.seed(7) == 7
 
 
+def test_timing_the_all_reduce_needs_an_uncompiled_step(tmp_path):
+    from mlx_lora.config import TrainingConfig
+    from mlx_lora.train import train
+
+    timed = World(time_all_reduce=True)
+    with pytest.raises(ValueError, match="timing the gradient all-reduce .* set training.compile=false"):
+        train(None, [], [], TrainingConfig(compile=True), tmp_path, world=timed)
+    grad = {"a": mx.array([1.0, 2.0])}
+    assert timed.average_gradients(grad) is grad and timed.all_reduce_s == []  # a world of one: nothing to time
+
+
 def test_rank_shares_are_disjoint_and_their_weighted_mean_is_the_global_mean():
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 100, (8, 10))

@@ -32,13 +32,19 @@ def reference_cross_entropy(hidden, weight, targets):
     return ce, (probs - one_hot) @ w
 
 
-def test_chunked_cross_entropy_matches_float64_reference(small_chunks):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_chunked_cross_entropy_matches_float64_reference(small_chunks, compiled):
+    """500 rows in chunks of 97: five full chunks and a last one of 15 rows."""
     mx.random.seed(0)
     hidden, weight = mx.random.normal((37, 24)), mx.random.normal((500, 24)) * 0.5
     targets = mx.array(np.random.default_rng(0).integers(0, 500, 37).astype(np.int32))
+    targets[:3] = mx.array([0, 499, 485])  # first row, last row, first row of the last chunk
     head = loss._float_head(weight)
-    ce = loss.chunked_cross_entropy(hidden, targets, head)
-    grad = mx.grad(lambda h: loss.chunked_cross_entropy(h, targets, head).sum())(hidden)
+    ce_fn = lambda h: loss.chunked_cross_entropy(h, targets, head)  # noqa: E731
+    grad_fn = mx.grad(lambda h: loss.chunked_cross_entropy(h, targets, head).sum())
+    if compiled:
+        ce_fn, grad_fn = mx.compile(ce_fn), mx.compile(grad_fn)
+    ce, grad = ce_fn(hidden), grad_fn(hidden)
     ce_ref, grad_ref = reference_cross_entropy(hidden, weight, np.array(targets))
     np.testing.assert_allclose(np.array(ce), ce_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(grad), grad_ref, rtol=1e-4, atol=1e-5)
@@ -162,3 +168,39 @@ def test_head_at_target_positions_equals_full_head_loss_and_gradients(tied, quan
     assert grads.keys() == full_grads.keys() and grads
     for key in grads:
         np.testing.assert_allclose(np.array(grads[key]), np.array(full_grads[key]), rtol=1e-3, atol=1e-6, err_msg=key)
+
+
+KERNEL_COUNT_SCRIPT = """
+import sys
+from pathlib import Path
+import mlx.core as mx
+from mlx_lora import loss
+loss.vocab_chunk_rows = lambda num_tokens: 64  # many chunks from a small vocabulary
+cache = Path(sys.argv[1])
+hidden, targets = mx.random.normal((16, 8)), mx.random.randint(0, 200, (16,))
+for rows in (200, 1000):  # 4 chunks (the last partial), then 16 (the last partial, of another width)
+    head = loss._float_head(mx.random.normal((rows, 8)))
+    step = mx.compile(mx.value_and_grad(lambda h, t: loss.chunked_cross_entropy(h, t, head).sum()))
+    mx.eval(step(hidden, targets))
+    print(len(list(cache.rglob("*.so"))))
+"""
+
+
+def test_chunked_loss_compiles_the_same_kernels_whatever_the_vocabulary(tmp_path):
+    """MLX's CPU backend turns each fused element-wise group of a compiled graph into a C++
+    kernel, named by its operations and the values of its scalar constants. A chunk offset baked
+    in as a constant makes one kernel per chunk (on Qwen2.5's 151,936-token vocabulary the first
+    step compiled for >25 minutes); the count must not grow with the vocabulary."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(root)}  # a fresh kernel cache
+    done = subprocess.run([sys.executable, "-c", KERNEL_COUNT_SCRIPT, str(tmp_path / "mlx")], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    small_vocab, large_vocab = map(int, done.stdout.split())
+    assert small_vocab > 0  # the cache is where we look: kernels were compiled
+    assert large_vocab == small_vocab  # 4x the chunks, not one new kernel

@@ -140,3 +140,33 @@ def test_still_improving_says_when_validation_loss_was_falling():
     assert still_improving([{"step": 10, "val_loss": 1.0}, {"step": 20, "val_loss": 0.8}]) == (1.0, 0.8)
     assert still_improving([{"step": 10, "val_loss": 1.0}, {"step": 20, "val_loss": 0.995}]) is None
     assert still_improving([{"step": 10, "val_loss": 1.0}]) is None
+
+
+def test_packed_training_equals_unpacked_and_resumes_exactly(tiny_model_dir, tiny_data_dir, tmp_path):
+    """Packing changes the rows, not the step: the same losses and adapters as unpacked batches."""
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    capacity = 2 * max(e.length for e in data["train"])
+    unpacked = Recorder()
+    train(model, data["train"], data["valid"], CONFIG, tmp_path / "unpacked", callbacks=[unpacked])
+    expected = adapters_of(model)
+
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    first = Recorder(interrupt_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data["train"], data["valid"], CONFIG, tmp_path / "packed", callbacks=[first], pack_capacity=capacity)
+    model, data = setup(tiny_model_dir, tiny_data_dir, seed=123)
+    second = Recorder()
+    train(model, data["train"], data["valid"], CONFIG, tmp_path / "packed", resume=True, callbacks=[second],
+          pack_capacity=capacity)
+    packed_losses = [r.train_loss for r in first.reports + second.reports]
+    np.testing.assert_allclose(packed_losses, [r.train_loss for r in unpacked.reports], rtol=1e-4)
+    got = adapters_of(model)
+    for key in expected:
+        np.testing.assert_allclose(got[key], expected[key], rtol=1e-3, atol=1e-5, err_msg=key)
+
+
+def test_packing_refuses_what_it_cannot_run(tiny_model_dir, tiny_data_dir, tmp_path):
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    config = TrainingConfig(iters=1, batch_size=4, steps_per_eval=0, objective="orpo")
+    with pytest.raises(ValueError, match="data.pack"):
+        train(model, data["train"], data["valid"], config, tmp_path, pack_capacity=512)

@@ -4,7 +4,8 @@
 compute) from the `quantization:` section, adds PEFT LoRA from the `lora:` section and trains
 with the plain loop in `cuda_loop.py`: the tokenization and loss masks come from `data.py`, so
 they are the MLX backend's by construction. Under `accelerate launch` it trains data-parallel
-unchanged. Writes metrics.jsonl, loss.png, eval.json, checkpoints/, train_config.yaml, the
+unchanged (DDP), or sharded with FSDP + QLoRA under an FSDP accelerate config (`cuda_fsdp.py`,
+configs/accelerate/fsdp_qlora.yaml). Writes metrics.jsonl, loss.png, eval.json, checkpoints/, train_config.yaml, the
 MLX adapter (adapters.safetensors + adapter_config.json) and the PEFT adapter (peft/).
 """
 
@@ -80,12 +81,15 @@ def compute_dtype(device: str):
     return torch.float32
 
 
-def load_base(cfg: Config, device, dtype):
-    """(model, tokenizer, ModelInfo-like dict) with the base quantized per `cfg.quantization`."""
-    import torch
+def load_base(cfg: Config, device, dtype, fsdp: bool = False):
+    """(model, tokenizer, ModelInfo-like dict) with the base quantized per `cfg.quantization`.
+
+    `fsdp`: pack the 4-bit weights in `dtype` instead of uint8, so that FSDP can shard them.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     from ..models import resolve_source
+    from .cuda_fsdp import quant_storage
 
     kind, path = resolve_source(cfg.model)
     folder = float_folder_from_gguf(path) if kind in ("gguf", "demo") else path
@@ -98,7 +102,8 @@ def load_base(cfg: Config, device, dtype):
     if cfg.quantization.mode == "nf4":
         quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=cfg.quantization.double_quant,
-                                          bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+                                          bnb_4bit_compute_dtype=dtype,
+                                          bnb_4bit_quant_storage=quant_storage(fsdp, dtype))
     model = AutoModelForCausalLM.from_pretrained(str(folder), quantization_config=quantization, dtype=dtype,
                                                  device_map={"": device})
     model.config.use_cache = False  # no KV cache while training; generation turns it back on
@@ -147,14 +152,18 @@ def linear_module_names(model) -> list[str]:
                    if ".layers." in f".{name}" and isinstance(module, torch.nn.Linear)})
 
 
-def add_lora(model, cfg: Config):
-    """Prepare for k-bit training, enable gradient checkpointing, wrap with PEFT LoRA from `cfg.lora`."""
+def add_lora(model, cfg: Config, fsdp: bool = False):
+    """Prepare for k-bit training, enable gradient checkpointing, wrap with PEFT LoRA from `cfg.lora`.
+
+    Under FSDP the k-bit preparation is left out: it casts norms and the head to float32, and an
+    FSDP unit must hold one dtype (TRL's SFTTrainer does the same for sharded QLoRA).
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model, prepare_model_for_kbit_training
 
     targets = cfg.lora.resolve_targets(linear_module_names(model))
     checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-    if cfg.quantization.mode == "nf4":
+    if cfg.quantization.mode == "nf4" and not fsdp:
         # Casts norms and the head to float32 and makes the input embeddings require grad,
         # which gradient checkpointing needs when every base weight is frozen.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.training.grad_checkpoint,
@@ -194,9 +203,11 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     from ..distributed import check_batch_size
     from ..report import MetricsWriter, ProgressBar
     from ..run import data_splits, describe_data, log
-    from . import cuda_loop
+    from . import cuda_fsdp, cuda_loop
 
     accelerator = Accelerator(cpu=device == "cpu")
+    fsdp = cuda_fsdp.fsdp_enabled(accelerator)
+    cuda_fsdp.check_fsdp(accelerator, cfg)
     check_batch_size(cfg.training.batch_size, accelerator.num_processes)  # the global batch, as on MLX
     main = accelerator.is_main_process
     say = log if main else (lambda message="": None)
@@ -209,11 +220,12 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
         write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
     dtype = compute_dtype(device)
-    say(f"mlx-lora {__version__} | backend cuda | device {accelerator.device} x{accelerator.num_processes} "
+    say(f"mlx-lora {__version__} | backend cuda | device {accelerator.device} x{accelerator.num_processes}"
+        f"{' (FSDP)' if fsdp else ''} "
         f"| torch {torch.__version__} | compute {str(dtype).replace('torch.', '')} | model {cfg.model}")
     torch.manual_seed(cfg.seed)  # PEFT's A initialisation
-    model, tokenizer, info = load_base(cfg, accelerator.device, dtype)
-    model = add_lora(model, cfg)
+    model, tokenizer, info = load_base(cfg, accelerator.device, dtype, fsdp)
+    model = add_lora(model, cfg, fsdp)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     say(f"quantization: {cfg.quantization.mode}" + (" + double quant" if cfg.quantization.double_quant else ""))
     say(f"LoRA: rank {cfg.lora.rank}, alpha {cfg.lora.alpha} (scaling {cfg.lora.scaling:g}), "
@@ -231,19 +243,24 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
         start_step = cuda_loop.checkpoint_step(checkpoint) if checkpoint else None
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     callbacks = [metrics, ProgressBar()] if main else []
-    summary = cuda_loop.train(model, accelerator, datasets["train"], datasets["valid"], cfg.training, out,
-                              seed=cfg.seed, resume=resume, callbacks=callbacks)
-    model = accelerator.unwrap_model(model)
+    summary, prepared = cuda_loop.train(model, accelerator, datasets["train"], datasets["valid"], cfg.training, out,
+                                        seed=cfg.seed, resume=resume, callbacks=callbacks)
+    model = accelerator.unwrap_model(prepared)
+    adapter = cuda_fsdp.trainable_state(accelerator, prepared) if fsdp else None  # a collective: every process
     if main:
-        save_adapters(model, cfg, info, out)
+        save_adapters(model, cfg, info, out, adapter)
     rows = metrics.rows
     tps = [r["tokens_per_second"] for r in rows[1:]] or [r["tokens_per_second"] for r in rows]
     summary.update({"backend": "cuda", "device": str(accelerator.device), "processes": accelerator.num_processes,
+                    "fsdp": fsdp,
                     "trainable_parameters": trainable, "tokens_per_second": sum(tps) / max(len(tps), 1),
                     "data": data_stats, "final_train_loss": rows[-1]["train_loss"] if rows else None})
     say(f"trained {summary['steps']} steps in {summary['elapsed_s']:.0f}s, {summary['tokens_per_second']:.0f} tok/s, "
         f"peak memory {summary['peak_memory_gb']:.2f} GB; adapters in {out} (PEFT in {out / PEFT_SUBDIR})")
-    if cfg.eval.enabled and main:
+    if cfg.eval.enabled and fsdp:
+        say(f"eval skipped: under FSDP no process holds the whole model; the adapters in {out} (PEFT in "
+            f"{out / PEFT_SUBDIR}) load on one GPU for scoring")
+    elif cfg.eval.enabled and main:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
     if main:
         write_json(out / "run_summary.json", {**summary, "platform": platform.platform(),
@@ -252,8 +269,11 @@ def run_training(cfg: Config, resume: bool = False, device: str | None = None) -
     return summary
 
 
-def save_adapters(model, cfg: Config, info: dict, out: Path) -> None:
-    """Write the PEFT adapter to out/peft/ and the same weights in the MLX format to out/."""
+def save_adapters(model, cfg: Config, info: dict, out: Path, state_dict: dict | None = None) -> None:
+    """Write the PEFT adapter to out/peft/ and the same weights in the MLX format to out/.
+
+    `state_dict`: the gathered LoRA weights of an FSDP run (the model's own are shards).
+    """
     from peft import get_peft_model_state_dict
     from safetensors.numpy import save_file
 
@@ -261,8 +281,14 @@ def save_adapters(model, cfg: Config, info: dict, out: Path) -> None:
     from ..checkpoints import atomic_path
     from ..adapters.peft_format import block_relative_keys, peft_to_mlx_weights
 
-    model.save_pretrained(str(out / PEFT_SUBDIR))
-    peft_weights = {k: v.detach().float().cpu().numpy() for k, v in get_peft_model_state_dict(model).items()}
+    if state_dict is None:
+        model.save_pretrained(str(out / PEFT_SUBDIR))
+        state_dict = get_peft_model_state_dict(model)
+    else:
+        from .cuda_fsdp import save_peft_adapter
+
+        state_dict = save_peft_adapter(model, out / PEFT_SUBDIR, state_dict)
+    peft_weights = {k: v.detach().float().cpu().numpy() for k, v in state_dict.items()}
     weights = {k: v.copy(order="C") for k, v in peft_to_mlx_weights(peft_weights).items()}  # (in, r), (r, out)
     with atomic_path(out / ADAPTER_WEIGHTS, suffix=".safetensors") as tmp:
         save_file(weights, str(tmp), metadata={"format": "mlx"})

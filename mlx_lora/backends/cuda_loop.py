@@ -79,19 +79,31 @@ def checkpoint_step(path: Path) -> int:
 
 
 def save_checkpoint(output_dir: Path, model, optimizer, step: int, position: BatchPosition, elapsed_s: float,
-                    keep: int) -> Path:
-    """Write checkpoints/step_N/ (PEFT adapter, optimizer.pt, state.json) atomically; prune beyond `keep`."""
+                    keep: int, gathered: tuple[dict, dict] | None = None) -> Path:
+    """Write checkpoints/step_N/ (PEFT adapter, optimizer.pt, state.json) atomically; prune beyond `keep`.
+
+    `gathered`: (LoRA weights, optimizer state) gathered by FSDP (`cuda_fsdp`), written instead
+    of the model's and optimizer's own, which hold only this process's shards.
+    """
     import torch
 
+    from . import cuda_fsdp
+
+    adapter, optimizer_state = gathered if gathered is not None else (None, optimizer.state_dict())
+
     def write_payload(folder: Path) -> None:
-        model.save_pretrained(str(folder))
-        torch.save(optimizer.state_dict(), folder / OPTIMIZER_STATE)
+        if adapter is None:
+            model.save_pretrained(str(folder))
+        else:
+            cuda_fsdp.save_peft_adapter(model, folder, adapter)
+        torch.save(optimizer_state, folder / OPTIMIZER_STATE)
 
     return write_checkpoint(output_dir, step, position, elapsed_s, keep, write_payload, {"backend": "cuda"})
 
 
 def load_checkpoint(output_dir: Path, model, optimizer, device) -> dict:
-    """Restore adapter weights and optimizer state from the newest checkpoint; returns its state."""
+    """Restore adapter weights (and the optimizer state unless `optimizer` is None) from the
+    newest checkpoint; returns its state.json, with "path" added."""
     import torch
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
@@ -108,20 +120,28 @@ def load_checkpoint(output_dir: Path, model, optimizer, device) -> dict:
     if unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model's adapters ({', '.join(unexpected[:5])}); "
                          "resume with the same model and lora settings, or start a new output_dir")
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER_STATE, map_location=device, weights_only=False))
-    return state
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path / OPTIMIZER_STATE, map_location=device, weights_only=False))
+    return {**state, "path": str(path)}
 
 
 # --- training ------------------------------------------------------------------------------------
 
 def train(model, accelerator, train_set: list[Example], valid_set: list[Example], config: TrainingConfig,
-          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=()) -> dict:
-    """Train the PEFT model's trainable parameters; the callbacks are `train.train`'s."""
+          output_dir: Path, seed: int = 0, resume: bool = False, callbacks=()):
+    """Train the PEFT model's trainable parameters; the callbacks are `train.train`'s.
+
+    Returns (summary, the model as accelerate prepared it: DDP- or FSDP-wrapped, or itself).
+    Under FSDP (`cuda_fsdp`) the model is wrapped before the optimizer is made (FSDP1 replaces
+    its parameters by flat shards), the optimizer is torch's AdamW (bitsandbytes' paged state
+    is not sharded by FSDP), and checkpoints hold the gathered weights and optimizer state.
+    """
     import bitsandbytes as bnb
     import torch
 
     from ..distributed import World, check_batch_size
     from ..train import GracefulInterrupt, StepReport, TrainingStopped, total_steps
+    from . import cuda_fsdp
 
     output_dir = Path(output_dir)
     device = accelerator.device
@@ -130,18 +150,31 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
     check_batch_size(config.batch_size, ranks.size)
     steps = total_steps(config, len(train_set))
     make_batches(train_set, config.batch_size)  # fail early when the split is smaller than a batch
-    params = [p for p in model.parameters() if p.requires_grad]
-    # Paged AdamW (QLoRA): optimizer state moves to CPU memory under GPU memory pressure.
-    optimizer = bnb.optim.PagedAdamW(params, lr=learning_rate_at(config, steps, 0), weight_decay=config.weight_decay)
+    fsdp = cuda_fsdp.fsdp_enabled(accelerator)
+    learning_rate = learning_rate_at(config, steps, 0)
     position = BatchPosition()
     start_step = 0
     elapsed_before = 0.0
-    if resume:
-        state = load_checkpoint(output_dir, model, optimizer, device)
+    if fsdp:
+        state = load_checkpoint(output_dir, model, None, device) if resume else None
+        cuda_fsdp.use_lora_wrap_policy(accelerator, model)
+        model = accelerator.prepare(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = accelerator.prepare(torch.optim.AdamW(params, lr=learning_rate, weight_decay=config.weight_decay))
+        if state is not None:
+            full = torch.load(Path(state["path"]) / OPTIMIZER_STATE, map_location="cpu", weights_only=False)
+            cuda_fsdp.load_optimizer_state(accelerator, model, optimizer, full)
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+        # Paged AdamW (QLoRA): optimizer state moves to CPU memory under GPU memory pressure.
+        optimizer = bnb.optim.PagedAdamW(params, lr=learning_rate, weight_decay=config.weight_decay)
+        state = load_checkpoint(output_dir, model, optimizer, device) if resume else None
+        model, optimizer = accelerator.prepare(model, optimizer)
+    if state is not None:
         start_step, position = state["step"], BatchPosition(**state["position"])
         elapsed_before = float(state.get("elapsed_s", 0.0))
-    model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
+    scorer = model if fsdp else unwrapped  # under FSDP only the wrapped model gathers its shards
     accumulation = config.grad_accumulation
 
     for callback in callbacks:
@@ -169,9 +202,13 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
 
     def save(at_step: int) -> Path | None:
         path = None
+        gathered = None
+        if fsdp:  # every process takes part in the gather; rank 0 writes
+            gathered = (cuda_fsdp.trainable_state(accelerator, model),
+                        cuda_fsdp.optimizer_state(accelerator, model, optimizer))
         if accelerator.is_main_process:
             path = save_checkpoint(output_dir, unwrapped, optimizer, at_step, position,
-                                   elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints)
+                                   elapsed_before + time.perf_counter() - run_start, config.keep_checkpoints, gathered)
             for callback in callbacks:
                 callback.on_checkpoint(path)
         accelerator.wait_for_everyone()
@@ -218,7 +255,10 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                 raise TrainingStopped(f"loss became {step_loss} at step {step + 1}; stopped ({kept}). "
                                       "Lower training.learning_rate, enable training.grad_clip, or check the data.")
             if config.grad_clip is not None:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
+                if fsdp:  # the root FSDP module computes the norm over every rank's shards
+                    model.clip_grad_norm_(config.grad_clip)
+                else:
+                    accelerator.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             learning_rate = optimizer.param_groups[0]["lr"]
@@ -234,7 +274,7 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                     scores = evaluate_preferences(unwrapped, valid_set, config.batch_size, config, device, config.val_batches)
                     val_loss, val_accuracy = scores["loss"], scores["preference_accuracy"]
                 else:
-                    val_loss = evaluate_loss(unwrapped, valid_set, config.batch_size, device, config.val_batches)
+                    val_loss = evaluate_loss(scorer, valid_set, config.batch_size, device, config.val_batches)
                 model.train()
             if step % config.steps_per_report == 0 or is_final or val_loss is not None:
                 now = time.perf_counter()
@@ -261,7 +301,7 @@ def train(model, accelerator, train_set: list[Example], valid_set: list[Example]
                "peak_memory_gb": peak_memory_gb(device), "val_loss": val_loss}
     for callback in callbacks:
         callback.on_end(summary)
-    return summary
+    return summary, model
 
 
 # --- scoring -------------------------------------------------------------------------------------
