@@ -18,6 +18,7 @@ FIXED_OVERHEAD_BYTES = 10e6  # MLX's own allocations during a step (measured: 7-
 HEAD_CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # loss.CHUNK_LOGITS_BYTES: a chunk's float32 logits
 HEAD_CHUNK_LIVE = 10  # a chunk's backward holds ~10 logits-sized arrays (loss.py)
 ROW_CHUNK = 8192  # frozen_matmul.ROW_CHUNK: output rows dequantized at a time in very wide layers
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 DOUBLE_QUANT_BLOCK = 256  # quantize.py: absmax values quantized in blocks of 256
 
 
@@ -109,19 +110,21 @@ def lora_parameters(shape: ModelShape, s: StepSettings) -> int:
 def block_saved_elements(shape: ModelShape, s: StepSettings) -> float:
     """Elements one block keeps for the backward pass, per token (attention scores apart).
 
-    3 x hidden + 3 x intermediate (norm outputs and residuals; gate, up and their product),
-    plus q/k/v again when they carry biases (qwen2) and two more hidden-sized norms (gemma2).
-    Measured on llama and qwen2 shapes: 4450 and 3718 elements against 4608 and 3584 from this
-    count (`bench/bench_memory.py --config-dir`, README).
+    6 x hidden + 5 x intermediate + q + 2 x kv: the block input, both norm outputs, the residual,
+    the attention output and a product output (hidden-sized); gate, up, sigmoid(gate), silu and
+    their product (intermediate-sized); the rotated q, k and v. Checked by the slope over blocks
+    (2 against 6 blocks of the Qwen2.5-0.5B shape, compiled step, 256/512/1024 tokens): 30.9k
+    elements per token measured, 30.8k counted (README, "How the planner was measured").
     """
     d, f = shape.hidden, shape.intermediate
-    extra = (shape.q_dim + 2 * shape.kv_dim) if shape.qkv_bias else 0
-    return 3 * d + 3 * f + extra + (shape.norms_per_block - 2) * d
+    return 6 * d + 5 * f + shape.q_dim + 2 * shape.kv_dim + (shape.norms_per_block - 2) * d
 
 
-SAVED_SCORE_COPIES = 1.0  # the softmax output of each block waits for the backward pass
+SAVED_SCORE_COPIES = 1.0  # each block's softmax output waits for the backward pass (measured 0.94-1.2)
 SAVED_SCORE_COPIES_SOFTCAP = 3.0  # gemma2: scores / cap, tanh and softmax (counted, not measured)
-BACKWARD_SCORE_COPIES = 7.5  # one block's softmax backward at once (measured: 7.3-7.6 copies)
+BACKWARD_SCORE_COPIES = 1.0  # the block in its backward adds the scores' gradient (measured 0.93)
+MASK_BYTES = 1  # checkpointed blocks keep a boolean causal mask, batch x heads x T x T (measured 14.2 B/T^2, 14 heads)
+RECOMPUTED_BLOCKS = 2  # checkpointing: the block in its backward and the next one, recomputed ahead of it
 
 
 def score_elements(shape: ModelShape, s: StepSettings) -> float:
@@ -132,14 +135,16 @@ def score_elements(shape: ModelShape, s: StepSettings) -> float:
 def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     """The output head and loss at the start of the backward pass, in bytes.
 
-    Chunked loss (loss.py): ~10 chunks' worth of float32 logits, the hidden states and their
-    gradient, and on the CPU path the dequantized head (measured: one float32 copy of it).
-    Soft-capped logits (gemma2) keep the plain loss: whole logits, softmax and gradient.
+    Chunked loss (loss.py): ~10 chunks' worth of float32 logits, one chunk of the head's rows
+    dequantized (CPU path; chunks run one after another, loss.py orders them with mx.depends),
+    and the hidden states and their gradient. Soft-capped logits (gemma2) keep the plain loss:
+    whole logits, softmax and gradient.
     """
     tokens = s.batch_size * s.seq_length
     if shape.logit_softcap:
         return 3.0 * tokens * shape.vocab * 4
-    dequantized = shape.vocab * shape.hidden * 4 if s.dequantize_path and s.mode != "none" else 0
+    rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
+    dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" else 0
     return HEAD_CHUNK_LIVE * HEAD_CHUNK_LOGITS_BYTES + dequantized + 2 * tokens * shape.hidden * 4
 
 
@@ -147,20 +152,21 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     """Named parts of the predicted training-step peak, in bytes; their sum is the peak.
 
     The peak comes during the backward pass with every block's saved activations alive, plus
-    the larger of two working sets: the output head / loss, or one block's attention backward
-    (the other is reported as 0). The dequantized layer (CPU path) is alive in either.
+    the larger of two working sets: the output head / loss, or one block's backward (its
+    scores' gradient and, on the CPU path, its dequantized weights); the other is reported as 0.
     """
     a = activation_bytes(shape, s)
     tokens = s.batch_size * s.seq_length
     trainable = lora_parameters(shape, s)
     # the gradient, and the running sum when micro-batches are accumulated
     grads = trainable * 4 * (2 if s.grad_accumulation > 1 else 1)
-    per_block = block_saved_elements(shape, s) * tokens * a
     scores = score_elements(shape, s) * a
     saved_copies = SAVED_SCORE_COPIES_SOFTCAP if shape.attention_softcap else SAVED_SCORE_COPIES
-    if s.grad_checkpoint:  # each block keeps its input; one block is recomputed at a time
-        activations = shape.layers * tokens * shape.hidden * a + per_block
-        saved_scores = saved_copies * scores
+    per_block = block_saved_elements(shape, s) * tokens * a
+    if s.grad_checkpoint:  # each block keeps its input and mask; two blocks are recomputed at a time
+        recomputed = min(RECOMPUTED_BLOCKS, shape.layers)
+        activations = shape.layers * tokens * shape.hidden * a + recomputed * per_block
+        saved_scores = shape.layers * score_elements(shape, s) * MASK_BYTES + recomputed * saved_copies * scores
     else:
         activations = shape.layers * per_block
         saved_scores = shape.layers * saved_copies * scores
@@ -168,17 +174,24 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     attention_backward = BACKWARD_SCORE_COPIES * scores
     transient = 0.0
     if s.dequantize_path and s.mode != "none":
-        widest = max(p.inputs * min(p.outputs, ROW_CHUNK) for p in shape.projections())
-        transient = 2.0 * widest * 4  # the forward and backward copies may overlap
+        # the MLP's frozen matrices in float32, forward and backward copies: the compiled step
+        # dequantizes a block's MLP products together (measured 5.7 and 5.9 copies of the widest
+        # layer on the Qwen2.5-0.5B and Llama-3.2-3B shapes: 6 counted)
+        mlp = [p for p in shape.projections() if p.name in MLP_PROJECTIONS]
+        transient = 2.0 * sum(p.inputs * min(p.outputs, ROW_CHUNK) for p in mlp) * 4
+    # the head's working set comes first in the backward pass, a block's backward (its scores'
+    # gradient and dequantized weights) later: the larger of the two is counted, the other is 0
+    block_working = attention_backward + transient
+    head_first = head >= block_working
     return {
         "frozen base": base_bytes(shape, s),
         "LoRA parameters": trainable * 4.0,
         "AdamW state": trainable * 8.0,
         "gradients": float(grads),
         "activations": float(activations),
-        "attention scores": float(saved_scores + (attention_backward if attention_backward > head else 0.0)),
-        "output head / loss": float(head if head >= attention_backward else 0.0),
-        "dequantized layer": float(transient),
+        "attention scores": float(saved_scores + (0.0 if head_first else attention_backward)),
+        "output head / loss": float(head if head_first else 0.0),
+        "dequantized layer": float(0.0 if head_first else transient),
         "fixed overhead": FIXED_OVERHEAD_BYTES,
     }
 

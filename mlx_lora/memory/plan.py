@@ -40,6 +40,11 @@ def machine_memory() -> tuple[float, str]:
         size = mx.metal.device_info().get("max_recommended_working_set_size")
         if size:
             return float(size), "this Mac's GPU working set"
+    if mx.default_device() == mx.gpu and hasattr(mx, "device_info"):  # MLX's CUDA backend
+        info = mx.device_info()
+        size = info.get("total_memory") or info.get("memory_size")
+        if size:
+            return float(size), f"this GPU's memory ({info.get('device_name', 'GPU')})"
     try:
         return float(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")), "this machine's RAM"
     except (ValueError, OSError):
