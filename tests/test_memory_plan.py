@@ -74,6 +74,14 @@ def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data
     assert "does NOT fit" in plan.table()
 
 
+def test_an_uncompiled_run_is_warned_that_the_plan_does_not_cover_it(config_only_dir, tiny_data_dir, tmp_path):
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    assert make_plan(load_config(path, []), parse_memory("32GB"), "test").warnings == []
+    plan = make_plan(load_config(path, ["training.compile=false", "training.grad_checkpoint=true"]), parse_memory("32GB"), "test")
+    assert any("training.compile=false" in w for w in plan.warnings)
+    assert "warning: training.compile=false" in plan.table() and plan.to_json()["warnings"] == plan.warnings
+
+
 @pytest.mark.parametrize("text, size", [("16GB", 16e9), ("32 gb", 32e9), ("24GiB", 24 * 2**30), ("512MB", 512e6), ("64", 64e9)])
 def test_memory_sizes(text, size):
     assert parse_memory(text) == pytest.approx(size)
