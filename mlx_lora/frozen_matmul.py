@@ -10,9 +10,11 @@ in the backward pass, and `mx.depends` ties each dequantize to the array that ne
 scheduler cannot hoist it early and the compiler cannot merge it: one layer's float weight is
 alive at a time, and the base stays 4-bit in memory during training.
 
-Generation is the opposite case: each decoding step multiplies a few rows by every weight, so
-dequantizing per call costs more than the product. `float_weights_kept(model)` dequantizes each
-frozen weight once for the length of a `with` block (a float32 copy of the base, freed after).
+Dequantizing is single-threaded element-wise work, and a training step does it twice per layer;
+generation does it for a few rows per decoding step. `keep_float_weights(model)` dequantizes each
+frozen weight once and keeps a float32 copy (4 bytes per weight) for every later product:
+training does so when the memory planner says the copies fit (`training.float_weights`),
+evaluation for its length (`float_weights_kept`, a `with` block).
 """
 
 from __future__ import annotations
@@ -133,39 +135,57 @@ def linear_input_dims(layer: nn.Module) -> int:
     return layer.weight.shape[1] * 32 // layer.bits
 
 
-class float_weights_kept:
-    """Context manager: quantized frozen layers of `model` multiply by a float32 copy of their
-    weight, made once on entry and dropped on exit (CPU only; the GPU's fused product is faster).
+def keep_float_weights(model: nn.Module, budget_bytes: float = float("inf")) -> list[nn.Module]:
+    """Give quantized frozen layers of `model` a float32 copy of their weight, used by every later
+    product until `drop_float_weights` (CPU only: the GPU's fused product is faster; {} there).
 
-    The copies are made while they fit in `budget_bytes` (default: half the free memory), so a
-    large model keeps only some layers in float and the rest take the usual path. Results
+    Layers are taken in model order while their copies fit in `budget_bytes`; layers that already
+    hold a copy are skipped. Returns the layers given one (`kept_bytes` sums their copies). Results
     equal the dequantize-per-call path up to float rounding: same weights, same products.
     """
+    kept: list[nn.Module] = []
+    if not use_dequantize_path():
+        return kept
+    for _, module in model.named_modules():
+        if _dequantizer(module) is None or KEPT in module.__dict__:
+            continue
+        size = 4 * module.weight.shape[0] * linear_input_dims(module)
+        if size > budget_bytes:
+            continue
+        dequantize, arrays = _dequantizer(module)
+        weight = dequantize(*arrays)
+        mx.eval(weight)
+        object.__setattr__(module, KEPT, weight)  # an attribute, so never saved or trained
+        kept.append(module)
+        budget_bytes -= size
+    return kept
+
+
+def kept_bytes(layers) -> int:
+    """Bytes of the float32 copies held by `layers`."""
+    return sum(layer.__dict__[KEPT].nbytes for layer in layers if KEPT in layer.__dict__)
+
+
+def drop_float_weights(layers) -> None:
+    """Free the float32 copies `keep_float_weights` made for `layers`."""
+    for layer in layers:
+        layer.__dict__.pop(KEPT, None)
+
+
+class float_weights_kept:
+    """Context manager: `keep_float_weights(model, budget_bytes)` on entry (default budget: half
+    the free memory), the same copies dropped on exit; copies made earlier stay."""
 
     def __init__(self, model: nn.Module, budget_bytes: int | None = None):
-        self.layers = []
-        if not use_dequantize_path():
-            return
-        budget = available_memory_bytes() // 2 if budget_bytes is None else budget_bytes
-        for _, module in model.named_modules():
-            if _dequantizer(module) is None:
-                continue
-            size = 4 * module.weight.shape[0] * linear_input_dims(module)
-            if size <= budget:
-                self.layers.append(module)
-                budget -= size
+        self.model, self.budget, self.layers = model, budget_bytes, []
 
     def __enter__(self):
-        for layer in self.layers:
-            dequantize, arrays = _dequantizer(layer)
-            weight = dequantize(*arrays)
-            mx.eval(weight)
-            object.__setattr__(layer, KEPT, weight)  # an attribute, so never saved or trained
+        budget = available_memory_bytes() // 2 if self.budget is None else self.budget
+        self.layers = keep_float_weights(self.model, budget)
         return self
 
     def __exit__(self, *exc):
-        for layer in self.layers:
-            layer.__dict__.pop(KEPT, None)
+        drop_float_weights(self.layers)
 
 
 def frozen_linear(layer: nn.Module, x: mx.array) -> mx.array:

@@ -28,7 +28,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .frozen_matmul import affine_dequantizer, use_dequantize_path
+from .frozen_matmul import KEPT, affine_dequantizer, use_dequantize_path
 
 CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # float32 logits per chunk; a chunk's backward holds ~10x this
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 512, 8192
@@ -53,6 +53,8 @@ def _float_head(weight: mx.array) -> OutputHead:
 
 
 def _affine_head(layer: nn.Module) -> OutputHead:
+    if KEPT in layer.__dict__:  # a float32 copy kept on the CPU (frozen_matmul.keep_float_weights)
+        return _float_head(layer.__dict__[KEPT])
     dequantize, arrays = affine_dequantizer(layer)
     if use_dequantize_path():
         return OutputHead(layer.weight.shape[0], arrays,

@@ -101,17 +101,29 @@ def phases_line(phases: dict) -> str:
     return f"time: {', '.join(parts)} (total {sum(phases.values()):.0f}s)"
 
 
-def memory_plan(cfg: Config):
-    """The memory plan of `cfg`, printed; None (with a warning) when the model cannot be sized."""
+def memory_plan(cfg: Config, say=log):
+    """The memory plan of `cfg`, printed with `say`; None (with a warning) when the model cannot be sized."""
     from .memory.plan import make_plan
 
     try:
         plan = make_plan(cfg)
     except (FileNotFoundError, ValueError) as err:
-        log(f"warning: no memory prediction was made ({err}); training runs without one")
+        say(f"warning: no memory prediction was made ({err}); training runs without one")
         return None
-    log(plan.table())
+    say(plan.table())
     return plan
+
+
+def resolve_float_weights(cfg: Config, plan) -> Config:
+    """`cfg` with `training.float_weights: auto` replaced by the plan's choice (float or quantized);
+    without a plan, auto means quantized (no prediction says the copies would fit)."""
+    import dataclasses
+
+    t = cfg.training
+    if t.float_weights != "auto":
+        return cfg
+    chosen = "float" if plan is not None and plan.settings.float_weights else "quantized"
+    return dataclasses.replace(cfg, training=dataclasses.replace(t, float_weights=chosen))
 
 
 def resolve_auto_batch(cfg: Config, plan, train_examples: int) -> Config:
@@ -153,6 +165,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     from .adapters import adapter_config, save_adapters
     from .preference_data import load_datasets_for
     from .launch import check_same_inputs
+    from .frozen_matmul import keep_float_weights, kept_bytes
     from .lora import count_trainable, transformer_blocks
     from .train import still_improving, train
 
@@ -176,7 +189,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
 
     ranks = f" | {world.size} ranks ({cfg.distributed.backend})" if world.size > 1 else ""
     say(f"mlx-lora {__version__} | device {mx.default_device()}{ranks} | model {cfg.model}")
-    plan = memory_plan(cfg) if world.is_main else None
+    plan = memory_plan(cfg, say)  # every rank plans (the float_weights choice must agree); rank 0 prints
     model, tokenizer, info, quant_report, keys = prepare_model(cfg)
     check_same_inputs(world, info.path, cfg.data.path)
     blocks = transformer_blocks(model)
@@ -192,9 +205,13 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     datasets, data_stats = load_datasets_for(cfg.data, tokenizer, cfg.training.objective, data_splits(cfg), seed=cfg.seed)
     for line in describe_data(data_stats, cfg.training.objective):
         say(line)
-    if cfg.training.batch_size == "auto":
-        cfg = resolve_auto_batch(cfg, plan, len(datasets["train"]))
-        write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.training.batch_size == "auto" or cfg.training.float_weights == "auto":
+        cfg = resolve_float_weights(resolve_auto_batch(cfg, plan, len(datasets["train"])), plan)
+        if world.is_main:
+            write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+    if cfg.training.float_weights == "float" and (kept := keep_float_weights(model)):
+        say(f"float weights: float32 copies of {len(kept)} quantized layers kept for the run "
+            f"({kept_bytes(kept) / 1e9:.2f} GB; training.float_weights=quantized turns this off)")
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)

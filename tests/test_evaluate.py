@@ -59,6 +59,6 @@ def test_kept_float_weights_give_the_same_logits_and_answers(adapted):
 def test_kept_float_weights_respect_the_memory_budget(adapted):
     model, _ = adapted
     with float_weights_kept(model, budget_bytes=0) as kept:
-        assert kept.layers == []
+        assert not kept.layers
     with float_weights_kept(model, budget_bytes=4 * 64 * 64) as kept:
         assert 1 <= len(kept.layers) < 10

@@ -312,6 +312,11 @@ def test_train_config_records_the_batch_auto_chose(tiny_model_dir, tiny_data_dir
     assert "memory plan:" in result.stdout and "predicted peak" in result.stdout
     recorded = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())["training"]
     assert recorded["batch_size"] == 4 and recorded["grad_accumulation"] == 1  # a tiny model: the whole batch fits
+    # float_weights: auto is recorded as what ran; on the CPU a tiny quantized model keeps float copies
+    from mlx_lora.frozen_matmul import use_dequantize_path
+
+    assert recorded["float_weights"] == ("float" if use_dequantize_path() else "quantized")
+    assert ("float weights: float32 copies of" in result.stdout) == use_dequantize_path()
 
 
 @pytest.mark.parametrize("value, problem", [("auto", None), (3, None), ("big", "positive integer or auto"), (0, "positive integer or auto")])
@@ -351,3 +356,68 @@ def test_gguf_base_bytes_match_the_loaded_model(tmp_path, types):
     use_fast_frozen_layers(model)
     settings = StepSettings(mode="affine", group_size=32, dequantize_path=use_dequantize_path())
     assert base_bytes(shape_from_gguf(path), settings) == pytest.approx(model_nbytes(model), rel=0.02)
+
+
+# --- training.float_weights: float32 copies of the quantized base on the CPU path ------------
+
+def float_copy_run(tmp_path):
+    """(model, its kept layers, summary) of 2 steps at batch 4 x 512, checkpointed, with float copies."""
+    from mlx_lora.frozen_matmul import keep_float_weights, use_dequantize_path
+
+    if not use_dequantize_path():
+        pytest.skip("float copies are a CPU-path setting")
+    model = small_model()
+    kept = keep_float_weights(model)
+    return model, kept, run_steps(model, 4, tmp_path / "copied", steps=2, grad_checkpoint=True)
+
+
+def test_float_copies_are_sized_exactly_and_train_the_same(tmp_path):
+    import dataclasses
+
+    import numpy as np
+    from mlx.utils import tree_flatten
+
+    from mlx_lora.frozen_matmul import KEPT, kept_bytes
+
+    reference = small_model()
+    run_steps(reference, 4, tmp_path / "quantized", steps=2, grad_checkpoint=True)
+    model, kept, _ = float_copy_run(tmp_path)
+    parts = components(shape_from_config(SMALL), dataclasses.replace(settings(4, True), float_weights=True))
+    # every quantized matrix (block linears, embedding / tied head) is copied, 4 bytes per weight
+    assert kept_bytes(kept) == parts["float copies (CPU)"] and all(KEPT in layer.__dict__ for layer in kept)
+    # same weights, same products: two AdamW steps give the same adapters to float32 rounding
+    trained = [dict(tree_flatten(m.trainable_parameters())) for m in (reference, model)]
+    for name, value in trained[0].items():
+        np.testing.assert_allclose(np.array(trained[1][name]), np.array(value), rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+@pytest.mark.xfail(strict=False, reason=(
+    "known gap (issue 10): with float copies this shape peaks 194 MB predicted against 218 MB measured "
+    "(overhead out, -11%); the copies are exact, the rest is a per-token working set of the backward "
+    "(~7 KB a token, independent of depth, measured at 2 and 6 blocks) that the planner does not model"))
+def test_float_copies_peak_within_ten_percent_of_measured(tmp_path):
+    import dataclasses
+
+    _, _, summary = float_copy_run(tmp_path)
+    parts = components(shape_from_config(SMALL), dataclasses.replace(settings(4, True), float_weights=True))
+    prediction = sum(parts.values()) - FIXED_OVERHEAD_BYTES
+    measured = summary["peak_memory_gb"] * 1e9 - FIXED_OVERHEAD_BYTES
+    assert prediction == pytest.approx(measured, rel=0.10), parts
+    assert prediction >= 0.95 * measured
+
+
+def test_float_weights_auto_keeps_copies_only_when_they_fit_easily(config_only_dir, tiny_data_dir, tmp_path):
+    from mlx_lora.memory.plan import AUTO_FLOAT_FRACTION, make_plan
+
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)  # the 8B shape, affine 4-bit
+    cfg = load_config(path)
+    roomy = make_plan(cfg, memory=200e9, dequantize_path=True)
+    assert roomy.settings.float_weights and roomy.components["float copies (CPU)"] > 0
+    assert "float32 copies" in roomy.table()
+    tight = make_plan(cfg, memory=roomy.peak / AUTO_FLOAT_FRACTION * 0.99, dequantize_path=True)
+    assert not tight.settings.float_weights and tight.components["float copies (CPU)"] == 0
+    gpu = make_plan(cfg, memory=64e9, dequantize_path=False)  # the GPU multiplies 4-bit weights directly
+    assert gpu.components["float copies (CPU)"] == 0
+    forced = load_config(path, ["training.float_weights=float"])
+    too_small = make_plan(forced, memory=tight.peak * 1.01, dequantize_path=True)
+    assert not too_small.fits and ["training.float_weights=quantized"] in [o for o, _ in too_small.suggestions]

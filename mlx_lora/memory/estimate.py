@@ -39,6 +39,7 @@ class StepSettings:
     grad_accumulation: int = 1
     grad_checkpoint: bool = False
     dequantize_path: bool = True  # the CPU path: frozen layers dequantized one at a time for BLAS
+    float_weights: bool = False  # CPU path: float32 copies of the quantized weights kept for the run
 
 
 def _affine_bytes(elements: float, bits: int, group: int, scale_bytes: int) -> float:
@@ -95,6 +96,32 @@ def base_bytes(shape: ModelShape, s: StepSettings) -> float:
     return (embed + head + linears) * shape.dtype_bytes + small
 
 
+def quantized_elements(shape: ModelShape, s: StepSettings) -> float:
+    """Weights held quantized during training (the ones `training.float_weights` copies to float32).
+
+    GGUF: every quantized tensor, plus float matrices the run quantizes; MLX 4/8-bit and affine:
+    embedding, head and block linears; NF4: the block linears (embeddings stay float).
+    """
+    if shape.gguf_tensors is not None:
+        total = 0.0
+        for _, type_name, elements, matrix in shape.gguf_tensors:
+            if gguf_tensor_bytes(type_name, elements) is not None:
+                total += elements
+            elif matrix and (s.mode == "affine" or (s.mode == "nf4" and elements != shape.vocab * shape.hidden)):
+                total += elements
+        return total
+    embed = shape.vocab * shape.hidden
+    linears = shape.layers * shape.block_linear_params()
+    if shape.source_bits or s.mode == "affine":
+        return float(embed + (0 if shape.tied else embed) + linears)
+    return float(linears) if s.mode == "nf4" else 0.0
+
+
+def float_copy_bytes(shape: ModelShape, s: StepSettings) -> float:
+    """Bytes of the float32 copies `training.float_weights: float` keeps (0 off the CPU path)."""
+    return 4.0 * quantized_elements(shape, s) if s.float_weights and s.dequantize_path else 0.0
+
+
 def adapted_blocks(shape: ModelShape, s: StepSettings) -> int:
     return shape.layers if s.num_layers < 0 else min(s.num_layers, shape.layers)
 
@@ -144,7 +171,7 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     if shape.logit_softcap:
         return 3.0 * tokens * shape.vocab * 4
     rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
-    dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" else 0
+    dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" and not s.float_weights else 0
     return HEAD_CHUNK_LIVE * HEAD_CHUNK_LOGITS_BYTES + dequantized + 2 * tokens * shape.hidden * 4
 
 
@@ -173,7 +200,8 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     head = head_working_bytes(shape, s)
     attention_backward = BACKWARD_SCORE_COPIES * scores
     transient = 0.0
-    if s.dequantize_path and s.mode != "none":
+    copies = float_copy_bytes(shape, s)
+    if s.dequantize_path and s.mode != "none" and not copies:
         # the MLP's frozen matrices in float32, forward and backward copies: the compiled step
         # dequantizes a block's MLP products together (measured 5.7 and 5.9 copies of the widest
         # layer on the Qwen2.5-0.5B and Llama-3.2-3B shapes: 6 counted)
@@ -185,6 +213,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     head_first = head >= block_working
     return {
         "frozen base": base_bytes(shape, s),
+        "float copies (CPU)": copies,
         "LoRA parameters": trainable * 4.0,
         "AdamW state": trainable * 8.0,
         "gradients": float(grads),

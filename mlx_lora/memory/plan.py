@@ -13,7 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .estimate import GB, StepSettings, adapted_blocks, components, lora_parameters
+from .estimate import GB, StepSettings, adapted_blocks, components, float_copy_bytes, lora_parameters
 from .shape import ModelShape, read_shape
 
 SAFETY_MARGIN = 0.9  # batch_size: auto and the guard's default keep the prediction under 90% of memory
@@ -81,8 +81,21 @@ def settings_of(cfg, batch_size: int | None = None, dequantize_path: bool | None
         mode=q.mode, bits=q.bits, group_size=q.group_size, block_size=q.block_size, double_quant=q.double_quant,
         rank=lora.rank, target_modules=tuple(lora.target_modules), num_layers=lora.num_layers,
         batch_size=batch, seq_length=cfg.data.max_seq_length, grad_accumulation=t.grad_accumulation,
-        grad_checkpoint=t.grad_checkpoint,
+        grad_checkpoint=t.grad_checkpoint, float_weights=t.float_weights == "float",
         dequantize_path=uses_dequantize_path() if dequantize_path is None else dequantize_path)
+
+
+AUTO_FLOAT_FRACTION = 0.5  # float_weights: auto keeps float copies while the step's peak stays under this share
+
+
+def choose_float_weights(shape: ModelShape, s: StepSettings, setting: str, memory: float) -> StepSettings:
+    """`s` with float_weights decided: as set, or for `auto` on when the CPU path has quantized
+    weights and the step with their float32 copies is predicted under AUTO_FLOAT_FRACTION of `memory`."""
+    if setting != "auto":
+        return dataclasses.replace(s, float_weights=setting == "float")
+    with_copies = dataclasses.replace(s, float_weights=True)
+    keep = float_copy_bytes(shape, with_copies) > 0 and predict(shape, with_copies) <= AUTO_FLOAT_FRACTION * memory
+    return dataclasses.replace(s, float_weights=keep)
 
 
 def predict(shape: ModelShape, settings: StepSettings) -> float:
@@ -123,6 +136,13 @@ class Plan:
             "warnings": list(self.warnings),
         }
 
+    def _path(self) -> str:
+        if not self.settings.dequantize_path:
+            return ""
+        if float_copy_bytes(self.shape, self.settings):
+            return ", CPU path (float32 copies of the quantized weights kept: training.float_weights)"
+        return ", CPU path (dequantize + BLAS)"
+
     def table(self) -> str:
         s, shape = self.settings, self.shape
         base = {"none": "float base", "affine": f"affine {s.bits}-bit group {s.group_size}",
@@ -138,7 +158,7 @@ class Plan:
             f"({lora_parameters(shape, s):,} parameters); batch {s.batch_size} x {s.seq_length} tokens"
             f"{f' x {s.grad_accumulation} accumulated' if s.grad_accumulation > 1 else ''}, "
             f"grad checkpoint {'on' if s.grad_checkpoint else 'off'}"
-            f"{', CPU path (dequantize + BLAS)' if s.dequantize_path else ''}; every batch counted at max_seq_length",
+            f"{self._path()}; every batch counted at max_seq_length",
         ]
         lines += [f"  {name:20s} {value / GB:8.2f} GB" for name, value in self.components.items()]
         verdict = "fits" if self.fits else "does NOT fit"
@@ -164,6 +184,8 @@ def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple
     shorter sequences and fewer adapted blocks)."""
     replace = dataclasses.replace
     found: list[tuple[list[str], float]] = []
+    if float_copy_bytes(shape, s) and (peak := _fits(shape, replace(s, float_weights=False), memory)):
+        found.append((["training.float_weights=quantized"], peak))
     if not s.grad_checkpoint and (peak := _fits(shape, replace(s, grad_checkpoint=True), memory)):
         found.append((["training.grad_checkpoint=true"], peak))
     batch = s.batch_size // 2
@@ -190,8 +212,10 @@ def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple
         return found
     # nothing alone is enough: checkpointing and batch 1 (same effective batch), then halve the
     # sequence length, then the adapted blocks, until it fits
-    combined = replace(s, grad_checkpoint=True, batch_size=1, grad_accumulation=s.grad_accumulation * s.batch_size)
+    combined = replace(s, grad_checkpoint=True, batch_size=1, float_weights=False, grad_accumulation=s.grad_accumulation * s.batch_size)
     overrides = ["training.grad_checkpoint=true", "training.batch_size=1", f"training.grad_accumulation={combined.grad_accumulation}"]
+    if s.float_weights and float_copy_bytes(shape, s):
+        overrides.append("training.float_weights=quantized")
     for field_name, key, lowest in (("seq_length", "data.max_seq_length", 128), ("num_layers", "lora.num_layers", 1)):
         value = combined.seq_length if field_name == "seq_length" else adapted_blocks(shape, combined)
         changed = False
@@ -236,6 +260,7 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
         memory, memory_source = machine_memory()
     shape = read_shape(cfg.model)
     settings = settings_of(cfg, dequantize_path=dequantize_path)
+    settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     if cfg.training.batch_size == "auto":
         batch, accumulation = auto_batch(shape, settings, memory, cfg.training.effective_batch_size)
         settings = dataclasses.replace(settings, batch_size=batch, grad_accumulation=accumulation)
