@@ -5,7 +5,8 @@ SmolLM2-135M (the demo's 4-bit GGUF) with rank-8 LoRA on all 7 projections of al
 greedy answers to the demo's test prompts, `--batch` prompts at a time, `--max-tokens` each:
 
   mlx-lora         `generate_answers` through the 4-bit base + LoRA, as `evaluate_model` runs it
-                   (frozen weights dequantized once for the evaluation: `float_weights_kept`)
+                   (frozen weights dequantized once for the evaluation, `float_weights_kept`, and
+                   the adapters folded into those copies, `adapters_folded`)
   mlx-lora (old)   the same without kept weights (dequantized at every decoding step)
   mlx_lm fused     mlx-lm's `batch_generate` on the model with the adapters fused in and every
                    weight dequantized to float32
@@ -72,7 +73,7 @@ def main() -> None:
     from mlx_lora.config import load_config
     from mlx_lora.data import load_datasets
     from mlx_lora.frozen_matmul import float_weights_kept
-    from mlx_lora.lora import fuse_lora
+    from mlx_lora.lora import adapters_folded, fuse_lora
 
     cfg = load_config(ROOT / "configs" / "demo.yaml", [])
     model, tokenizer = adapted_model(cfg, args.adapter)
@@ -86,7 +87,7 @@ def main() -> None:
     evaluate.EVAL_BATCH = args.batch
 
     def ours():
-        with float_weights_kept(model):
+        with float_weights_kept(model), adapters_folded(model):
             return evaluate.generate_answers(model, tokenizer, prompts, args.max_tokens)
 
     def ours_old():

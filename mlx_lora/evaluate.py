@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from .data import Example
 from .frozen_matmul import float_weights_kept
-from .lora import adapters_disabled, lora_layers  # noqa: F401 (adapters_disabled: re-exported)
+from .lora import adapters_disabled, adapters_folded, lora_layers  # noqa: F401 (adapters_disabled: re-exported)
 from .train import evaluate_loss
 
 EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
@@ -79,7 +79,8 @@ def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int, m
         if compare_base and lora_layers(model):
             with adapters_disabled(model):
                 results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
-        results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+        with adapters_folded(model):  # one product per layer, as a fused model
+            results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
     return results
 
 

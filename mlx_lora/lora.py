@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from .config import LoraConfig
-from .frozen_matmul import frozen_linear
+from .frozen_matmul import KEPT, frozen_linear, keep_float_weights
 
 
 def linear_dims(layer: nn.Module) -> tuple[int, int]:
@@ -169,3 +169,30 @@ def adapters_disabled(model: nn.Module):
     finally:
         for (_, layer), scale in zip(layers, saved):
             layer.scale = scale
+
+
+@contextmanager
+def adapters_folded(model: nn.Module):
+    """Generation on the CPU: a LoRA layer whose frozen base holds a kept float32 copy
+    (`frozen_matmul.keep_float_weights`) multiplies by base + scale * (A @ B).T in one product,
+    what `fuse` computes, instead of the base product and two adapter products; the kept copies
+    are made again from the quantized weights on exit. Layers without a copy are unchanged.
+    """
+    folded = []
+    for _, layer in lora_layers(model):
+        kept = layer.linear.__dict__.get(KEPT)
+        if kept is None or layer.scale == 0:
+            continue
+        fused = kept + layer.delta_weight().astype(kept.dtype)  # (out, in)
+        mx.eval(fused)
+        object.__setattr__(layer.linear, KEPT, fused)
+        folded.append((layer, layer.scale))
+        layer.scale = 0.0
+    try:
+        yield model
+    finally:
+        for layer, scale in folded:
+            layer.linear.__dict__.pop(KEPT, None)
+            keep_float_weights(layer.linear)  # the base's own copy again
+            layer.scale = scale
+

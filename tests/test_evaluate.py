@@ -62,3 +62,26 @@ def test_kept_float_weights_respect_the_memory_budget(adapted):
         assert not kept.layers
     with float_weights_kept(model, budget_bytes=4 * 64 * 64) as kept:
         assert 1 <= len(kept.layers) < 10
+
+
+def test_folded_adapters_give_the_same_answers_and_restore_the_model(adapted):
+    from mlx_lora.frozen_matmul import KEPT, float_weights_kept, use_dequantize_path
+    from mlx_lora.lora import adapters_folded, lora_layers
+
+    model, tokenizer = adapted
+    tokens = mx.array([PROMPTS[2]])
+    with float_weights_kept(model):
+        two_products = model(tokens)
+        answers = generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12)
+        kept = {name: np.array(layer.linear.__dict__[KEPT]) for name, layer in lora_layers(model) if KEPT in layer.linear.__dict__}
+        with adapters_folded(model):
+            if use_dequantize_path():
+                assert all(layer.scale == 0 for _, layer in lora_layers(model))  # one product per layer
+            np.testing.assert_allclose(np.array(model(tokens)), np.array(two_products), rtol=1e-4, atol=1e-4)
+            assert generate_answers(model, tokenizer, PROMPTS, max_new_tokens=12) == answers
+        # on exit: the adapters are back and each kept copy is the base's own again
+        assert all(layer.scale == layer.alpha / layer.rank for _, layer in lora_layers(model))
+        for name, layer in lora_layers(model):
+            if name in kept:
+                np.testing.assert_array_equal(np.array(layer.linear.__dict__[KEPT]), kept[name])
+        np.testing.assert_allclose(np.array(model(tokens)), np.array(two_products), rtol=1e-5, atol=1e-5)
