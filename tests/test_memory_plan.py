@@ -391,6 +391,7 @@ def test_float_copies_are_sized_exactly_and_train_the_same(tmp_path):
         np.testing.assert_allclose(np.array(trained[1][name]), np.array(value), rtol=1e-3, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # a known gap, measured: no need to run it in every CI run
 @pytest.mark.xfail(strict=False, reason=(
     "known gap (issue 10): with float copies this shape peaks 194 MB predicted against 218 MB measured "
     "(overhead out, -11%); the copies are exact, the rest is a per-token working set of the backward "
