@@ -48,12 +48,12 @@ def server_command(kind: str, model: str, port: int, adapters: dict[str, str]) -
 
 
 def start(kind: str, model: str, port: int, adapters: dict[str, str]) -> subprocess.Popen:
-    from mlx_lora.blas import find_fast_blas
+    from mlx_lora.blas import blas_env, find_fast_blas
 
     env = dict(os.environ)
     blas = find_fast_blas()
     if blas and sys.platform.startswith("linux"):
-        env["LD_PRELOAD"] = blas  # both servers get the same fast BLAS
+        env.update(blas_env(blas))  # both servers get the same fast BLAS, its kernels fit to this CPU
     # The log goes to a file: a pipe nobody reads fills up and blocks the server mid-request.
     log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{kind}-", suffix=".log", delete=False)
     proc = subprocess.Popen(server_command(kind, model, port, adapters), env=env, stdout=subprocess.DEVNULL,

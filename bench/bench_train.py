@@ -19,8 +19,8 @@ Peers run at their best. The torch runs are the loop a Hugging Face user writes
 environment is the caller's minus everything this project sets for MLX (LD_PRELOAD of
 OpenBLAS, MLX_LORA_*): torch keeps its own MKL and its own thread count. While each torch worker
 runs, this script reads its /proc/PID/environ and /proc/PID/maps and prints what it saw. The
-MLX runs (ours and mlx_lm's) get OpenBLAS preloaded when present: MLX's bundled BLAS is ~30x
-slower, so that is MLX at its best on Linux.
+MLX runs (ours and mlx_lm's) get OpenBLAS preloaded when present, with its kernels fit to this
+CPU (`blas.blas_env`): MLX's bundled BLAS is ~30x slower, so that is MLX at its best on Linux.
 
 Tokens/s counts every non-padding token of each batch, over the steps after the first report
 (compilation excluded). The useful-FLOP count comes from the model's shapes and the data
@@ -48,7 +48,7 @@ DATA = ROOT / "mlx_lora" / "demo" / "dates"
 KEYS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 RANK, ALPHA, BATCH, MAX_LEN, LR = 8, 16.0, 4, 128, 2e-4
-OUR_ENV_KEYS = ("LD_PRELOAD",)  # and every MLX_LORA_* variable
+OUR_ENV_KEYS = ("LD_PRELOAD", "OPENBLAS_CORETYPE")  # and every MLX_LORA_* variable
 
 
 # --- environments -----------------------------------------------------------------------------

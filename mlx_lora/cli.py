@@ -152,7 +152,7 @@ def cmd_doctor(args) -> int:
     import mlx.core as mx
 
     from . import __version__
-    from .blas import INSTALL_HINT, find_fast_blas, loaded_blas_libraries, matmul_gflops
+    from .blas import CORETYPE_ENV, INSTALL_HINT, find_fast_blas, loaded_blas_libraries, matmul_gflops, openblas_corename
 
     def version(name):
         try:
@@ -178,6 +178,9 @@ def cmd_doctor(args) -> int:
         loaded = loaded_blas_libraries()
         print(f"blas loaded   {', '.join(loaded) or 'none found in /proc/self/maps'}")
         print(f"fast blas     {find_fast_blas() or 'none: ' + INSTALL_HINT}")
+        if os.environ.get(CORETYPE_ENV):
+            print(f"openblas core {os.environ[CORETYPE_ENV]} ({CORETYPE_ENV}; the library's own pick on this CPU: "
+                  f"{openblas_corename(find_fast_blas() or '') or 'unknown'})")
     print(f"matmul        {matmul_gflops():.0f} GFLOP/s (float32 1024x1024 on {mx.default_device()})")
     if args.hosts:
         return doctor_hosts(args)
