@@ -26,6 +26,7 @@ def log(message: str = "") -> None:
 
 def load_base(cfg: Config):
     """(model, tokenizer, info, quantization report): the frozen base as training and eval use it."""
+    from .cpu_math import use_fast_cpu_math
     from .frozen_matmul import use_fast_frozen_layers
     from .models import load_model
     from .quantize import quantize_model
@@ -39,6 +40,7 @@ def load_base(cfg: Config):
     quant_report = quantize_model(model, q.mode, bits=q.bits, group_size=q.group_size,
                                   block_size=q.block_size, double_quant=q.double_quant)
     use_fast_frozen_layers(model)
+    use_fast_cpu_math(model)
     return model, tokenizer, info, quant_report
 
 

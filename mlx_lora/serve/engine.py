@@ -153,12 +153,14 @@ class Engine:
         Quantized weights are handled per `float_weights` (see `decode_weights.prepare_for_decode`);
         `kv_memory` ("auto", "none" or a size such as 2GB) bounds the KV caches (see `kv_budget`).
         """
+        from ..cpu_math import use_fast_cpu_math
         from ..frozen_matmul import use_fast_frozen_layers
         from ..models import load_model
         from .decode_weights import prepare_for_decode
 
         model, tokenizer, info = load_model(source)
         use_fast_frozen_layers(model)
+        use_fast_cpu_math(model)
         if mx.default_device() == mx.cpu:
             from ..fuse import cast_floats
 
