@@ -12,7 +12,7 @@ greedy answers to the demo's test prompts, `--batch` prompts at a time, `--max-t
                    weight dequantized to float32
 
 The runs alternate round by round in one process (OpenBLAS preloaded for all: MLX at its
-best on Linux); tokens/s counts generated tokens (each answer re-tokenized) over wall time.
+best on Linux; the mlx_lm run with mlx-lm's own SwiGLU, `cpu_math.library_math`); tokens/s counts generated tokens (each answer re-tokenized) over wall time.
 
     python bench/bench_eval.py [--prompts 128] [--batch 64] [--max-tokens 14] [--rounds 3]
 """
@@ -71,6 +71,7 @@ def main() -> None:
 
     from mlx_lora import evaluate
     from mlx_lora.config import load_config
+    from mlx_lora.cpu_math import library_math
     from mlx_lora.data import load_datasets
     from mlx_lora.frozen_matmul import float_weights_kept
     from mlx_lora.lora import adapters_folded, fuse_lora
@@ -95,8 +96,9 @@ def main() -> None:
 
     def mlx_lm_fused():
         answers = []
-        for start in range(0, len(prompts), args.batch):
-            answers += batch_generate(fused, tokenizer, prompts[start: start + args.batch], max_tokens=args.max_tokens).texts
+        with library_math(fused):  # mlx-lm's own SwiGLU, not the one `load_base` gave this process
+            for start in range(0, len(prompts), args.batch):
+                answers += batch_generate(fused, tokenizer, prompts[start: start + args.batch], max_tokens=args.max_tokens).texts
         return answers
 
     runs = {"mlx-lora": ours, "mlx_lm fused f32": mlx_lm_fused}

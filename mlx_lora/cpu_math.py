@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import contextmanager
 from functools import partial
 from typing import Optional
 
@@ -115,19 +116,43 @@ def swiglu(gate: mx.array, x: mx.array) -> mx.array:
     return library_swiglu(gate, x)
 
 
+def _library_functions() -> dict:
+    from mlx_lm.models import activations
+
+    return {"swiglu": (activations.swiglu, swiglu)}  # name -> (mlx-lm's, ours)
+
+
+def _architecture_modules(model):
+    for module_name in sorted({type(model).__module__, *(type(m).__module__ for _, m in model.named_modules())}):
+        module = sys.modules.get(module_name)
+        if module is not None and module_name.startswith("mlx_lm.models."):
+            yield module_name, module
+
+
+@contextmanager
+def library_math(model):
+    """For the duration, the model's architecture modules call mlx-lm's own functions again (a
+    peer in a benchmark runs as mlx-lm ships it, even in a process that loaded ours)."""
+    swapped = []
+    for _, module in _architecture_modules(model):
+        for name, (library, fast) in _library_functions().items():
+            if getattr(module, name, None) is fast:
+                setattr(module, name, library)
+                swapped.append((module, name, fast))
+    try:
+        yield
+    finally:
+        for module, name, fast in swapped:
+            setattr(module, name, fast)
+
+
 def use_fast_cpu_math(model) -> list[str]:
     """Point the model's architecture module at this module's `swiglu` (where it uses mlx-lm's);
     returns the names replaced. The function picks the device at call time, so nothing changes
     on a GPU."""
-    from mlx_lm.models import activations
-
-    ours = {"swiglu": (activations.swiglu, swiglu)}
     replaced = []
-    for module_name in {type(model).__module__, *(type(m).__module__ for _, m in model.named_modules())}:
-        module = sys.modules.get(module_name)
-        if module is None or not module_name.startswith("mlx_lm.models."):
-            continue
-        for name, (library, fast) in ours.items():
+    for module_name, module in _architecture_modules(model):
+        for name, (library, fast) in _library_functions().items():
             if getattr(module, name, None) is library:
                 setattr(module, name, fast)
                 replaced.append(f"{module_name.rsplit('.', 1)[-1]}.{name}")

@@ -74,3 +74,20 @@ def test_a_patched_model_gives_the_same_logits_and_gradients(tmp_path):
             assert np.allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-5), name
     finally:
         llama.swiglu = activations.swiglu
+
+
+def test_library_math_gives_the_model_mlx_lms_own_functions_for_a_while():
+    from mlx_lm.models import llama
+
+    from tests.tiny import tiny_config
+
+    llama.swiglu = activations.swiglu
+    model = llama.Model(llama.ModelArgs.from_dict(tiny_config(97)))
+    try:
+        cpu_math.use_fast_cpu_math(model)
+        assert llama.swiglu is cpu_math.swiglu
+        with cpu_math.library_math(model):
+            assert llama.swiglu is activations.swiglu
+        assert llama.swiglu is cpu_math.swiglu
+    finally:
+        llama.swiglu = activations.swiglu
