@@ -5,12 +5,15 @@ MLX's CPU `exp` / `sigmoid` / `tanh` run at ~35 M elements/s on this project's x
 MLP's three matrix products in a SmolLM2-135M forward pass once OpenBLAS ran at its best
 (14 ms of 23 for a (4, 64) batch; 3.7 ms with this exp). MLX's CPU attention
 (`mx.fast.scaled_dot_product_attention`) was measured too and is already faster than a softmax
-built on this exp, so it is left alone. `exp` here is the usual range reduction, exp(x) = 2^n * 2^f with n = round(x /
-ln 2) and |f| <= 1/2, 2^f by its degree-6 Taylor polynomial in f ln 2 (relative error
-< 2e-7: (ln 2 / 2)^7 / 7!), 2^n by writing n + 127 into the float's exponent bits (the scheme
-of Cephes' `expf`); built from MLX's multiply/add/shift ops and compiled into one kernel it
-runs ~4x faster than `mx.exp` (bench/profile_step.py). Its gradient is defined exactly
-(d exp = exp), so training sees the derivative of what the forward pass computed.
+built on this exp, so it is left alone.
+
+`exp` here is the usual range reduction (the scheme of Cephes' `expf`): exp(x) = 2^n * e^r with
+n = round(x / ln 2) and r = x - n ln 2 computed in two parts (Cody-Waite), so |r| <= ln(2) / 2;
+e^r by its degree-6 Taylor polynomial (relative error < 2e-7: (ln 2 / 2)^7 / 7!); 2^n by
+writing n + 127 into a float's exponent bits. Built from MLX's multiply/add/shift ops, compiled
+(two kernels and a bit-cast between them), it took 3.0 ms where `mx.exp` took 9.9-11.6 ms on a
+(4, 64, 1536) float32 array. Its gradient is defined exactly (d exp = exp), so training sees
+the derivative of what the forward pass computed.
 
 `use_fast_cpu_math(model)` points the model's module (an mlx-lm architecture) at `swiglu`
 below, which checks the device at call time: on a GPU (Metal, CUDA) it calls mlx-lm's own,
@@ -24,7 +27,6 @@ import math
 import sys
 from contextlib import contextmanager
 from functools import partial
-from typing import Optional
 
 import mlx.core as mx
 
