@@ -144,7 +144,22 @@ def block_saved_elements(shape: ModelShape, s: StepSettings) -> float:
     elements per token measured, 30.8k counted (README, "How the planner was measured").
     """
     d, f = shape.hidden, shape.intermediate
-    return 6 * d + 5 * f + shape.q_dim + 2 * shape.kv_dim + (shape.norms_per_block - 2) * d
+    mlp = CPU_SWIGLU_SAVED if cpu_swiglu(shape, s) else 5
+    return 6 * d + mlp * f + shape.q_dim + 2 * shape.kv_dim + (shape.norms_per_block - 2) * d
+
+
+# On the CPU in float32 these architectures run SwiGLU as one custom function (cpu_math.swiglu),
+# which keeps gate, up and its output for the backward pass: 3 intermediate-sized arrays, not 5
+# (the per-block slope test measures it). Not applied to grad-checkpointed steps: their recomputed
+# blocks measured more than the 5 counted (tests/test_memory_plan.py: a known gap, issue 10).
+CPU_SWIGLU_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+CPU_SWIGLU_SAVED = 3
+
+
+def cpu_swiglu(shape: ModelShape, s: StepSettings) -> bool:
+    """Whether the step runs `cpu_math.swiglu` (CPU, float32 activations, a SwiGLU architecture)."""
+    return (s.dequantize_path and not s.grad_checkpoint and activation_bytes(shape, s) == 4
+            and shape.model_type in CPU_SWIGLU_MODEL_TYPES)
 
 
 SAVED_SCORE_COPIES = 1.0  # each block's softmax output waits for the backward pass (measured 0.94-1.2)
