@@ -85,3 +85,79 @@ def test_folded_adapters_give_the_same_answers_and_restore_the_model(adapted):
             if name in kept:
                 np.testing.assert_array_equal(np.array(layer.linear.__dict__[KEPT]), kept[name])
         np.testing.assert_allclose(np.array(model(tokens)), np.array(two_products), rtol=1e-5, atol=1e-5)
+
+
+def _examples_from_own_answers(model, tokenizer, count=24, max_new_tokens=8):
+    """Chat examples whose references are the model's own greedy answers (even rows) or text it
+    does not write (odd rows), tokenized as the training data would be."""
+    from mlx_lm.generate import batch_generate
+
+    from mlx_lora.data import Example
+
+    rng = np.random.default_rng(0)
+    words = ["date", "fox", "Paris", "hello", "capital", "2021", "world", "lazy", "March", "ISO"]
+    messages = [[{"role": "user", "content": " ".join(rng.choice(words, size=4))}] for _ in range(count)]
+    prompts = [list(tokenizer.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in messages]
+    own = batch_generate(model, tokenizer, prompts, max_tokens=max_new_tokens, return_token_ids=True).token_ids
+    eos = tokenizer.eos_token_ids[0] if hasattr(tokenizer.eos_token_ids, "__getitem__") else next(iter(tokenizer.eos_token_ids))
+    examples = []
+    for i, (m, p, ids) in enumerate(zip(messages, prompts, own)):
+        answer = list(ids) if i % 2 == 0 else tokenizer.encode("The quick brown fox")
+        tail = answer + [eos] + tokenizer.encode("\n")
+        examples.append(Example(tokens=p + tail, mask=[False] * len(p) + [True] * len(tail),
+                                prompt_messages=m, reference=tokenizer.decode(answer)))
+    return examples
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_settled_answers_score_as_full_generation(adapted, chunked):
+    from mlx_lora.evaluate import score
+    from mlx_lora.loss import enable_chunked_loss
+    from mlx_lora.train import evaluate_loss
+
+    model, tokenizer = adapted
+    examples = _examples_from_own_answers(model, tokenizer)
+    enable_chunked_loss(model, mx.array([examples[0].tokens]))
+    assert model.chunked_loss  # the tiny llama's head is a plain one
+    model.chunked_loss = chunked
+    try:
+        settled = score(model, tokenizer, examples, 4, max_new_tokens=8)
+        full = score(model, tokenizer, examples, 4, max_new_tokens=8, settle=False)
+        loss = evaluate_loss(model, examples, 4)
+    finally:
+        model.chunked_loss = True
+    assert full["n_generated"] == len(examples)
+    # settling engaged: hits (own answers) and misses beyond the shown samples were not generated
+    assert settled["n_generated"] <= len(examples) // 2
+    assert settled["exact_match"] == full["exact_match"] and 0.3 <= full["exact_match"] <= 0.7
+    assert settled["samples"] == full["samples"]
+    assert settled["loss"] == pytest.approx(full["loss"], rel=1e-6) and settled["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_settled_answer_rules():
+    """Hits end at the end token or at max_new_tokens; a greedy token that leaves the reference is a
+    miss only when no later text could repair it; a thin margin or a different prompt: generate."""
+    from mlx_lora.data import Example
+    from mlx_lora.evaluate import MISS, settled_answer
+
+    class Tok:
+        eos_token_ids = {0}
+        text = {1: "20", 2: "21", 3: "-0", 4: "3", 5: " ", 6: "x", 0: "<end>"}
+
+        def decode(self, ids):
+            return "".join(self.text[i] for i in ids)
+
+    tok, prompt = Tok(), [9, 9]
+    ex = Example(tokens=prompt + [1, 2, 3, 0], mask=[], reference="2021-0")
+    confident = np.full(4, 5.0)
+    assert settled_answer(tok, ex, prompt, (np.array([1, 2, 3, 0]), confident), 8) == "2021-0"
+    assert settled_answer(tok, ex, prompt, (np.array([1, 2, 3, 0]), confident), 2) == "2021"  # cut by max_new_tokens
+    assert settled_answer(tok, ex, prompt, (np.array([1, 0, 3, 0]), confident), 8) == "20"  # ends early
+    assert settled_answer(tok, ex, prompt, (np.array([1, 6, 3, 0]), confident), 8) is MISS
+    assert settled_answer(tok, ex, prompt, (np.array([1, 5, 3, 0]), confident), 8) is None  # " " may still match
+    thin = confident.copy()
+    thin[2] = 1e-3
+    assert settled_answer(tok, ex, prompt, (np.array([1, 2, 3, 0]), thin), 8) is None
+    assert settled_answer(tok, ex, [9, 8], (np.array([1, 2, 3, 0]), confident), 8) is None
+    no_end = Example(tokens=prompt + [1, 2], mask=[], reference="2021")
+    assert settled_answer(tok, no_end, prompt, (np.array([1, 2]), confident[:2]), 8) is None
