@@ -22,3 +22,41 @@ def test_pip_otherwise_and_no_new_venv_when_one_exists(tmp_path):
     assert commands[-1] == [str(python), "-m", "pip", "install", "--quiet", "-e", "."]
     fresh = bootstrap.install_commands(Path(tmp_path / "none" / "python"), ".", None)
     assert fresh[0] == [sys.executable, "-m", "venv", str(bootstrap.VENV)]
+
+
+def _record_installs(monkeypatch, tmp_path, fail_uv=False):
+    import subprocess
+
+    venv = tmp_path / ".venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_text("")
+    monkeypatch.setattr(bootstrap, "VENV", venv)
+    monkeypatch.setattr(bootstrap.shutil, "which", lambda name: None)
+    monkeypatch.setattr(bootstrap, "venv_uv", lambda python: str(venv / "bin" / "uv"))
+    monkeypatch.delenv("MLX_LORA_PYTHON", raising=False)
+    ran = []
+
+    def run(command, check=False, **kwargs):
+        ran.append(command)
+        if fail_uv and command[0].endswith("uv"):
+            raise subprocess.CalledProcessError(1, command)
+
+    monkeypatch.setattr(bootstrap.subprocess, "run", run)
+    monkeypatch.setattr(bootstrap.sys, "prefix", bootstrap.sys.base_prefix)  # not an activated env
+    return venv, ran
+
+
+def test_uv_is_fetched_into_the_venv_unless_torch_is_needed(monkeypatch, tmp_path):
+    venv, ran = _record_installs(monkeypatch, tmp_path)
+    bootstrap.ensure_environment([])
+    assert ran == [[str(venv / "bin" / "uv"), "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-e", "."]]
+    ran.clear()
+    bootstrap.ensure_environment(["test"])  # torch: pip, which honours the machine's pip configuration
+    assert ran[-1] == [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-e", ".[test]"]
+
+
+def test_pip_takes_over_when_uv_fails(monkeypatch, tmp_path):
+    venv, ran = _record_installs(monkeypatch, tmp_path, fail_uv=True)
+    assert bootstrap.ensure_environment([]) == str(venv / "bin" / "python")
+    assert ran[0][0].endswith("uv") and ran[-1][-2:] == ["-e", "."] and ran[-1][1:4] == ["-m", "pip", "install"]
+    assert (venv / ".mlx-lora-installed").exists()
