@@ -2,8 +2,8 @@
 # First run as a new user meets it: a fresh clone, no .venv, an empty MLX kernel cache.
 #   bench/bench_first_run.sh [key.path=value ...]      # overrides go to ./train_by_mlx.sh
 # The clone gets its own temp folder (TMPDIR), so MLX's kernel cache ($TMPDIR/mlx) starts empty
-# without touching the one other programs on this machine use. pip's download cache and the
-# model cache (~/.cache/mlx-lora) are left as they are. The run ends with its per-phase line
+# without touching the one other programs on this machine use; uv's cache starts empty too. pip's
+# download cache and the model cache (~/.cache/mlx-lora) are left as they are. The run ends with its per-phase line
 # (set-up, load, train, eval); the total wall time is printed after it.
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
@@ -13,6 +13,8 @@ git clone --quiet "$src" "$work/clone"
 mkdir -p "$work/tmp"
 export TMPDIR="$work/tmp"
 echo "==> MLX kernel cache: $TMPDIR/mlx (empty)"
+export UV_CACHE_DIR="$work/uv-cache"  # uv (fetched into .venv when not on PATH) starts with nothing downloaded
+echo "==> uv cache: $UV_CACHE_DIR (empty)"
 unset MLX_LORA_PYTHON MLX_LORA_BLAS VIRTUAL_ENV
 start=$(date +%s.%N)
 cd "$work/clone"
