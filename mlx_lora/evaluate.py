@@ -31,6 +31,7 @@ from .loss import output_head, vocab_chunk_rows
 EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
 SAMPLES = 10  # examples whose answers eval.json shows (always generated)
 GREEDY_MARGIN = 0.01  # logits: top-1 over top-2 below this is not trusted to survive another decoding path
+PLAIN_LOGITS_BYTES = 256 * 2**20  # a model whose own head must run whole: largest logits settled from
 
 
 def normalize(text: str) -> str:
@@ -146,9 +147,12 @@ def teacher_forced(model, examples: list[Example], batch_size: int, answer_start
 
 
 def _greedy_from_logits(model, examples: list[Example], answer_starts: list[int | None]) -> list:
+    """`teacher_forced`'s greedy tokens through the model's own head, one example at a time; None
+    (generate it) where that example's whole float32 logits would pass PLAIN_LOGITS_BYTES."""
+    vocab = getattr(getattr(model, "args", None), "vocab_size", None)
     greedy = []
     for example, start in zip(examples, answer_starts):
-        if start is None:
+        if start is None or not vocab or len(example.tokens) * vocab * 4 > PLAIN_LOGITS_BYTES:
             greedy.append(None)
             continue
         logits = model(mx.array([example.tokens[:-1]]))[0, start - 1:].astype(mx.float32)
