@@ -76,7 +76,8 @@ def venv_uv(python: Path) -> str | None:
 
     Measured on a fresh 2-core Linux machine: venv + `pip install uv` 8 s, then uv installed
     the package and its dependencies in 5 s with an empty uv cache, where pip took ~45 s with a
-    warm pip cache. Not for the extras that pull torch: uv reads neither pip's configuration
+    warm pip cache. Not where pip is given another index (a mirror uv would not know), and not
+    for the extras that pull torch: uv reads neither pip's configuration
     (find-links, mirrors, constraints) nor PyTorch's CPU index, and PyPI's default Linux torch
     is the multi-GB CUDA build.
     """
@@ -84,10 +85,21 @@ def venv_uv(python: Path) -> str | None:
         created = subprocess.run([sys.executable, "-m", "venv", str(VENV)], stdout=sys.stderr)
         if created.returncode != 0:
             return None
+    if pip_index_configured(python):
+        return None  # a mirror only pip knows about: uv would try PyPI and time out before pip takes over
     installed = subprocess.run([str(python), "-m", "pip", "install", "--quiet", "uv"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uv = python.parent / "uv"
     return str(uv) if installed.returncode == 0 and uv.exists() else None
+
+
+def pip_index_configured(python: Path) -> bool:
+    """Whether pip is pointed at another package index than PyPI (PIP_INDEX_URL or pip.conf)."""
+    if os.environ.get("PIP_INDEX_URL"):
+        return True
+    found = subprocess.run([str(python), "-m", "pip", "config", "get", "global.index-url"],
+                           capture_output=True, text=True)
+    return found.returncode == 0 and bool(found.stdout.strip())
 
 
 def install_commands(python: Path, target: str, uv: str | None) -> list[list[str]]:

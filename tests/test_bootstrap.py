@@ -60,3 +60,11 @@ def test_pip_takes_over_when_uv_fails(monkeypatch, tmp_path):
     assert bootstrap.ensure_environment([]) == str(venv / "bin" / "python")
     assert ran[0][0].endswith("uv") and ran[-1][-2:] == ["-e", "."] and ran[-1][1:4] == ["-m", "pip", "install"]
     assert (venv / ".mlx-lora-installed").exists()
+
+
+def test_no_uv_where_pip_uses_another_index(monkeypatch, tmp_path):
+    python = tmp_path / "python"
+    python.write_text("")
+    monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
+    assert bootstrap.pip_index_configured(python)
+    assert bootstrap.venv_uv(python) is None
