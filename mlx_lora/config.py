@@ -119,7 +119,7 @@ class TrainingConfig:
 class EvalConfig:
     enabled: bool = field(default=True, **_help("Evaluate on the test split after training."))
     max_new_tokens: int = field(default=48, **_help("Greedy generation length for exact-match scoring."))
-    limit: Optional[int] = field(default=None, **_help("Evaluate only the first N test examples."))
+    limit: Optional[int] = field(default=None, **_help("Evaluate only the first N test examples (null: all)."))
     compare_base: bool = field(default=True, **_help("Also score the base model (adapters off) for a before/after table."))
 
 
@@ -204,6 +204,8 @@ def _check_ranges(cfg: Config) -> list[str]:
          "applies only to training.objective: dpo with loss_type: sigmoid; set it to 0")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s", f"must be positive, got {cfg.distributed.timeout_s}")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")
+    need(cfg.eval.limit is None or cfg.eval.limit > 0, "eval.limit",
+         f"must be a positive number of test examples or null (all of them), got {cfg.eval.limit}")
     return problems
 
 

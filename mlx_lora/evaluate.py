@@ -12,8 +12,9 @@ feeds each example's reference answer anyway, and where the model's greedy choic
 reference token is that token (by a logit margin of at least `GREEDY_MARGIN`, so the decoding
 path's last-digit differences cannot flip it) up to its end token, greedy generation would
 write exactly the reference; where the greedy choice leaves the reference in a way no later
-token can repair, the answer is a miss. Only the rest, and the first `SAMPLES` examples (whose
-answers are shown), are generated. The score equals full generation's (tests/test_evaluate.py).
+token can repair, the answer is a miss. Only the rest, and the misses among the first `SAMPLES`
+examples (whose answers are shown), are generated. The score equals full generation's
+(tests/test_evaluate.py). Exact match compares whitespace-normalised text (`normalize`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .lora import adapters_disabled, adapters_folded, lora_layers  # noqa: F401 
 from .loss import output_head, vocab_chunk_rows
 
 EVAL_BATCH = 64  # prompts generated together; bounded so the KV cache stays small
-SAMPLES = 10  # examples whose answers eval.json shows (always generated)
+SAMPLES = 10  # examples whose answers eval.json shows (misses among them are generated, for their text)
 GREEDY_MARGIN = 0.01  # logits: top-1 over top-2 below this is not trusted to survive another decoding path
 PLAIN_LOGITS_BYTES = 256 * 2**20  # a model whose own head must run whole: largest logits settled from
 

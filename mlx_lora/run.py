@@ -275,7 +275,7 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     """Score base and tuned on the test split, print the table, write eval.json."""
     from .evaluate import evaluate_model, evaluate_preference_model, results_table
 
-    examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
+    examples = test_set if cfg.eval.limit is None else test_set[: cfg.eval.limit]
     if cfg.training.objective != "sft":
         log(f"evaluating on {len(examples)} test pairs ...")
         results = evaluate_preference_model(model, examples, cfg.training, compare_base=cfg.eval.compare_base)

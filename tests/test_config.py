@@ -69,3 +69,10 @@ def test_readme_settings_table_is_current():
     from mlx_lora.config import markdown_table
 
     assert markdown_table() in (ROOT / "README.md").read_text(), "regenerate with: python -m mlx_lora.config"
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_eval_limit_must_be_positive(limit):
+    # 0 used to mean "all" and -1 dropped the last example (a Python slice), both silently
+    with pytest.raises(ConfigError, match="eval.limit: must be a positive number"):
+        config_from_dict({"model": "demo", "data": {"path": "d"}, "eval": {"limit": limit}})

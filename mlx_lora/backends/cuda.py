@@ -311,7 +311,7 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     from ..run import log
     from .cuda_loop import score
 
-    examples = test_set[: cfg.eval.limit] if cfg.eval.limit else test_set
+    examples = test_set if cfg.eval.limit is None else test_set[: cfg.eval.limit]
     results = {}
     if cfg.training.objective != "sft":
         from .cuda_objectives import evaluate_preferences
