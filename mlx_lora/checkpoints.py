@@ -24,11 +24,7 @@ def _read_umask() -> int:
     return mask
 
 
-_UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
-
-
-def _umask() -> int:
-    return _UMASK
+UMASK = _read_umask()  # read once at import: os.umask can only be read by setting it
 
 
 @contextmanager
@@ -37,7 +33,7 @@ def atomic_path(path: str | Path, suffix: str = ""):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.fchmod(handle, 0o666 & ~_umask())  # mkstemp makes it private; the result is an ordinary file
+    os.fchmod(handle, 0o666 & ~UMASK)  # mkstemp makes it private; the result is an ordinary file
     os.close(handle)
     try:
         yield Path(tmp)
@@ -56,7 +52,7 @@ def atomic_folder(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
-    os.chmod(staging, 0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
+    os.chmod(staging, 0o777 & ~UMASK)  # mkdtemp makes it private; the result is an ordinary folder
     try:
         yield staging
         if path.exists():
@@ -104,7 +100,7 @@ def write_checkpoint(output_dir: Path, step: int, position, elapsed_s: float, ke
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    os.chmod(tmp, 0o777 & ~_umask())
+    os.chmod(tmp, 0o777 & ~UMASK)
     try:
         write_payload(tmp)
         state = {"version": STATE_VERSION, **(extra_state or {}), "step": step, "elapsed_s": elapsed_s,

@@ -117,10 +117,10 @@ def test_batches_group_lengths_and_resume_position_is_exact(tiny_data_dir, token
 def test_atomic_writes_follow_the_umask(tmp_path):
     import stat
 
-    from mlx_lora.checkpoints import _umask, atomic_folder, write_json
+    from mlx_lora.checkpoints import UMASK, atomic_folder, write_json
 
     write_json(tmp_path / "eval.json", {"a": 1})
-    assert stat.S_IMODE((tmp_path / "eval.json").stat().st_mode) == 0o666 & ~_umask()  # not mkstemp's 0600
+    assert stat.S_IMODE((tmp_path / "eval.json").stat().st_mode) == 0o666 & ~UMASK  # not mkstemp's 0600
     with atomic_folder(tmp_path / "fused") as staging:
         (staging / "x").write_text("y")
-    assert stat.S_IMODE((tmp_path / "fused").stat().st_mode) == 0o777 & ~_umask()
+    assert stat.S_IMODE((tmp_path / "fused").stat().st_mode) == 0o777 & ~UMASK

@@ -182,8 +182,8 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     512 vocabulary rows: 4 MB at 2,048 positions), one chunk of the head's rows dequantized (CPU
     path; chunks run one after another, loss.py orders them with mx.depends), and the hidden
     states and their gradient. Counting the 512-row floor brought the checkpointed batch-4 x 512
-    test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits (gemma2) keep the plain loss:
-    whole logits, softmax and gradient.
+    test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits
+    (gemma2) keep the plain loss: whole logits, softmax and gradient.
     """
     tokens = s.batch_size * s.seq_length
     if shape.logit_softcap:
