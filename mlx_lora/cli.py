@@ -142,7 +142,16 @@ def cmd_eval(args) -> int:
         recorded = adapter_dir / "train_config.yaml"
         batch = yaml.safe_load(recorded.read_text())["training"]["batch_size"] if recorded.is_file() else 1
         cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=int(batch)))
-    run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
+    scores = run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
+    summary_file = adapter_dir / "run_summary.json"
+    if summary_file.is_file():  # keep the run's summary in step with the eval.json just written
+        import json
+
+        from .checkpoints import write_json
+
+        summary = json.loads(summary_file.read_text())
+        write_json(summary_file, {**summary, "eval": scores})
+    print(f"wrote {adapter_dir / 'eval.json'}" + (" (and run_summary.json's eval)" if summary_file.is_file() else ""))
     return 0
 
 

@@ -110,6 +110,20 @@ def test_eval_command_scores_the_run_as_training_did(trained_run):
         assert after[name]["exact_match"] == before[name]["exact_match"]
 
 
+def test_eval_command_keeps_the_run_summary_in_step(trained_run, tmp_path):
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    result = mlx_lora("eval", out / "train_config.yaml", "eval.limit=3", "--adapter", copy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    scores = json.loads((copy / "eval.json").read_text())
+    summary = json.loads((copy / "run_summary.json").read_text())
+    assert scores["tuned"]["n"] == 3 and summary["eval"]["tuned"]["n"] == 3
+    assert summary["eval"]["tuned"]["loss"] == scores["tuned"]["loss"]
+
+
 def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
     out, _ = trained_run
     config = out / "train_config.yaml"
