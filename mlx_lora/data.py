@@ -50,6 +50,7 @@ class DataStats:
     truncated: int = 0
     dropped_overlong: int = 0
     dropped_no_target: int = 0
+    targets_cut_off: int = 0  # of dropped_no_target: truncation removed all their targets
     dropped_identical: int = 0  # preference pairs whose chosen and rejected are the same
     tokens: int = 0
     target_tokens: int = 0
@@ -65,6 +66,7 @@ class DataStats:
             "rewritten_rows": self.rewritten_rows, "rewritten_turns": self.rewritten_turns,
             "rewritten_examples": self.rewritten_examples,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
+            "targets_cut_off": self.targets_cut_off,
             "dropped_identical": self.dropped_identical, "tokens": self.tokens, "target_tokens": self.target_tokens,
             "max_length": lengths[-1], "median_length": lengths[len(lengths) // 2],
         }
@@ -230,6 +232,7 @@ def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: D
             if len(stats.rewritten_examples) < MAX_REWRITE_EXAMPLES:
                 stats.rewritten_examples.append(f"{path.name}:{line_number} " + ", ".join(f"messages[{i}]" for i in rewritten))
         for example in row_list:
+            had_target = any(example.mask[1:])
             if len(example.tokens) > config.max_seq_length:
                 if config.overlong == "drop":
                     stats.dropped_overlong += 1
@@ -240,14 +243,17 @@ def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: D
             # The first token is never a target (nothing predicts it), so need a target after it.
             if not any(example.mask[1:]):
                 stats.dropped_no_target += 1
+                stats.targets_cut_off += had_target  # every target token lay past the truncation
                 continue
             stats.tokens += len(example.tokens)
             stats.target_tokens += sum(example.mask[1:])
             stats.lengths.append(len(example.tokens))
             examples.append(example)
     if not examples:
+        cut = (f", {stats.targets_cut_off} of them because truncation to data.max_seq_length cut off every "
+               "target token: raise data.max_seq_length") if stats.targets_cut_off else ""
         raise DataError(f"{path}: every example was dropped ({stats.dropped_overlong} longer than "
-                        f"data.max_seq_length={config.max_seq_length}, {stats.dropped_no_target} with no target tokens)")
+                        f"data.max_seq_length={config.max_seq_length}, {stats.dropped_no_target} with no target tokens{cut})")
     return examples
 
 

@@ -71,7 +71,11 @@ def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
             continue
         changes = [f"{stats[key]} {what}" for key, what in (
             ("truncated", "truncated"), ("dropped_overlong", "dropped as too long"),
+            ("dropped_no_target", "dropped with no target tokens"),
             ("dropped_identical", "dropped with identical chosen and rejected")) if stats.get(key)]
+        if stats.get("targets_cut_off"):
+            changes.append(f"{stats['targets_cut_off']} of them because truncation to data.max_seq_length "
+                           "cut off every target token")
         changed = f"; {', '.join(changes)}" if changes else ""
         unit = "pairs" if objective != "sft" else "examples"
         source = "" if stats["source"] == f"{split}.jsonl" else f" ({stats['source']})"

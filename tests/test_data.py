@@ -124,3 +124,25 @@ def test_atomic_writes_follow_the_umask(tmp_path):
     with atomic_folder(tmp_path / "fused") as staging:
         (staging / "x").write_text("y")
     assert stat.S_IMODE((tmp_path / "fused").stat().st_mode) == 0o777 & ~UMASK
+
+
+def test_truncation_that_cuts_off_every_answer_is_named(tmp_path, tokenizer):
+    import json as _json
+
+    from mlx_lora.config import DataConfig
+    from mlx_lora.data import DataError, DataStats, load_split
+    from mlx_lora.run import describe_data
+
+    long_prompt = "hello world " * 40
+    rows = [{"messages": [{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "Paris."}]},
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Paris."}]}]
+    path = tmp_path / "test.jsonl"
+    path.write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    stats = DataStats()
+    kept = load_split(path, tokenizer, DataConfig(path=str(tmp_path), max_seq_length=40), stats)
+    assert len(kept) == 1 and stats.dropped_no_target == 1 and stats.targets_cut_off == 1
+    line = describe_data({"test": {**stats.summary(), "source": "test.jsonl"}})[0]
+    assert "1 dropped with no target tokens" in line and "cut off every target token" in line
+    path.write_text(_json.dumps(rows[0]) + "\n")
+    with pytest.raises(DataError, match="truncation to data.max_seq_length cut off every target token: raise"):
+        load_split(path, tokenizer, DataConfig(path=str(tmp_path), max_seq_length=40), DataStats())
