@@ -50,6 +50,7 @@ def random_model(config: dict, bits: int = 4, group_size: int = 64):
     import mlx.nn as nn
     from mlx_lm.utils import _get_classes
 
+    from mlx_lora.cpu_math import use_fast_cpu_math
     from mlx_lora.frozen_matmul import use_fast_frozen_layers
 
     model_class, args_class = _get_classes(config)
@@ -65,6 +66,7 @@ def random_model(config: dict, bits: int = 4, group_size: int = 64):
     nn.quantize(model, group_size=group_size, bits=bits, class_predicate=quantizable)
     mx.eval(model.parameters())
     use_fast_frozen_layers(model)
+    use_fast_cpu_math(model)  # as run.load_base does: on the CPU, SwiGLU keeps fewer arrays for the backward
     model.eval()
     return model
 

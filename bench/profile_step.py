@@ -8,7 +8,8 @@ hits all of them alike, and prints the median seconds per step and the ratio to 
   full-head      the output head and loss at every position (the step before target positions)
   kept-float     the frozen base's weights dequantized once and kept in float32 (no
                  dequantize in the step; costs a float32 copy of the base in memory)
-  no-lora        the frozen model's forward + input gradient only (the LoRA products' cost)
+  no-lora        the step with the LoRA products switched off: frozen forward, input gradient,
+                 head and loss (current minus this is the LoRA products' cost)
   packed         the same examples per step packed into fewer rows (`packing.pack_batch`, rows of
                  up to data.max_seq_length tokens, block-diagonal causal attention)
 
@@ -47,7 +48,8 @@ def main() -> None:
     from mlx_lora.config import load_config
     from mlx_lora.data import collate, epoch_order, load_datasets, make_batches
     from mlx_lora.frozen_matmul import float_weights_kept
-    from mlx_lora.loss import batch_loss, enable_chunked_loss, masked_loss, target_positions
+    from mlx_lora.loss import (batch_loss, chunked_cross_entropy, enable_chunked_loss, masked_loss, output_head,
+                               target_positions)
     from mlx_lora.packing import pack_batch
     from mlx_lora.run import prepare_model
 
@@ -73,17 +75,26 @@ def main() -> None:
     def full_head(m, tokens, mask, positions, weights):
         return masked_loss(m, tokens, mask)
 
-    def frozen_only(m, tokens, mask, positions, weights):
+    def lora_scale(m, off):
         for _, layer in m.named_modules():
             if hasattr(layer, "lora_b"):
-                layer.scale = 0.0
+                layer.scale = 0.0 if off else layer.alpha / layer.rank
+
+    def frozen_only(m, tokens, mask, positions, weights):
+        # The step with the LoRA products switched off and everything else kept: the loss still
+        # flows back through every frozen block to the embeddings, where a zero-valued term of one
+        # adapter matrix gives the optimizer a gradient, so the frozen forward, the input gradient,
+        # the head and the loss all run. current minus this is what the LoRA products cost.
+        lora_scale(m, off=True)
         try:
-            hidden = m.model(tokens[:, :-1])
-            return (hidden * m.model.layers[-1].self_attn.q_proj.lora_a.sum()).sum(), mask.sum()
+            inputs, targets = tokens[:, :-1], tokens[:, 1:]
+            probe = m.model.layers[0].self_attn.q_proj.lora_a.sum() * 0.0
+            hidden = m.model(inputs, input_embeddings=m.model.embed_tokens(inputs) + probe)
+            picked = hidden.reshape(-1, hidden.shape[-1])[positions]
+            ce = chunked_cross_entropy(picked, targets.reshape(-1)[positions], output_head(m)) * weights
+            return ce.sum() / mx.maximum(weights.sum(), 1), weights.sum()
         finally:
-            for _, layer in m.named_modules():
-                if hasattr(layer, "lora_b"):
-                    layer.scale = layer.alpha / layer.rank
+            lora_scale(m, off=False)
 
     variants = {"current": make_step(batch_loss), "full-head": make_step(full_head),
                 "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only),

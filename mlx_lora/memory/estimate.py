@@ -163,10 +163,16 @@ def cpu_swiglu(shape: ModelShape, s: StepSettings) -> bool:
             and shape.model_type in CPU_SWIGLU_MODEL_TYPES)
 
 
-SAVED_SCORE_COPIES = 1.0  # each block's softmax output waits for the backward pass (measured 0.94-1.2)
+# The constants below are slopes measured on the Qwen2.5-0.5B and Llama-3.2-3B block shapes (2 against 6,
+# 1 against 3 blocks; 256, 512 and 1,024 tokens; compiled steps as `train` runs them, with cpu_math's
+# SwiGLU as `run.load_base` installs it); README, "How the planner was measured".
+SAVED_SCORE_COPIES = 1.3  # each block keeps its softmax output and ~0.3 of a copy more (fit over both shapes)
 SAVED_SCORE_COPIES_SOFTCAP = 3.0  # gemma2: scores / cap, tanh and softmax (counted, not measured)
 BACKWARD_SCORE_COPIES = 1.0  # the block in its backward adds the scores' gradient (measured 0.93)
-MASK_BYTES = 1  # checkpointed blocks keep a boolean causal mask, batch x heads x T x T (measured 14.2 B/T^2, 14 heads)
+BACKWARD_MLP_COPIES = 2  # ...and its MLP's gate and up gradients, intermediate-sized per token
+CHECKPOINT_KEPT_ROWS = ("hidden", "intermediate")  # what a checkpointed block keeps per token: its input and
+# one intermediate-sized array (measured 23-26 KB a token on Qwen2.5-0.5B, 0-1% under on Llama-3.2-3B; mlx-lm
+# passes the causal mask as "causal", so no T x T mask is kept, unlike the boolean mask of earlier versions)
 RECOMPUTED_BLOCKS = 2  # checkpointing: the block in its backward and the next one, recomputed ahead of it
 
 
@@ -210,15 +216,17 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     scores = score_elements(shape, s) * a
     saved_copies = SAVED_SCORE_COPIES_SOFTCAP if shape.attention_softcap else SAVED_SCORE_COPIES
     per_block = block_saved_elements(shape, s) * tokens * a
-    if s.grad_checkpoint:  # each block keeps its input and mask; two blocks are recomputed at a time
+    if s.grad_checkpoint:  # each block keeps CHECKPOINT_KEPT_ROWS; two blocks are recomputed at a time
         recomputed = min(RECOMPUTED_BLOCKS, shape.layers)
-        activations = shape.layers * tokens * shape.hidden * a + recomputed * per_block
-        saved_scores = shape.layers * score_elements(shape, s) * MASK_BYTES + recomputed * saved_copies * scores
+        kept = sum(getattr(shape, row) for row in CHECKPOINT_KEPT_ROWS)
+        activations = shape.layers * tokens * kept * a + recomputed * per_block
+        saved_scores = recomputed * saved_copies * scores
     else:
         activations = shape.layers * per_block
         saved_scores = shape.layers * saved_copies * scores
     head = head_working_bytes(shape, s)
-    attention_backward = BACKWARD_SCORE_COPIES * scores
+    # a block in its backward: its scores' gradient, and its MLP's gate and up gradients
+    attention_backward = BACKWARD_SCORE_COPIES * scores + BACKWARD_MLP_COPIES * tokens * shape.intermediate * a
     transient = 0.0
     copies = float_copy_bytes(shape, s)
     if s.dequantize_path and s.mode != "none" and not copies:
