@@ -149,12 +149,12 @@ def block_saved_elements(shape: ModelShape, s: StepSettings) -> float:
 
 
 # On the CPU in float32 these architectures run SwiGLU as one custom function (cpu_math.swiglu),
-# which keeps gate, up and its output for the backward pass: 3 intermediate-sized arrays, not 5
-# (the per-block slope test measures it). Not applied to grad-checkpointed steps: their two
-# recomputed blocks are counted with 5, which with the loss chunks' 512-row floor (head_working_bytes)
-# lands within bounds of the measured checkpointed step (tests/test_memory_plan.py).
+# which keeps gate, up and its output for the backward pass, not mlx-lm's five arrays: 4 measured
+# intermediate-sized arrays per token (the slope over blocks at 256-1,024 tokens, Qwen2.5-0.5B and
+# Llama-3.2-3B shapes). Not applied to grad-checkpointed steps: their two recomputed blocks are
+# counted with 5.
 CPU_SWIGLU_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-CPU_SWIGLU_SAVED = 3
+CPU_SWIGLU_SAVED = 4
 
 
 def cpu_swiglu(shape: ModelShape, s: StepSettings) -> bool:
@@ -166,12 +166,12 @@ def cpu_swiglu(shape: ModelShape, s: StepSettings) -> bool:
 # The constants below are slopes measured on the Qwen2.5-0.5B and Llama-3.2-3B block shapes (2 against 6,
 # 1 against 3 blocks; 256, 512 and 1,024 tokens; compiled steps as `train` runs them, with cpu_math's
 # SwiGLU as `run.load_base` installs it); README, "How the planner was measured".
-SAVED_SCORE_COPIES = 1.3  # each block keeps its softmax output and ~0.3 of a copy more (fit over both shapes)
+SAVED_SCORE_COPIES = 1.0  # each block's softmax output waits for the backward pass
 SAVED_SCORE_COPIES_SOFTCAP = 3.0  # gemma2: scores / cap, tanh and softmax (counted, not measured)
 BACKWARD_SCORE_COPIES = 1.0  # the block in its backward adds the scores' gradient (measured 0.93)
 BACKWARD_MLP_COPIES = 2  # ...and its MLP's gate and up gradients, intermediate-sized per token
-CHECKPOINT_KEPT_ROWS = ("hidden", "intermediate")  # what a checkpointed block keeps per token: its input and
-# one intermediate-sized array (measured 23-26 KB a token on Qwen2.5-0.5B, 0-1% under on Llama-3.2-3B; mlx-lm
+CHECKPOINT_KEPT_INTERMEDIATE = 1.15  # a checkpointed block keeps, per token, its input and this many
+# intermediate-sized arrays (fit over both shapes at batch 1 and 4; mlx-lm
 # passes the causal mask as "causal", so no T x T mask is kept, unlike the boolean mask of earlier versions)
 RECOMPUTED_BLOCKS = 2  # checkpointing: the block in its backward and the next one, recomputed ahead of it
 
@@ -216,9 +216,9 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     scores = score_elements(shape, s) * a
     saved_copies = SAVED_SCORE_COPIES_SOFTCAP if shape.attention_softcap else SAVED_SCORE_COPIES
     per_block = block_saved_elements(shape, s) * tokens * a
-    if s.grad_checkpoint:  # each block keeps CHECKPOINT_KEPT_ROWS; two blocks are recomputed at a time
+    if s.grad_checkpoint:  # each block keeps its input and more (above); two blocks are recomputed at a time
         recomputed = min(RECOMPUTED_BLOCKS, shape.layers)
-        kept = sum(getattr(shape, row) for row in CHECKPOINT_KEPT_ROWS)
+        kept = shape.hidden + CHECKPOINT_KEPT_INTERMEDIATE * shape.intermediate
         activations = shape.layers * tokens * kept * a + recomputed * per_block
         saved_scores = recomputed * saved_copies * scores
     else:
