@@ -83,16 +83,40 @@ ROW_CHUNK = 8192  # output rows dequantized at a time for very wide layers (a 49
 
 def chunked_dequantized_matmul(x: mx.array, dequantize: Callable[..., mx.array], weight_arrays: Sequence[mx.array],
                                rows: int) -> mx.array:
-    """dequantized_matmul over blocks of output rows, so only one block is ever in float.
+    """dequantized_matmul over blocks of ROW_CHUNK output rows, so only one block is ever in float.
 
-    For an output head of 49k rows the float weight alone is ~113 MB (SmolLM2); in blocks of
-    8192 rows it is ~19 MB. Valid when each array's first axis is the output row (affine).
+    x (..., in) float; returns (..., rows) float32; the gradient flows to x only. For an output
+    head of 49k rows the float weight alone is ~113 MB (SmolLM2), 3.7 GB for Gemma 2's 256k x 3584;
+    in blocks of 8192 rows it is ~19 / 117 MB. Each block's dequantize waits for the block before
+    it (`mx.depends`), forward and backward: without that order the scheduler dequantized every
+    block up front (a (64, 1024) x 65,536-row head peaked at 860 MB for a 268 MB float weight).
+    Valid when each array's first axis is the output row (affine).
     """
     if rows <= ROW_CHUNK:
         return dequantized_matmul(x, dequantize, weight_arrays)
-    parts = [dequantized_matmul(x, dequantize, [a[start: start + ROW_CHUNK] for a in weight_arrays])
-             for start in range(0, rows, ROW_CHUNK)]
-    return mx.concatenate(parts, axis=-1)
+    blocks = [(start, min(start + ROW_CHUNK, rows)) for start in range(0, rows, ROW_CHUNK)]
+
+    def block(arrays, start, stop, after):
+        return mx.depends([a[start:stop] for a in arrays], [after])
+
+    @mx.custom_function
+    def matmul(x, arrays):
+        parts, previous = [], x
+        for start, stop in blocks:
+            previous = x.astype(mx.float32) @ dequantize(*block(arrays, start, stop, previous)).T
+            parts.append(previous)
+        return mx.concatenate(parts, axis=-1)
+
+    @matmul.vjp
+    def matmul_vjp(primals, cotangent, output):
+        x, arrays = primals
+        grad_x, previous = None, cotangent
+        for start, stop in blocks:
+            part = cotangent[..., start:stop].astype(mx.float32) @ dequantize(*block(arrays, start, stop, previous))
+            grad_x = previous = part if grad_x is None else grad_x + part
+        return grad_x.astype(x.dtype), tuple(mx.zeros_like(a) for a in arrays)
+
+    return matmul(x, tuple(weight_arrays))
 
 
 def affine_dequantizer(layer: nn.Module) -> tuple[Callable[..., mx.array], tuple[mx.array, ...]]:
