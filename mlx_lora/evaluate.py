@@ -90,7 +90,7 @@ def _head_top2(hidden: mx.array, targets: mx.array, head) -> tuple[mx.array, ...
     target_logit = mx.zeros(targets.shape, mx.float32)
     for start in range(0, head.rows, size):
         stop = min(start + size, head.rows)
-        logits = head.project(hidden, [a[start:stop] for a in head.arrays]).astype(mx.float32)
+        logits = head.logits(hidden, [a[start:stop] for a in head.arrays])
         chunk_lse = mx.logsumexp(logits, axis=-1)
         lse = chunk_lse if lse is None else mx.logaddexp(lse, chunk_lse)
         inside = (targets >= start) & (targets < stop)

@@ -21,6 +21,7 @@ something else (logit soft-capping, scaling, a LoRA-adapted head).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable
 
@@ -44,6 +45,16 @@ class OutputHead:
     arrays: tuple[mx.array, ...]  # every array's first axis is the output row
     project: Callable[[mx.array, list[mx.array]], mx.array]  # h (N, D), block -> h @ W_block.T (N, C)
     project_back: Callable[[mx.array, list[mx.array]], mx.array]  # g (N, C), block -> g @ W_block (N, D)
+    softcap: float | None = None  # logits = softcap * tanh(h @ W.T / softcap) (Gemma 2's final_logit_softcapping)
+
+    def logits(self, h: mx.array, block: list[mx.array]) -> mx.array:
+        """(N, C) float32 logits of one block of rows, soft-capped where the model caps them."""
+        raw = self.project(h, block).astype(mx.float32)
+        return raw if self.softcap is None else self.softcap * mx.tanh(raw / self.softcap)
+
+    def raw_gradient(self, grad: mx.array, logits: mx.array) -> mx.array:
+        """The gradient of the uncapped product from the gradient of `logits` (tanh' = 1 - tanh^2)."""
+        return grad if self.softcap is None else grad * (1.0 - mx.square(logits / self.softcap))
 
 
 def _float_head(weight: mx.array) -> OutputHead:
@@ -81,10 +92,13 @@ def output_head(model: nn.Module) -> OutputHead | None:
     tied = bool(getattr(args, "tie_word_embeddings", False)) or "lm_head" not in model
     head = getattr(backbone, "embed_tokens", None) if tied else model["lm_head"]
     if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
-        return _affine_head(head)
-    if type(head) in (nn.Linear, nn.Embedding) and "bias" not in head:
-        return _float_head(head.weight)
-    return None  # LoRA-adapted, NF4 or biased heads keep the model's own path
+        found = _affine_head(head)
+    elif type(head) in (nn.Linear, nn.Embedding) and "bias" not in head:
+        found = _float_head(head.weight)
+    else:
+        return None  # LoRA-adapted, NF4 or biased heads keep the model's own path
+    softcap = getattr(model, "final_logit_softcapping", None)  # mlx-lm's gemma2.Model; the probe checks it
+    return dataclasses.replace(found, softcap=float(softcap)) if softcap else found
 
 
 def vocab_chunk_rows(num_tokens: int) -> int:
@@ -124,7 +138,7 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead)
         _, inside, index = local_targets(targets, bounds)
         log_normalizer, target_logit = None, mx.zeros(targets.shape, mx.float32)
         for i, (start, stop) in enumerate(chunks):
-            logits = head.project(h, block(arrays, start, stop, [log_normalizer, target_logit] if i else [])).astype(mx.float32)
+            logits = head.logits(h, block(arrays, start, stop, [log_normalizer, target_logit] if i else []))
             chunk_lse = mx.logsumexp(logits, axis=-1)
             log_normalizer = chunk_lse if log_normalizer is None else mx.logaddexp(log_normalizer, chunk_lse)
             picked = mx.take_along_axis(logits, index[i][:, None], axis=-1)[:, 0]
@@ -140,9 +154,9 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead)
         grad_h = None
         for i, (start, stop) in enumerate(chunks):
             sliced = block(arrays, start, stop, [grad_h] if i else [])
-            logits = head.project(h, sliced).astype(mx.float32)
+            logits = head.logits(h, sliced)
             one_hot = mx.arange(stop - start)[None, :] == local[i][:, None]  # a target outside matches no column
-            grad_logits = (mx.exp(logits - log_normalizer) - one_hot) * weight
+            grad_logits = head.raw_gradient((mx.exp(logits - log_normalizer) - one_hot) * weight, logits)
             part = head.project_back(grad_logits, sliced).astype(mx.float32)
             grad_h = part if grad_h is None else grad_h + part
         return (grad_h.astype(h.dtype), mx.zeros_like(targets), mx.zeros_like(bounds),

@@ -1,5 +1,7 @@
 """The chunked output-head cross-entropy: equal to the plain loss (values and gradients), leaner in memory."""
 
+import dataclasses
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -48,6 +50,60 @@ def test_chunked_cross_entropy_matches_float64_reference(small_chunks, compiled)
     ce_ref, grad_ref = reference_cross_entropy(hidden, weight, np.array(targets))
     np.testing.assert_allclose(np.array(ce), ce_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.array(grad), grad_ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_soft_capped_chunked_cross_entropy_matches_float64_reference(small_chunks, compiled):
+    """Gemma 2's head: logits = cap * tanh(h @ W.T / cap), cap small enough (2) that the cap bites."""
+    mx.random.seed(0)
+    hidden, weight = mx.random.normal((37, 24)), mx.random.normal((500, 24)) * 0.5
+    targets = mx.array(np.random.default_rng(0).integers(0, 500, 37).astype(np.int32))
+    head = dataclasses.replace(loss._float_head(weight), softcap=2.0)
+    ce_fn = lambda h: loss.chunked_cross_entropy(h, targets, head)  # noqa: E731
+    grad_fn = mx.grad(lambda h: loss.chunked_cross_entropy(h, targets, head).sum())
+    if compiled:
+        ce_fn, grad_fn = mx.compile(ce_fn), mx.compile(grad_fn)
+    ce, grad = ce_fn(hidden), grad_fn(hidden)
+    h, w, t = np.asarray(hidden, np.float64), np.asarray(weight, np.float64), np.array(targets)
+    capped = 2.0 * np.tanh(h @ w.T / 2.0)
+    probs = np.exp(capped - capped.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    one_hot = np.zeros_like(probs)
+    one_hot[np.arange(len(t)), t] = 1
+    np.testing.assert_allclose(np.array(ce), -np.log(probs[np.arange(len(t)), t]), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.array(grad), ((probs - one_hot) * (1 - (capped / 2.0) ** 2)) @ w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["dequantize", "fused"])
+def test_gemma2_takes_the_chunked_loss_with_its_soft_cap(path, small_chunks):
+    """mlx-lm's gemma2 model (final_logit_softcapping, tied 4-bit head): the probe accepts the chunked
+    loss, which equals the model's own loss and gradients."""
+    from mlx_lm.models import gemma2
+
+    with force_path(path):
+        mx.random.seed(1)
+        model = gemma2.Model(gemma2.ModelArgs(
+            model_type="gemma2", hidden_size=64, num_hidden_layers=1, intermediate_size=128, num_attention_heads=4,
+            head_dim=16, rms_norm_eps=1e-6, vocab_size=300, num_key_value_heads=2, final_logit_softcapping=3.0))
+        model["model"]["embed_tokens"].weight = model["model"]["embed_tokens"].weight * 4  # logits past the cap
+        nn.quantize(model, group_size=32, bits=4)
+        use_fast_frozen_layers(model)
+        model.freeze()
+        mx.random.seed(2)
+        apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+        for layer in (m for _, m in model.named_modules() if hasattr(m, "lora_b")):
+            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        rng = np.random.default_rng(3)
+        tokens = mx.array(rng.integers(0, 300, (3, 11)).astype(np.int32))
+        mask = mx.array((rng.random((3, 10)) < 0.7).astype(np.float32))
+        assert loss.output_head(model).softcap == 3.0
+        assert loss.enable_chunked_loss(model, tokens[:1])
+        plain, plain_grads = loss_and_grads(model, tokens, mask, chunked=False)
+        chunked, chunked_grads = loss_and_grads(model, tokens, mask, chunked=True)
+    assert chunked == pytest.approx(plain, rel=1e-5)
+    for key in plain_grads:
+        np.testing.assert_allclose(np.array(chunked_grads[key]), np.array(plain_grads[key]), rtol=1e-3, atol=1e-6,
+                                   err_msg=key)
 
 
 def tiny_llama(tied: bool, quantized: bool, vocab_size: int = 300):

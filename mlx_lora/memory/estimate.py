@@ -189,11 +189,9 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     path; chunks run one after another, loss.py orders them with mx.depends), and the hidden
     states and their gradient. Counting the 512-row floor brought the checkpointed batch-4 x 512
     test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits
-    (gemma2) keep the plain loss: whole logits, softmax and gradient.
+    (gemma2) go through the same chunks, the cap applied per chunk.
     """
     tokens = s.batch_size * s.seq_length
-    if shape.logit_softcap:
-        return 3.0 * tokens * shape.vocab * 4
     rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
     dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" and not s.float_weights else 0
     # A chunk has at least 512 rows, so beyond 1,024 positions its logits outgrow the 2 MB target.

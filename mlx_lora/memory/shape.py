@@ -3,7 +3,7 @@
 Architecture differences come from config.json fields: `head_dim` (gemma: 256, not
 hidden / heads), `tie_word_embeddings`, `attention_bias` (qwen2 has q/k/v biases and no such
 field, so its `model_type` implies it), phi3's fused `qkv_proj` / `gate_up_proj`, gemma2's
-`final_logit_softcapping` (which keeps the plain, whole-logits loss) and extra norms.
+`final_logit_softcapping` (applied per chunk of the loss) and extra norms.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ class ModelShape:
     qkv_bias: bool = False
     fused: bool = False
     norms_per_block: int = 2
-    logit_softcap: bool = False  # gemma2: the loss cannot go through the chunked head
+    logit_softcap: bool = False  # gemma2: the chunked loss caps each chunk's logits
     attention_softcap: bool = False  # gemma2: attention in plain ops (scores saved)
     # GGUF: (name, GGML type, elements, is a matrix) per tensor; None for Hugging Face checkpoints
     gguf_tensors: tuple[tuple[str, str, int, bool], ...] | None = None
