@@ -170,8 +170,8 @@ SAVED_SCORE_COPIES = 1.0  # each block's softmax output waits for the backward p
 SAVED_SCORE_COPIES_SOFTCAP = 3.0  # gemma2: scores / cap, tanh and softmax (counted, not measured)
 BACKWARD_SCORE_COPIES = 1.0  # the block in its backward adds the scores' gradient (measured 0.93)
 BACKWARD_MLP_COPIES = 2  # ...and its MLP's gate and up gradients, intermediate-sized per token
-CHECKPOINT_KEPT_INTERMEDIATE = 1.15  # a checkpointed block keeps, per token, its input and this many
-# intermediate-sized arrays (fit over both shapes at batch 1 and 4; mlx-lm
+CHECKPOINT_KEPT_INTERMEDIATE = 1.3  # a checkpointed block keeps, per token, its input and this many
+# intermediate-sized arrays (fit over both shapes at batch 1 and 4 and the full-depth cells; mlx-lm
 # passes the causal mask as "causal", so no T x T mask is kept, unlike the boolean mask of earlier versions)
 RECOMPUTED_BLOCKS = 2  # checkpointing: the block in its backward and the next one, recomputed ahead of it
 
