@@ -16,7 +16,8 @@ multiple of `POSITION_MULTIPLE` so that `mx.compile` sees few distinct shapes.
 
 The chunked loss is used only where it provably equals the model's own: `enable_chunked_loss`
 compares both on a real example and keeps the plain path for architectures whose head does
-something else (logit soft-capping, scaling, a LoRA-adapted head).
+something else (scaling, a LoRA-adapted head). Gemma 2's logit soft cap is applied per chunk
+(`OutputHead.softcap`, read from the model's `final_logit_softcapping`).
 """
 
 from __future__ import annotations
