@@ -88,11 +88,7 @@ def test_gemma2_takes_the_chunked_loss_with_its_soft_cap(path, small_chunks):
         model["model"]["embed_tokens"].weight = model["model"]["embed_tokens"].weight * 4  # logits past the cap
         nn.quantize(model, group_size=32, bits=4)
         use_fast_frozen_layers(model)
-        model.freeze()
-        mx.random.seed(2)
-        apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
-        for layer in (m for _, m in model.named_modules() if hasattr(m, "lora_b")):
-            layer.lora_b = mx.random.normal(layer.lora_b.shape) * 0.1
+        with_adapter(model)
         rng = np.random.default_rng(3)
         tokens = mx.array(rng.integers(0, 300, (3, 11)).astype(np.int32))
         mask = mx.array((rng.random((3, 10)) < 0.7).astype(np.float32))
@@ -114,6 +110,11 @@ def tiny_llama(tied: bool, quantized: bool, vocab_size: int = 300):
     if quantized:
         nn.quantize(model, group_size=32, bits=4)
         use_fast_frozen_layers(model)
+    return with_adapter(model)
+
+
+def with_adapter(model):
+    """`model` frozen, with a non-zero rank-4 adapter on q_proj, v_proj and down_proj (seeded)."""
     model.freeze()
     mx.random.seed(2)
     apply_lora(model, LoraConfig(rank=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
