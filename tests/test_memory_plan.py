@@ -392,11 +392,6 @@ def test_float_copies_are_sized_exactly_and_train_the_same(tmp_path):
 
 
 @pytest.mark.slow  # a known gap, measured: no need to run it in every CI run
-@pytest.mark.xfail(strict=False, reason=(
-    "known gap (issue 10): with float copies this shape peaks 210 MB predicted against 228 MB measured "
-    "(overhead out, -7.6%: within 10%, past the 5% under bound); the copies are exact, the rest is ~10 KB "
-    "a token of the backward's working set that the planner does not model (auto keeps copies only under "
-    "half the memory limit, so this gap cannot reach the limit)"))
 def test_float_copies_peak_within_ten_percent_of_measured(tmp_path):
     import dataclasses
 

@@ -17,6 +17,12 @@ GB = 1e9
 FIXED_OVERHEAD_BYTES = 10e6  # MLX's own allocations during a step (measured: 7-10 MB on tiny models)
 HEAD_CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # loss.CHUNK_LOGITS_BYTES: a chunk's float32 logits
 HEAD_CHUNK_LIVE = 10  # a chunk's backward holds ~10 logits-sized arrays (loss.py)
+# A float head (float32 copies, or an unquantized base) on the CPU: its chunks have no dequantize to
+# wait on, and MLX's CPU backend allocates each output when the op is queued, so ~12.5 chunks' logits
+# are allocated ahead of the running one (measured 12.4-12.6, compiled value_and_grad of
+# loss.chunked_cross_entropy, 1,024-4,096 positions, 8k and 49k rows). A memory limit (the guard's)
+# throttles this run-ahead; the planner counts the unthrottled peak.
+HEAD_CHUNK_LIVE_FLOAT_CPU = 12.5
 ROW_CHUNK = 8192  # frozen_matmul.ROW_CHUNK: output rows dequantized at a time in very wide layers
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 DOUBLE_QUANT_BLOCK = 256  # quantize.py: absmax values quantized in blocks of 256
@@ -185,7 +191,8 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     """The output head and loss at the start of the backward pass, in bytes.
 
     Chunked loss (loss.py): ~10 chunks' worth of float32 logits (a chunk is ~2 MB, but at least
-    512 vocabulary rows: 4 MB at 2,048 positions), one chunk of the head's rows dequantized (CPU
+    512 vocabulary rows: 4 MB at 2,048 positions; 12.5 for a float head on the CPU, see
+    HEAD_CHUNK_LIVE_FLOAT_CPU), one chunk of the head's rows dequantized (CPU
     path; chunks run one after another, loss.py orders them with mx.depends), and the hidden
     states and their gradient. Counting the 512-row floor brought the checkpointed batch-4 x 512
     test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits
@@ -194,9 +201,10 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     tokens = s.batch_size * s.seq_length
     rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
     dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" and not s.float_weights else 0
+    live = HEAD_CHUNK_LIVE_FLOAT_CPU if s.dequantize_path and not dequantized else HEAD_CHUNK_LIVE
     # A chunk has at least 512 rows, so beyond 1,024 positions its logits outgrow the 2 MB target.
     chunk = max(HEAD_CHUNK_LOGITS_BYTES, 4 * tokens * min(rows, shape.vocab))
-    return HEAD_CHUNK_LIVE * chunk + dequantized + 2 * tokens * shape.hidden * 4
+    return live * chunk + dequantized + 2 * tokens * shape.hidden * 4
 
 
 def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
