@@ -391,7 +391,7 @@ def test_float_copies_are_sized_exactly_and_train_the_same(tmp_path):
         np.testing.assert_allclose(np.array(trained[1][name]), np.array(value), rtol=1e-3, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.slow  # a known gap, measured: no need to run it in every CI run
+@pytest.mark.slow  # two real training steps with float copies (~1 min); the non-copy peak is checked in every run
 def test_float_copies_peak_within_ten_percent_of_measured(tmp_path):
     import dataclasses
 
