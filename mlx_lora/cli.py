@@ -125,11 +125,13 @@ def _setup_seconds() -> float | None:
 def cmd_eval(args) -> int:
     from .adapters import load_adapters
     from .config import load_config
+    from .kernel_cache import start_preamble_pch
     from .preference_data import load_datasets_for
     from .run import load_base, run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
+    start_preamble_pch()  # in the background: MLX's CPU kernels build faster once it is there
     adapter_dir = Path(args.adapter or cfg.output_dir)
     model, tokenizer, _, _ = load_base(cfg)  # the base quantized as it was for training
     load_adapters(model, adapter_dir)

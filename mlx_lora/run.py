@@ -172,6 +172,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     from .preference_data import load_datasets_for
     from .launch import check_same_inputs
     from .frozen_matmul import keep_float_weights, kept_bytes
+    from .kernel_cache import start_preamble_pch
     from .lora import count_trainable, transformer_blocks
     from .train import still_improving, train
 
@@ -195,6 +196,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
 
     ranks = f" | {world.size} ranks ({cfg.distributed.backend})" if world.size > 1 else ""
     say(f"mlx-lora {__version__} | device {mx.default_device()}{ranks} | model {cfg.model}")
+    kernel_preamble = start_preamble_pch()  # builds while the model loads; see kernel_cache.py
     plan = memory_plan(cfg, say)  # every rank plans (the float_weights choice must agree); rank 0 prints
     model, tokenizer, info, quant_report, keys = prepare_model(cfg)
     check_same_inputs(world, info.path, cfg.data.path)
@@ -230,6 +232,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     if not resume:
         metrics.rows = []
+    if kernel_preamble is not None:  # wait for it (~2.5 s, mostly done by now): each kernel then builds ~5x faster
+        say(kernel_preamble.finish(timeout=30))
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,

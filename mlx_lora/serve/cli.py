@@ -165,6 +165,7 @@ def serve(cfg: ServeConfig) -> None:
     """Load the model and adapters, print how to call the server, and serve until Ctrl-C."""
     import uvicorn
 
+    from ..kernel_cache import start_preamble_pch
     from .app import ServerLimits, create_app
     from .engine import Engine, EngineLimits
 
@@ -172,6 +173,7 @@ def serve(cfg: ServeConfig) -> None:
         print(f"WARNING: binding {cfg.host}: the server is reachable from other machines"
               + ("" if cfg.api_key else "; consider --api-key"), file=sys.stderr)
     print(f"loading {cfg.model}" + (f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""), flush=True)
+    start_preamble_pch()  # in the background: MLX's CPU kernels build faster once it is there
     engine_limits = EngineLimits(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_context=cfg.max_context,
                                  prefill_chunk=cfg.prefill_chunk, prompt_cache_size=cfg.prompt_cache_size,
                                  prompt_cache_bytes=cfg.prompt_cache_bytes)
