@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -192,6 +193,16 @@ def cmd_doctor(args) -> int:
         if os.environ.get(CORETYPE_ENV):
             print(f"openblas core {os.environ[CORETYPE_ENV]} ({CORETYPE_ENV}; the library's own pick on this CPU: "
                   f"{openblas_corename(find_fast_blas() or '') or 'unknown'})")
+        if mx.default_device() == mx.cpu:
+            from .kernel_cache import DISABLE_ENV, kernel_cache_dir, preamble_pch_path
+
+            gxx = shutil.which("g++")
+            pch = preamble_pch_path()
+            state = ("off (" + DISABLE_ENV + ")" if os.environ.get(DISABLE_ENV) else
+                     "present" if pch.exists() else "not built yet (the next train / eval / serve builds it)")
+            print(f"kernels       {kernel_cache_dir()}: {len(list(kernel_cache_dir().glob('*.so')))} built; "
+                  + (f"g++ {gxx}, precompiled preamble {state}" if gxx else
+                     "no g++ on PATH: MLX runs compiled graphs unfused, slower (install g++)"))
     print(f"matmul        {matmul_gflops():.0f} GFLOP/s (float32 1024x1024 on {mx.default_device()})")
     if args.hosts:
         return doctor_hosts(args)

@@ -90,3 +90,20 @@ def test_temp_root_follows_libstdcxx_order(monkeypatch):
     assert kernel_cache.temp_root() == Path("/a")
     monkeypatch.setenv("TMPDIR", "/c")
     assert kernel_cache.temp_root() == Path("/c")
+
+
+def test_doctor_reports_the_kernel_cache(tmp_path):
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def doctor() -> str:
+        done = subprocess.run([sys.executable, "-m", "mlx_lora", "doctor"], env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert done.returncode == 0, done.stderr
+        return next(line for line in done.stdout.splitlines() if line.startswith("kernels"))
+
+    assert "precompiled preamble not built yet" in doctor()
+    import mlx.core as mx
+
+    build = kernel_cache.start_preamble_pch(tmp_path / "mlx" / mx.__version__ / "cpu")
+    assert "precompiled in" in build.finish(timeout=120)
+    assert "precompiled preamble present" in doctor()
