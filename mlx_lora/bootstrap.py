@@ -5,7 +5,7 @@ yet). Prints the interpreter the scripts should use. It creates `.venv/` and ins
 package there when the current interpreter lacks the dependencies, and on Linux makes a fast
 BLAS available when it can (apt as root), since MLX's bundled one is ~20x slower.
 
-    python3 -m mlx_lora.bootstrap [--extras test,cuda]
+    python3 -m mlx_lora.bootstrap [--extras test,cuda,mkl]
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def ensure_fast_blas() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--extras", default="", help="comma-separated extras to install (test, cuda)")
+    parser.add_argument("--extras", default="", help="comma-separated extras to install (test, cuda, mkl)")
     args = parser.parse_args(argv)
     extras = [e for e in args.extras.split(",") if e]
     try:

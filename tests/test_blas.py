@@ -47,9 +47,65 @@ def test_blas_env_sets_the_coretype_when_openblas_picks_slower_kernels(monkeypat
 
 
 def test_openblas_corename_asks_the_real_library():
-    path = blas.find_fast_blas()
-    if path is None or "openblas" not in path:
+    path = next((p for p in blas.CANDIDATES if blas.os.path.exists(p)), None)
+    if path is None:
         pytest.skip("no OpenBLAS on this machine")
     name = blas.openblas_corename(path)
     assert name and name.isprintable()
     assert blas.openblas_corename("/nonexistent/libopenblas.so.0") is None
+
+
+@pytest.mark.parametrize("mkl, intel, gomp, openblas, expected", [
+    ("/v/lib/libmkl_rt.so.3", True, "libgomp.so.1", True, "/v/lib/libmkl_rt.so.3"),  # pip's mkl on an Intel CPU
+    ("/v/lib/libmkl_rt.so.3", False, "libgomp.so.1", True, "/sys/libopenblas.so.0"),  # AMD: not measured, OpenBLAS
+    ("/v/lib/libmkl_rt.so.3", True, None, True, "/sys/libopenblas.so.0"),  # MKL would run single-threaded
+    ("/v/lib/libmkl_rt.so.3", False, None, False, "/v/lib/libmkl_rt.so.3"),  # nothing else: MKL still beats the reference
+    (None, True, "libgomp.so.1", True, "/sys/libopenblas.so.0"),
+    (None, True, "libgomp.so.1", False, None),
+])
+def test_find_fast_blas_prefers_an_installed_mkl_on_intel(monkeypatch, mkl, intel, gomp, openblas, expected):
+    monkeypatch.setattr(blas, "installed_mkl", lambda: mkl)
+    monkeypatch.setattr(blas, "intel_cpu", lambda: intel)
+    monkeypatch.setattr(blas, "gnu_openmp", lambda: gomp)
+    monkeypatch.setattr(blas, "CANDIDATES", ("/sys/libopenblas.so.0",))
+    monkeypatch.setattr(blas.os.path, "exists", lambda path: openblas and path == "/sys/libopenblas.so.0")
+    assert blas.find_fast_blas() == expected
+
+
+def test_intel_cpu_read_from_cpuinfo_text():
+    assert blas.intel_cpu("processor\t: 0\nvendor_id\t: GenuineIntel\n")
+    assert not blas.intel_cpu("processor\t: 0\nvendor_id\t: AuthenticAMD\n")
+
+
+@pytest.mark.parametrize("iomp, gomp, user, expected", [
+    (False, "libgomp.so.1", None, "GNU"), (False, None, None, "SEQUENTIAL"),
+    (True, "libgomp.so.1", None, None),  # pip's mkl brings intel-openmp: MKL's own default layer loads
+    (False, "libgomp.so.1", "INTEL", None)])  # the user's choice is kept
+def test_blas_env_gives_mkl_a_threading_layer_that_loads(monkeypatch, iomp, gomp, user, expected):
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    monkeypatch.setattr(blas, "gnu_openmp", lambda: gomp)
+    monkeypatch.setattr(blas.glob, "glob", lambda pattern: ["/v/lib/libiomp5.so"] if iomp and "iomp5" in pattern else [])
+    monkeypatch.setattr(blas, "openblas_corename", lambda path: None)
+    if user:
+        monkeypatch.setenv("MKL_THREADING_LAYER", user)
+    else:
+        monkeypatch.delenv("MKL_THREADING_LAYER", raising=False)
+    env = blas.blas_env("/v/lib/libmkl_rt.so.3")
+    assert env["LD_PRELOAD"] == "/v/lib/libmkl_rt.so.3"
+    assert env.get("MKL_THREADING_LAYER") == expected
+
+
+def test_an_installed_mkl_multiplies_under_the_env_we_give_it():
+    import os
+    import subprocess
+    import sys
+
+    path = blas.installed_mkl()
+    if path is None:
+        pytest.skip("no pip-installed MKL in this environment")
+    code = ("import mlx.core as mx; a = mx.random.normal((300, 200)); b = mx.random.normal((200, 100)); "
+            "import numpy as np; print(np.abs(np.array(a @ b) - np.array(a) @ np.array(b)).max())")
+    env = {**{k: v for k, v in os.environ.items() if k != "MKL_THREADING_LAYER"}, **blas.blas_env(path)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1e-3
