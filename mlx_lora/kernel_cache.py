@@ -14,7 +14,8 @@ by every kernel MLX builds there, with the same machine code (checked by `objdum
 was written). It is built once per MLX version and temp folder (~2.5 s, in the background while
 the model loads) with the flags MLX uses, written under another name and renamed, so a kernel
 build never sees half a file. GCC ignores a precompiled header made by another compiler
-version or with other flags and reads the header instead: slower, never wrong. Linux only
+version or with other flags and reads the header instead: slower, never wrong (the g++ that
+built it is recorded beside it, and another one rebuilds it). Linux only
 (MLX's CPU kernels elsewhere build with another compiler); nothing is done when MLX runs on a
 GPU or g++ is missing.
 """
@@ -93,7 +94,7 @@ class PreambleBuild:
 
 def start_preamble_pch(cache_dir: Path | None = None) -> PreambleBuild | None:
     """Start building the precompiled preamble for MLX's CPU kernels in the background, or return
-    None when it is not needed (already there, not Linux, MLX on a GPU, no g++, or
+    None when it is not needed (already built by this g++, not Linux, MLX on a GPU, no g++, or
     MLX_LORA_NO_KERNEL_PCH set). The child writes a temporary file and renames it into place
     itself, so the header is there for later runs whether or not the caller waits."""
     if not sys.platform.startswith("linux") or os.environ.get(DISABLE_ENV) or shutil.which("g++") is None:
@@ -104,7 +105,9 @@ def start_preamble_pch(cache_dir: Path | None = None) -> PreambleBuild | None:
         return None
     target = preamble_pch_path(cache_dir)
     include = mlx_include_dir()
-    if target.exists() or not (include / PREAMBLE).exists():
+    stamp = target.with_name(target.name + ".compiler")  # which g++ built it: another one ignores it
+    compiler = compiler_id()
+    if not (include / PREAMBLE).exists() or (target.exists() and stamp.exists() and stamp.read_text() == compiler):
         return None
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,4 +121,17 @@ def start_preamble_pch(cache_dir: Path | None = None) -> PreambleBuild | None:
                                    stderr=subprocess.DEVNULL)
     except OSError:
         return None
+    stamp_tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
+    stamp_tmp.write_text(compiler)
+    os.replace(stamp_tmp, stamp)
     return PreambleBuild(process, tmp, target)
+
+
+def compiler_id() -> str:
+    """The first line of `g++ --version` (g++ rejects a precompiled header another version made)."""
+    try:
+        done = subprocess.run(["g++", "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    lines = done.stdout.splitlines()
+    return lines[0] if lines else ""

@@ -72,13 +72,20 @@ def test_without_the_precompiled_preamble_kernels_read_the_header(tmp_path):
     assert "compiled_preamble.h" in included and ".gch" not in included, included[:2000]
 
 
-def test_nothing_to_do_when_disabled_or_already_built(tmp_path, monkeypatch):
+def test_nothing_to_do_when_disabled_or_built_by_this_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv(kernel_cache.DISABLE_ENV, "1")
     assert kernel_cache.start_preamble_pch(tmp_path) is None
     monkeypatch.delenv(kernel_cache.DISABLE_ENV)
-    kernel_cache.preamble_pch_path(tmp_path).parent.mkdir(parents=True)
-    kernel_cache.preamble_pch_path(tmp_path).write_bytes(b"x")
+    pch = kernel_cache.preamble_pch_path(tmp_path)
+    pch.parent.mkdir(parents=True)
+    pch.write_bytes(b"x")
+    stamp = pch.with_name(pch.name + ".compiler")
+    stamp.write_text(kernel_cache.compiler_id())
     assert kernel_cache.start_preamble_pch(tmp_path) is None
+    stamp.write_text("g++ (Debian 11.2.0-1) 11.2.0")  # built by an older g++: rebuilt
+    build = kernel_cache.start_preamble_pch(tmp_path)
+    assert build is not None and "precompiled in" in build.finish(timeout=120)
+    assert pch.stat().st_size > 1_000_000 and stamp.read_text() == kernel_cache.compiler_id()
 
 
 def test_temp_root_follows_libstdcxx_order(monkeypatch):
