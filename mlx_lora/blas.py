@@ -44,6 +44,13 @@ def installed_mkl() -> str | None:
     return found[-1] if found else None
 
 
+def installed_intel_openmp() -> str | None:
+    """Intel's OpenMP runtime (libiomp5) in this environment, which `pip install mkl` brings and
+    MKL's default threading layer needs."""
+    found = sorted(glob.glob(f"{sys.prefix}/lib/libiomp5.so*"))
+    return found[-1] if found else None
+
+
 def gnu_openmp() -> str | None:
     """The system's GNU OpenMP runtime (libgomp), which MKL's GNU threading layer runs on."""
     return ctypes.util.find_library("gomp")
@@ -62,14 +69,14 @@ def intel_cpu(cpuinfo: str | None = None) -> bool:
 def find_fast_blas() -> str | None:
     """Path of the BLAS to preload, or None.
 
-    An MKL installed in this environment (`pip install mkl`) comes first on Intel CPUs when its
-    GNU threading layer can run (libgomp): the same training step as OpenBLAS, and with one to a
-    few rows, as in decoding, 1.8x faster (OpenBLAS 0.3.21's sgemm packs the whole weight for
-    one row; measured in README, "Fuse, serve and test"). Otherwise the system's OpenBLAS, then
-    an MKL anyway (its speed on other CPUs was not measured here).
+    An MKL installed in this environment (`pip install mkl`) comes first on Intel CPUs when it
+    can run threaded (Intel's OpenMP runtime, or libgomp for its GNU layer): the same training
+    step as OpenBLAS, and one serving client ~1.6x faster (OpenBLAS 0.3.21's sgemm packs the
+    whole weight even for one row; README, "Fuse, serve and test"). Otherwise the system's
+    OpenBLAS, then an MKL anyway (its speed on other CPUs was not measured here).
     """
     mkl = installed_mkl()
-    if mkl and intel_cpu() and gnu_openmp():
+    if mkl and intel_cpu() and (installed_intel_openmp() or gnu_openmp()):
         return mkl
     for path in CANDIDATES:
         if os.path.exists(path):
@@ -133,8 +140,7 @@ def blas_env(path: str) -> dict[str, str]:
     runtime is installed or the user set `MKL_THREADING_LAYER`."""
     preload = os.environ.get("LD_PRELOAD", "")
     env = {"LD_PRELOAD": ":".join([path] + [p for p in preload.split(":") if p and p != path])}
-    if "libmkl_rt" in os.path.basename(path) and MKL_THREADING_ENV not in os.environ \
-            and not glob.glob(f"{sys.prefix}/lib/libiomp5.so*"):
+    if "libmkl_rt" in os.path.basename(path) and MKL_THREADING_ENV not in os.environ and not installed_intel_openmp():
         # MKL's default (Intel) layer needs Intel's OpenMP runtime, which pip's mkl does not bring:
         # without it MLX's first product fails with "undefined symbol: omp_get_num_procs" (measured)
         env[MKL_THREADING_ENV] = "GNU" if gnu_openmp() else "SEQUENTIAL"

@@ -76,12 +76,12 @@ def pch_command(include_dir: Path, out: Path) -> list[str]:
 class PreambleBuild:
     """A precompiled-header build running in the background (`start_preamble_pch`)."""
 
-    def __init__(self, process: subprocess.Popen, tmp: Path, target: Path):
-        self.process, self.tmp, self.target, self.started = process, tmp, target, time.perf_counter()
+    def __init__(self, process: subprocess.Popen, target: Path):
+        self.process, self.target, self.started = process, target, time.perf_counter()
 
     def finish(self, timeout: float | None = None) -> str:
-        """Wait for the build (at most `timeout` seconds), put it in place, and say how it went
-        in one line for the run log."""
+        """Wait for the build (at most `timeout` seconds; the child renames the file into place
+        itself) and say how it went in one line for the run log."""
         try:
             self.process.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -107,24 +107,24 @@ def start_preamble_pch(cache_dir: Path | None = None) -> PreambleBuild | None:
     include = mlx_include_dir()
     stamp = target.with_name(target.name + ".compiler")  # which g++ built it: another one ignores it
     compiler = compiler_id()
-    if not (include / PREAMBLE).exists() or (target.exists() and stamp.exists() and stamp.read_text() == compiler):
-        return None
     try:
+        if not (include / PREAMBLE).exists() or (target.exists() and stamp.exists() and stamp.read_text() == compiler):
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
     command = pch_command(include, tmp)
     script = f"{shlex.join(command)} 2>/dev/null && mv -f {shlex.quote(str(tmp))} {shlex.quote(str(target))} || rm -f {shlex.quote(str(tmp))}"
+    stamp_tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
     try:
         process = subprocess.Popen(["sh", "-c", script], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
+        stamp_tmp.write_text(compiler)
+        os.replace(stamp_tmp, stamp)
     except OSError:
         return None
-    stamp_tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
-    stamp_tmp.write_text(compiler)
-    os.replace(stamp_tmp, stamp)
-    return PreambleBuild(process, tmp, target)
+    return PreambleBuild(process, target)
 
 
 def compiler_id() -> str:

@@ -55,16 +55,18 @@ def test_openblas_corename_asks_the_real_library():
     assert blas.openblas_corename("/nonexistent/libopenblas.so.0") is None
 
 
-@pytest.mark.parametrize("mkl, intel, gomp, openblas, expected", [
-    ("/v/lib/libmkl_rt.so.3", True, "libgomp.so.1", True, "/v/lib/libmkl_rt.so.3"),  # pip's mkl on an Intel CPU
-    ("/v/lib/libmkl_rt.so.3", False, "libgomp.so.1", True, "/sys/libopenblas.so.0"),  # AMD: not measured, OpenBLAS
-    ("/v/lib/libmkl_rt.so.3", True, None, True, "/sys/libopenblas.so.0"),  # MKL would run single-threaded
-    ("/v/lib/libmkl_rt.so.3", False, None, False, "/v/lib/libmkl_rt.so.3"),  # nothing else: MKL still beats the reference
-    (None, True, "libgomp.so.1", True, "/sys/libopenblas.so.0"),
-    (None, True, "libgomp.so.1", False, None),
+@pytest.mark.parametrize("mkl, intel, iomp, gomp, openblas, expected", [
+    ("/v/lib/libmkl_rt.so.3", True, "/v/lib/libiomp5.so", None, True, "/v/lib/libmkl_rt.so.3"),  # pip's mkl, Intel CPU
+    ("/v/lib/libmkl_rt.so.3", True, None, "libgomp.so.1", True, "/v/lib/libmkl_rt.so.3"),  # its GNU layer
+    ("/v/lib/libmkl_rt.so.3", False, "/v/lib/libiomp5.so", "libgomp.so.1", True, "/sys/libopenblas.so.0"),  # AMD
+    ("/v/lib/libmkl_rt.so.3", True, None, None, True, "/sys/libopenblas.so.0"),  # MKL would run single-threaded
+    ("/v/lib/libmkl_rt.so.3", False, None, None, False, "/v/lib/libmkl_rt.so.3"),  # nothing else: MKL beats the reference
+    (None, True, None, "libgomp.so.1", True, "/sys/libopenblas.so.0"),
+    (None, True, None, "libgomp.so.1", False, None),
 ])
-def test_find_fast_blas_prefers_an_installed_mkl_on_intel(monkeypatch, mkl, intel, gomp, openblas, expected):
+def test_find_fast_blas_prefers_an_installed_mkl_on_intel(monkeypatch, mkl, intel, iomp, gomp, openblas, expected):
     monkeypatch.setattr(blas, "installed_mkl", lambda: mkl)
+    monkeypatch.setattr(blas, "installed_intel_openmp", lambda: iomp)
     monkeypatch.setattr(blas, "intel_cpu", lambda: intel)
     monkeypatch.setattr(blas, "gnu_openmp", lambda: gomp)
     monkeypatch.setattr(blas, "CANDIDATES", ("/sys/libopenblas.so.0",))
@@ -84,7 +86,7 @@ def test_intel_cpu_read_from_cpuinfo_text():
 def test_blas_env_gives_mkl_a_threading_layer_that_loads(monkeypatch, iomp, gomp, user, expected):
     monkeypatch.delenv("LD_PRELOAD", raising=False)
     monkeypatch.setattr(blas, "gnu_openmp", lambda: gomp)
-    monkeypatch.setattr(blas.glob, "glob", lambda pattern: ["/v/lib/libiomp5.so"] if iomp and "iomp5" in pattern else [])
+    monkeypatch.setattr(blas, "installed_intel_openmp", lambda: "/v/lib/libiomp5.so" if iomp else None)
     monkeypatch.setattr(blas, "openblas_corename", lambda path: None)
     if user:
         monkeypatch.setenv("MKL_THREADING_LAYER", user)
