@@ -41,6 +41,7 @@ class DataConfig:
     overlong: str = field(default="truncate", **_help("What to do with examples longer than max_seq_length: truncate | drop. Always counted in the summary."))
     train_on_prompt: bool = field(default=False, **_help("Compute the loss on every token, not only on assistant/completion tokens."))
     chat_template: Optional[str] = field(default=None, **_help("A Jinja chat template file to use instead of the model's own, for training and eval (resolved like `path`)."))
+    completions_as_chat: bool = field(default=True, **_help("prompt/completion rows on a model with a chat template: true wraps each as one user turn and one assistant reply (as mlx-lm does; what the server's /v1/chat/completions sends); false trains the raw prompt text followed by the completion (what /v1/completions sends). Counted in the data summary."))
     valid_fraction: float = field(default=0.0, **_help("When the folder has no valid.jsonl: hold out this fraction of train.jsonl's rows (seeded by `seed`) for the validation loss. 0 trains without validation loss."))
     pack: bool = field(default=False, **_help("Sequence packing (SFT, one process): lay each batch's examples end to end in as few rows of up to max_seq_length tokens as hold them, each example attending only to itself, so less padding is computed. Same examples, targets and loss per step. Off by default: on the demo (5% padding) it measured no faster (README, issue 11)."))
 

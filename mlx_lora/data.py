@@ -58,13 +58,14 @@ class DataStats:
     rewritten_rows: int = 0  # rows whose chat template rewrites earlier assistant turns
     rewritten_turns: int = 0
     rewritten_examples: list[str] = field(default_factory=list)  # "train.jsonl:3 messages[1]"
+    templated_completions: int = 0  # prompt/completion rows rendered through the chat template
 
     def summary(self) -> dict:
         lengths = sorted(self.lengths) or [0]
         return {
             "rows": self.rows, "examples": len(self.lengths), "truncated": self.truncated,
             "rewritten_rows": self.rewritten_rows, "rewritten_turns": self.rewritten_turns,
-            "rewritten_examples": self.rewritten_examples,
+            "rewritten_examples": self.rewritten_examples, "templated_completions": self.templated_completions,
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
             "targets_cut_off": self.targets_cut_off,
             "dropped_identical": self.dropped_identical, "tokens": self.tokens, "target_tokens": self.target_tokens,
@@ -149,15 +150,23 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def row_examples(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> tuple[list[Example], list[int]]:
+def completion_uses_template(tokenizer, completions_as_chat: bool = True) -> bool:
+    """Whether prompt/completion rows are rendered through the chat template (one user turn, one reply)."""
+    return completions_as_chat and has_chat_template(tokenizer)
+
+
+def row_examples(tokenizer, row: dict, fmt: str, train_on_prompt: bool,
+                 completions_as_chat: bool = True) -> tuple[list[Example], list[int]]:
     """(examples, message indices of assistant turns the chat template rewrites) of one row.
 
     A chat row gives one example, or one more per turn that the template renders differently
-    once later turns follow (see `chat.tokenize_conversation`); other rows give one.
+    once later turns follow (see `chat.tokenize_conversation`); other rows give one. A
+    prompt/completion row goes through the chat template when the tokenizer has one and
+    `completions_as_chat` (`data.completions_as_chat`), else it is the raw prompt + completion.
     """
     eos = tokenizer.eos_token_id
     rewritten: list[int] = []
-    if fmt == "completions" and has_chat_template(tokenizer):
+    if fmt == "completions" and completion_uses_template(tokenizer, completions_as_chat):
         row = {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]}
         fmt = "chat"
     if fmt == "chat":
@@ -190,9 +199,9 @@ def row_examples(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> tuple
     return examples, rewritten
 
 
-def tokenize_row(tokenizer, row: dict, fmt: str, train_on_prompt: bool) -> Example:
+def tokenize_row(tokenizer, row: dict, fmt: str, train_on_prompt: bool, completions_as_chat: bool = True) -> Example:
     """The example of one row that holds its last target (a chat's last assistant turn)."""
-    return row_examples(tokenizer, row, fmt, train_on_prompt)[0][-1]
+    return row_examples(tokenizer, row, fmt, train_on_prompt, completions_as_chat)[0][-1]
 
 
 def tokenize_chat(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[bool]]:
@@ -222,10 +231,12 @@ def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: D
             raise DataError(f"{path}: mixes formats ({', '.join(f'{k} at line {v}' for k, v in formats.items())}); "
                             "convert the file with data_transform.py")
         try:
-            row_list, rewritten = row_examples(tokenizer, row, fmt, config.train_on_prompt)
+            row_list, rewritten = row_examples(tokenizer, row, fmt, config.train_on_prompt, config.completions_as_chat)
         except DataError as err:
             raise DataError(f"{where}: {err}") from err
         stats.rows += 1
+        if fmt == "completions" and completion_uses_template(tokenizer, config.completions_as_chat):
+            stats.templated_completions += 1
         if rewritten:
             stats.rewritten_rows += 1
             stats.rewritten_turns += len(rewritten)

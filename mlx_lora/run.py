@@ -86,6 +86,11 @@ def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
                          f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
                          f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
                          "as the template renders it when generating that turn")
+        if stats.get("templated_completions"):
+            lines.append(f"data {split}: {stats['templated_completions']} prompt/completion row(s) formatted with the "
+                         "chat template as one user turn and one assistant reply (query the tuned model through "
+                         "/v1/chat/completions; data.completions_as_chat=false trains the raw text that "
+                         "/v1/completions sends)")
     return lines
 
 

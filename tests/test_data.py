@@ -57,6 +57,27 @@ def test_train_on_prompt_and_completions_and_text(tokenizer):
     assert all(text.mask) and text.tokens[-1] == tokenizer.eos_token_id
 
 
+def test_completion_rows_through_the_chat_template_are_counted_and_can_stay_raw(tmp_path, tokenizer):
+    from mlx_lora.data import DataStats
+    from mlx_lora.run import describe_data
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "hi", "completion": "hello"}, {"prompt": "a", "completion": "b"}])
+    stats = DataStats()
+    templated = load_split(path, tokenizer, DataConfig(path=str(tmp_path)), stats)
+    assert tokenizer.decode(templated[0].tokens).startswith("<|im_start|>") and stats.templated_completions == 2
+    lines = describe_data({"train": {**stats.summary(), "source": "train.jsonl"}})
+    assert any("2 prompt/completion row(s) formatted with the chat template" in line
+               and "data.completions_as_chat=false" in line for line in lines)
+    stats = DataStats()
+    raw = load_split(path, tokenizer, DataConfig(path=str(tmp_path), completions_as_chat=False), stats)
+    prompt = tokenizer.encode("hi")
+    assert raw[0].tokens[:len(prompt)] == prompt and "<|im_start|>" not in tokenizer.decode(raw[0].tokens)
+    assert raw[0].mask == [False] * len(prompt) + [True] * (len(raw[0].tokens) - len(prompt))
+    assert raw[0].prompt_text == "hi" and raw[0].reference == "hello"  # evaluation prompts it the same raw way
+    assert stats.templated_completions == 0
+    assert not any("prompt/completion" in line for line in describe_data({"train": {**stats.summary(), "source": "train.jsonl"}}))
+
+
 @pytest.mark.parametrize("row, message", [
     ('{"messages": [{"role": "user", "content": "hi"}', r"bad\.jsonl:2:\d+: invalid JSON"),
     ({"messages": [{"role": "user", "content": "only a question"}]}, r"bad\.jsonl:2: no assistant message"),
