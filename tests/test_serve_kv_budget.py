@@ -97,3 +97,43 @@ def test_kv_memory_setting():
     with pytest.raises(ConfigError, match="kv_memory"):
         load_serve_config(None, ["model=demo", "kv_memory=lots"], {})
     assert load_serve_config(None, ["model=demo", "kv_memory=2GB"], {}).kv_memory == "2GB"
+
+
+def test_sliding_window_layers_are_counted_at_their_window(tmp_path):
+    """Gemma 3 keeps 5 of every 6 layers in a sliding window (mlx-lm's RotatingKVCache): the budget
+    counts those at window + one prefill chunk, so it admits what really fits, and the memory the
+    batch's caches hold stays within it."""
+    pytest.importorskip("torch")
+    import mlx.core as mx
+    from tiny_torch import make_family_dir
+
+    from mlx_lora.serve.engine import Engine
+
+    folder = make_family_dir(tmp_path / "gemma3", "gemma3_text", overrides={"sliding_window": 8})
+    engine = Engine.from_source(str(folder), base_name="base")
+    assert engine.kv_windows == (8, 8, 8, 8, 8, None)
+    specs = [{"id": f"s{i}", "prompt": "say hello world " * (i + 2), "adapter": None, "max_tokens": 40,
+              "params": {"logit_bias": {t: -100.0 for t in engine.tokenizer.eos_token_ids}}} for i in range(3)]
+    alone = {}
+    for spec in specs:
+        sched = scheduler(engine, prefill_chunk=4)
+        sched.add(sequence(engine, spec, alone))
+        drain(sched)
+    longest = max(len(engine.tokenizer.encode(s["prompt"])) + 40 for s in specs)
+    full = longest + 256
+    row = -(-(5 * (8 + 4) + full) // 6)  # five windowed layers and one full layer, per row
+    budget = 3 * row
+    assert budget < 2 * full  # counting every layer in full, only one row would have fitted
+    out, rows, held = {}, [], []
+    sched = scheduler(engine, prefill_chunk=4, kv_tokens=budget, kv_windows=engine.kv_windows)
+    assert sched.row_slots(longest) == row
+    for spec in specs:
+        sched.add(sequence(engine, spec, out))
+    while not sched.idle():
+        sched.step()
+        rows.append(sched.active())
+        held.append(sum(c.keys.nbytes + c.values.nbytes for c in sched._caches if getattr(c, "keys", None) is not None))
+    mx.eval(mx.zeros(1))
+    assert max(rows) == 3
+    assert max(held) <= budget * engine.kv_bytes_per_token
+    assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}

@@ -263,6 +263,7 @@ def kv_cache_bytes_per_token(shape: ModelShape, dtype_bytes: int) -> int:
     """Bytes of KV cache one token holds in every layer: keys and values, (kv_heads, head_dim) each.
 
     2 * layers * kv_heads * head_dim * dtype_bytes (the usual KV-cache size formula, e.g. in vLLM's
-    block manager). Models with sliding-window layers (gemma2/3) keep less; this is an upper bound.
+    block manager). A sliding-window layer (Gemma 3's local layers) stops growing at its window: the
+    server's scheduler counts those per layer (`serve.scheduler.Scheduler.row_slots`).
     """
     return 2 * shape.layers * shape.kv_heads * shape.head_dim * dtype_bytes

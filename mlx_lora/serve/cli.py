@@ -189,7 +189,9 @@ def serve(cfg: ServeConfig) -> None:
     print(f"models: {', '.join(engine.model_names())}")
     if engine.scheduler.kv_tokens is not None:
         print(f"KV-cache budget: {engine.limits.kv_budget_bytes / 2**20:.0f} MiB = {engine.scheduler.kv_tokens} tokens "
-              f"in flight at {engine.kv_bytes_per_token} bytes per token (kv_memory {cfg.kv_memory})")
+              f"in flight at {engine.kv_bytes_per_token} bytes per token (kv_memory {cfg.kv_memory})" +
+              (f"; {sum(w is not None for w in engine.kv_windows)} of {len(engine.kv_windows)} layers keep a sliding "
+               f"window of {max(w for w in engine.kv_windows if w is not None)} tokens" if engine.kv_windows else ""))
     print(f"serving on {url}  (OpenAPI docs: http://{shown_host}:{cfg.port}/docs; Ctrl-C stops)")
     print("try:\n  curl " + url + "/chat/completions -H 'Content-Type: application/json'" + auth +
           " -d '{\"model\": \"" + engine.default_model + "\", \"messages\": [{\"role\": \"user\", "

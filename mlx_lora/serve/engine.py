@@ -117,9 +117,10 @@ class Engine:
                 raise ValueError("kv_memory: the memory planner does not know this model's shape, so a KV budget "
                                  "cannot be derived; use kv_memory: none")
             kv_tokens = limits.kv_budget_bytes // self.kv_bytes_per_token
+        self.kv_windows = kv_windows(make_prompt_cache(model))
         self.scheduler = Scheduler(self._forward, lambda: make_prompt_cache(model), set(tokenizer.eos_token_ids),
                                    limits.max_batch, limits.prefill_chunk, limits.prompt_cache_size,
-                                   limits.prompt_cache_bytes, kv_tokens)
+                                   limits.prompt_cache_bytes, kv_tokens, self.kv_windows)
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -330,7 +331,7 @@ class Engine:
                                f"can be generated within this server's {context}-token context; ask for fewer",
                                "max_tokens")
         if not self.scheduler.fits_alone(len(tokens), request.max_tokens):
-            room = self.scheduler.kv_tokens - self.scheduler.kv_step - len(tokens)
+            room = self.scheduler.most_tokens_alone(len(tokens))
             raise RequestError(f"max_tokens: the prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) do "
                                f"not fit this server's KV-cache budget ({self.limits.kv_budget_bytes} bytes = "
                                f"{self.scheduler.kv_tokens} tokens, {self.scheduler.kv_step} of them held for cache "
@@ -341,6 +342,15 @@ class Engine:
     def _record(self, job: Job, generated: int, finish: str) -> None:
         self.history.append({"model": job.request.model, "completion_tokens": generated, "finish_reason": finish,
                              "max_tokens": job.request.max_tokens, "seconds": time.perf_counter() - job.submitted})
+
+
+def kv_windows(cache: list) -> tuple[Optional[int], ...]:
+    """Per layer of an mlx-lm prompt cache: None for a full KV cache, the window for a sliding-window one
+    (`RotatingKVCache.max_size`); () when every layer is full."""
+    from mlx_lm.models.cache import RotatingKVCache
+
+    windows = tuple(layer.max_size if isinstance(layer, RotatingKVCache) else None for layer in cache)
+    return windows if any(w is not None for w in windows) else ()
 
 
 def kv_bytes_per_token(model: nn.Module) -> Optional[int]:

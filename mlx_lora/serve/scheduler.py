@@ -75,7 +75,7 @@ class Scheduler:
 
     def __init__(self, forward: Forward, make_cache: Callable[[], list], eos_ids: set[int], max_batch: int = 8,
                  prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30,
-                 kv_tokens: Optional[int] = None):
+                 kv_tokens: Optional[int] = None, kv_windows: tuple[Optional[int], ...] = ()):
         from mlx_lm.models.cache import BatchKVCache, LRUPromptCache
 
         self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
@@ -83,7 +83,12 @@ class Scheduler:
         # KV budget in token slots (None: unbounded). The batch's caches are one rectangle: every row
         # as long as the longest (left padding), grown `kv_step` slots at a time, so a batch of n rows
         # whose longest prompt + max_tokens is T holds at most n * (T + kv_step) slots.
+        # `kv_windows`: per layer, None for a full cache, or the window of a sliding-window layer
+        # (mlx-lm's RotatingKVCache: Gemma 3, Mistral-style `layer_types`), which never holds more
+        # than window - 1 + one prefill chunk per row, however long the sequence. A token slot is one
+        # token in every layer (the planner's bytes per token).
         self.kv_tokens, self.kv_step = kv_tokens, BatchKVCache.step
+        self.kv_windows = tuple(kv_windows) if any(w is not None for w in kv_windows) else ()
         self.prompt_cache = LRUPromptCache(prompt_cache_size, prompt_cache_bytes) if prompt_cache_size > 0 else None
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()
@@ -150,13 +155,31 @@ class Scheduler:
             self.prefilling, self._prefill = [], None
         # A cancelled member of a group still being read leaves when the group joins the batch.
 
+    def row_slots(self, length: int) -> int:
+        """KV token slots one row holds when the batch's longest prompt + max_tokens is `length`: full
+        layers grow to length + kv_step; a sliding-window layer stops at its window + one prefill chunk."""
+        full = length + self.kv_step
+        if not self.kv_windows:
+            return full
+        held = sum(full if w is None else min(full, w + self.prefill_chunk) for w in self.kv_windows)
+        return -(-held // len(self.kv_windows))  # the layers' mean, rounded up
+
     def kv_slots(self, rows: list[Sequence]) -> int:
         """KV token slots a batch of `rows` may come to hold (see `kv_tokens`)."""
-        return len(rows) * (max(len(s.prompt) + s.max_tokens for s in rows) + self.kv_step) if rows else 0
+        return len(rows) * self.row_slots(max(len(s.prompt) + s.max_tokens for s in rows)) if rows else 0
 
     def fits_alone(self, prompt_tokens: int, max_tokens: int) -> bool:
         """Whether one sequence of this size fits the KV budget on its own (else it never can)."""
-        return self.kv_tokens is None or prompt_tokens + max_tokens + self.kv_step <= self.kv_tokens
+        return self.kv_tokens is None or self.row_slots(prompt_tokens + max_tokens) <= self.kv_tokens
+
+    def most_tokens_alone(self, prompt_tokens: int) -> int:
+        """The largest max_tokens a sequence with this prompt may ask for within the KV budget (0: none)."""
+        # Full layers are at least 1 / layers of a slot, so no length past kv_tokens x layers fits.
+        low, high = 0, (self.kv_tokens or 0) * max(len(self.kv_windows), 1)
+        while low < high:  # row_slots grows with the length: the last max_tokens that fits
+            mid = (low + high + 1) // 2
+            low, high = (mid, high) if self.fits_alone(prompt_tokens, mid) else (low, mid - 1)
+        return low
 
     def _admit(self) -> None:
         from mlx_lm.generate import PromptProcessingBatch
