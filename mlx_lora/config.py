@@ -122,6 +122,7 @@ class EvalConfig:
     max_new_tokens: int = field(default=48, **_help("Greedy generation length for exact-match scoring."))
     limit: Optional[int] = field(default=None, **_help("Evaluate only the first N test examples (null: all)."))
     compare_base: bool = field(default=True, **_help("Also score the base model (adapters off) for a before/after table."))
+    cache_base: bool = field(default=True, **_help("Reuse the base model's scores from an earlier run with the same base weights, test data and eval settings (kept in ~/.cache/mlx-lora/base-eval, keyed by a digest of all of them); false scores the base every time."))
 
 
 @dataclass(frozen=True)

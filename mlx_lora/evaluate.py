@@ -230,13 +230,20 @@ def score(model, tokenizer, examples: list[Example], batch_size: int, max_new_to
 
 
 def evaluate_model(model, tokenizer, examples: list[Example], batch_size: int, max_new_tokens: int,
-                   compare_base: bool = True) -> dict:
-    """{"base": {...}, "tuned": {...}} scores; `base` only when asked (adapters switched off)."""
+                   compare_base: bool = True, cached_base: dict | None = None) -> dict:
+    """{"base": {...}, "tuned": {...}} scores; `base` only when asked (adapters switched off).
+
+    `cached_base`: the base's scores from an earlier run with the same base and settings
+    (`eval_cache`), used instead of scoring it again.
+    """
     results = {}
     with float_weights_kept(model):
         if compare_base and lora_layers(model):
-            with adapters_disabled(model):
-                results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
+            if cached_base is not None:
+                results["base"] = cached_base
+            else:
+                with adapters_disabled(model):
+                    results["base"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
         with adapters_folded(model):  # one product per layer, as a fused model
             results["tuned"] = score(model, tokenizer, examples, batch_size, max_new_tokens)
     return results

@@ -284,6 +284,26 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     return summary
 
 
+def base_scores_cached(model, tokenizer, examples, cfg: Config) -> tuple[str | None, dict | None]:
+    """(cache key, the base's stored scores or None) when `eval.cache_base` applies (see `eval_cache`)."""
+    from .evaluate import prompt_tokens
+    from .lora import lora_layers
+
+    if not (cfg.eval.cache_base and cfg.eval.compare_base and lora_layers(model)):
+        return None, None
+    from .eval_cache import base_eval_key, cache_dir, load_base_scores
+
+    start = time.perf_counter()
+    prompts = [prompt_tokens(tokenizer, e) if e.reference is not None else None for e in examples]
+    key = base_eval_key(model, tokenizer, examples, prompts, cfg.training.batch_size, cfg.eval.max_new_tokens)
+    cached = load_base_scores(key)
+    if cached is not None:
+        log(f"base scores: reused from an earlier run with the same base weights, test data and eval settings "
+            f"({cache_dir() / key}.json, checked in {time.perf_counter() - start:.1f}s); eval.cache_base=false "
+            "scores the base again")
+    return key, cached
+
+
 def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
     """Score base and tuned on the test split, print the table, write eval.json."""
     from .evaluate import evaluate_model, evaluate_preference_model, results_table
@@ -294,8 +314,13 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
         results = evaluate_preference_model(model, examples, cfg.training, compare_base=cfg.eval.compare_base)
     else:
         log(f"evaluating on {len(examples)} test examples ...")
+        key, cached = base_scores_cached(model, tokenizer, examples, cfg)
         results = evaluate_model(model, tokenizer, examples, cfg.training.batch_size, cfg.eval.max_new_tokens,
-                                 compare_base=cfg.eval.compare_base)
+                                 compare_base=cfg.eval.compare_base, cached_base=cached)
+        if key and cached is None and "base" in results:
+            from .eval_cache import store_base_scores
+
+            store_base_scores(key, results["base"])
     write_json(out / "eval.json", results)
     print_table("held-out test set:", results_table(results))
     return {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}

@@ -12,6 +12,21 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_cache_dir(tmp_path_factory):
+    """Base-eval scores kept between runs (`eval_cache`) go to a folder of this test session, also for
+    the CLI subprocesses the tests start: no test reads what an earlier session left."""
+    import os
+
+    previous = os.environ.get("MLX_LORA_CACHE_DIR")
+    os.environ["MLX_LORA_CACHE_DIR"] = str(tmp_path_factory.mktemp("mlx-lora-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MLX_LORA_CACHE_DIR", None)
+    else:
+        os.environ["MLX_LORA_CACHE_DIR"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A 2-block random llama in Hugging Face layout with a byte-level BPE tokenizer."""

@@ -161,3 +161,59 @@ def test_settled_answer_rules():
     assert settled_answer(tok, ex, [9, 8], (np.array([1, 2, 3, 0]), confident), 8) is None
     no_end = Example(tokens=prompt + [1, 2], mask=[], reference="2021")
     assert settled_answer(tok, no_end, prompt, (np.array([1, 2]), confident[:2]), 8) is None
+
+
+def test_base_scores_are_reused_only_for_the_same_base_data_and_settings(adapted, tmp_path, monkeypatch):
+    """eval.cache_base: a second run of the same base, test split and settings reads the base's scores
+    back; another frozen weight, reference or max_new_tokens scores it again; adapters do not matter."""
+    import dataclasses
+    import json
+
+    import mlx_lora.evaluate as evaluate
+    from mlx_lora.config import Config, DataConfig
+    from mlx_lora.loss import enable_chunked_loss
+    from mlx_lora.run import run_eval
+
+    monkeypatch.setenv("MLX_LORA_CACHE_DIR", str(tmp_path / "cache"))
+    model, tokenizer = adapted
+    examples = _examples_from_own_answers(model, tokenizer)
+    enable_chunked_loss(model, mx.array([examples[0].tokens]))
+    calls = []
+    real_score = evaluate.score
+    monkeypatch.setattr(evaluate, "score", lambda *a, **k: calls.append(1) or real_score(*a, **k))
+    cfg = Config(model="tiny", data=DataConfig(path=str(tmp_path)))
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=8))
+
+    def run(config=cfg, data=examples):
+        calls.clear()
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*')))}"
+        out.mkdir()
+        scores = run_eval(model, tokenizer, data, config, out)
+        return scores, len(calls), json.loads((out / "eval.json").read_text())
+
+    first, n_first, written = run()
+    assert n_first == 2 and len(list((tmp_path / "cache" / "base-eval").glob("*.json"))) == 1
+    again, n_again, written_again = run()
+    assert n_again == 1 and again == first and written_again == written  # the base read back, samples too
+    layer = next(layer for _, layer in model.named_modules() if hasattr(layer, "lora_b"))
+    kept_b = layer.lora_b
+    layer.lora_b = kept_b + 0.5  # other adapters: the base is still the same
+    try:
+        _, n, _ = run()
+        assert n == 1
+    finally:
+        layer.lora_b = kept_b
+    assert run(config=dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, max_new_tokens=7)))[1] == 2
+    changed = [dataclasses.replace(examples[0], reference="another answer"), *examples[1:]]
+    assert run(data=changed)[1] == 2
+    norm = model.model.norm
+    kept_norm = norm.weight
+    norm.weight = kept_norm * 1.5  # another frozen weight: another base
+    try:
+        assert run()[1] == 2
+    finally:
+        norm.weight = kept_norm
+    assert run(config=dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, cache_base=False)))[1] == 2
+    for entry in (tmp_path / "cache" / "base-eval").glob("*.json"):
+        entry.write_text("{not json")  # an unreadable entry is scored again, not an error
+    assert run()[1] == 2 and run()[1] == 1
