@@ -85,6 +85,42 @@ def save_safetensors(path: str | Path, arrays: dict, metadata: dict | None = Non
         mx.save_safetensors(str(tmp), arrays, metadata=metadata or {})
 
 
+def load_safetensors(path: str | Path, fix: str) -> dict:
+    """The arrays of a safetensors file (`mx.load`).
+
+    Raises FileNotFoundError when it is missing and ValueError when it is truncated or corrupt,
+    each naming the file and `fix` (what the user can do), in one line.
+    """
+    import mlx.core as mx
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found; {fix}")
+    try:
+        return mx.load(str(path))
+    except (RuntimeError, ValueError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({safetensors_problem(err)}); {fix}") from None
+
+
+def safetensors_problem(err: Exception) -> str:
+    """MLX's load error, without its `[load_safetensors]` tag and its generic last sentence."""
+    text = str(err).replace("[load_safetensors] ", "").strip()
+    return text.split(" Perhaps ")[0].rstrip(".") or type(err).__name__
+
+
+def unreadable_safetensors(folder: Path) -> list[str]:
+    """The *.safetensors files of `folder` that MLX cannot open (truncated, corrupt), each with why."""
+    import mlx.core as mx
+
+    bad = []
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            mx.load(str(path))
+        except (RuntimeError, ValueError, OSError) as err:
+            bad.append(f"{path.name} ({safetensors_problem(err)})")
+    return bad
+
+
 def checkpoint_root(output_dir: Path) -> Path:
     return Path(output_dir) / "checkpoints"
 
@@ -158,7 +194,10 @@ def load_latest(output_dir: Path, model, optimizer) -> dict | None:
     if path is None:
         return None
     state = json.loads((path / "state.json").read_text())
-    adapters = mx.load(str(path / "adapters.safetensors"))
+    older = [p for p in sorted(checkpoint_root(output_dir).glob("step_*")) if p != path and (p / "state.json").is_file()]
+    fix = (f"delete {path} to resume from {older[-1].name}" if older else "start again without --resume") + \
+        ", or restore the file"
+    adapters = load_safetensors(path / "adapters.safetensors", fix)
     expected = dict(tree_flatten(model.trainable_parameters()))
     mismatched = sorted(set(adapters) ^ set(expected)) + [
         k for k in adapters if k in expected and adapters[k].shape != expected[k].shape
@@ -167,7 +206,7 @@ def load_latest(output_dir: Path, model, optimizer) -> dict | None:
         raise ValueError(f"{path}: checkpoint does not match the model's adapters ({', '.join(mismatched[:5])}...); "
                          "resume with the same model and lora settings, or start a new output_dir")
     model.load_weights(list(adapters.items()), strict=False)
-    opt_state = mx.load(str(path / "optimizer.safetensors"))
+    opt_state = load_safetensors(path / "optimizer.safetensors", fix)
     optimizer.init(model.trainable_parameters())  # the right nested structure, then fill it in
     for key, value in opt_state.items():
         _assign(optimizer.state, key.split("."), value)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..checkpoints import load_safetensors
 from ..config import LoraConfig
 from .mlx_format import ADAPTER_WEIGHTS, is_peft_adapter, read_adapter_config
 from .peft_format import read_peft_adapter
@@ -15,8 +16,6 @@ def read_adapter(folder: str | Path, num_blocks: int | None = None) -> tuple[dic
     A PEFT adapter comes in mlx-lm's form for a model of `num_blocks` blocks (any layer
     selection becomes zero adapters on the other blocks; see `peft_layout.py`).
     """
-    import mlx.core as mx
-
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"adapter folder not found: {folder}")
@@ -26,7 +25,7 @@ def read_adapter(folder: str | Path, num_blocks: int | None = None) -> tuple[dic
     weights_path = folder / ADAPTER_WEIGHTS
     if not weights_path.is_file():
         raise FileNotFoundError(f"{folder}: no {ADAPTER_WEIGHTS}")
-    return raw, lora, mx.load(str(weights_path))
+    return raw, lora, load_safetensors(weights_path, "train or convert the adapter again")
 
 
 def check_adapter_weights(model, weights: dict, source: str) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .mlx_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, is_peft_adapter
 from .peft_layout import block_indices, block_relative_keys, mlx_from_peft_layout, peft_from_mlx_layout
-from ..checkpoints import write_json
+from ..checkpoints import load_safetensors, write_json
 from ..config import LoraConfig
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -194,11 +194,9 @@ def _read_json(path: Path) -> dict:
 
 
 def _load_mlx_tensors(path: Path) -> dict:
-    import mlx.core as mx
-
     if not path.is_file():
         raise FileNotFoundError(f"{path.parent}: no {path.name}")
-    return mx.load(str(path))
+    return load_safetensors(path, "train or export the adapter again")
 
 
 def _save_mlx_tensors(path: Path, tensors: dict, fmt: str) -> None:

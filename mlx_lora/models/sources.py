@@ -184,6 +184,15 @@ def load_model(source: str):
             raise ValueError(f"model: {path}: {str(err).splitlines()[0] if str(err) else err!r}") from err
         except FileNotFoundError as err:
             raise FileNotFoundError(f"model: {path} is incomplete: {err}") from err
+        except RuntimeError as err:  # MLX's safetensors reader: a truncated or corrupt weights file
+            if "safetensors" not in str(err):
+                raise
+            from ..checkpoints import safetensors_problem, unreadable_safetensors
+
+            bad = unreadable_safetensors(path) or [safetensors_problem(err)]
+            raise ValueError(f"model: {path}: cannot read {', '.join(bad)}: an incomplete download or a damaged "
+                             "file; download the model again (for a hub id: huggingface-cli download ID "
+                             "--force-download)") from None
     from .compat import apply_fixes
 
     apply_fixes(model, hf_config.get("model_type", ""))
