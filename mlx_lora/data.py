@@ -59,6 +59,7 @@ class DataStats:
     rewritten_turns: int = 0
     rewritten_examples: list[str] = field(default_factory=list)  # "train.jsonl:3 messages[1]"
     templated_completions: int = 0  # prompt/completion rows rendered through the chat template
+    unused_fields: dict = field(default_factory=dict)  # key the row format does not read -> rows that had it
 
     def summary(self) -> dict:
         lengths = sorted(self.lengths) or [0]
@@ -66,6 +67,7 @@ class DataStats:
             "rows": self.rows, "examples": len(self.lengths), "truncated": self.truncated,
             "rewritten_rows": self.rewritten_rows, "rewritten_turns": self.rewritten_turns,
             "rewritten_examples": self.rewritten_examples, "templated_completions": self.templated_completions,
+            "unused_fields": dict(sorted(self.unused_fields.items())),
             "dropped_overlong": self.dropped_overlong, "dropped_no_target": self.dropped_no_target,
             "targets_cut_off": self.targets_cut_off,
             "dropped_identical": self.dropped_identical, "tokens": self.tokens, "target_tokens": self.target_tokens,
@@ -79,8 +81,13 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
         raise DataError(f"{path}: file not found (data.path must hold train.jsonl; valid.jsonl and test.jsonl "
                         "are optional; make them with data_transform.py)")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, 1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, 1):
+            try:
+                line = raw.decode("utf-8-sig" if line_number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{line_number}:{err.start + 1}: not UTF-8 (byte 0x{raw[err.start]:02x}); save "
+                                "the file as UTF-8, or convert it with data_transform.py --encoding NAME") from None
             if not line.strip():
                 continue
             try:
@@ -122,6 +129,22 @@ def _check_tools(row: dict, where: str) -> None:
                         "convert the file with data_transform.py")
 
 
+FORMAT_KEYS = {"chat": ("messages", "tools"), "completions": ("prompt", "completion"), "text": ("text",)}
+
+
+def _did_you_mean(key: str, row: dict) -> str:
+    """" (the row has 'completon'; did you mean 'completion'?)" when one of the row's keys is close to `key`."""
+    import difflib
+
+    close = difflib.get_close_matches(key, [k for k in row if isinstance(k, str)], n=1, cutoff=0.7)
+    return f" (the row has {close[0]!r}; did you mean {key!r}?)" if close else ""
+
+
+def unused_keys(row: dict, fmt: str) -> list[str]:
+    """The row's keys that a row of format `fmt` does not read (counted and named in the data summary)."""
+    return [key for key in row if key not in FORMAT_KEYS[fmt]]
+
+
 def row_format(row: dict, where: str) -> str:
     if "chosen" in row or "rejected" in row:
         raise DataError(f"{where}: a preference row (chosen/rejected) in an SFT run; set training.objective: dpo "
@@ -132,6 +155,9 @@ def row_format(row: dict, where: str) -> str:
         return "chat"
     if "prompt" in row or "completion" in row:
         for key in ("prompt", "completion"):
+            if key not in row:
+                raise DataError(f"{where}: '{key}' is missing{_did_you_mean(key, row)}; a prompt/completion row "
+                                "needs both")
             if not isinstance(row.get(key), str):
                 raise DataError(f"{where}: '{key}' must be a string, got {type(row.get(key)).__name__}")
         return "completions"
@@ -139,7 +165,9 @@ def row_format(row: dict, where: str) -> str:
         if not isinstance(row["text"], str) or not row["text"].strip():
             raise DataError(f"{where}: 'text' must be a non-empty string")
         return "text"
-    raise DataError(f"{where}: unknown row format with keys {sorted(row)}; expected 'messages', 'prompt'+'completion' or 'text'")
+    hint = next((h for h in (_did_you_mean(k, row) for k in ("messages", "prompt", "completion", "text")) if h), "")
+    raise DataError(f"{where}: unknown row format with keys {sorted(row)}{hint}; expected 'messages', "
+                    "'prompt'+'completion' or 'text' (data_transform.py converts other shapes)")
 
 
 def _encode(tokenizer, text: str, first: bool) -> list[int]:
@@ -235,6 +263,8 @@ def tokenize_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, config: D
         except DataError as err:
             raise DataError(f"{where}: {err}") from err
         stats.rows += 1
+        for key in unused_keys(row, fmt):
+            stats.unused_fields[key] = stats.unused_fields.get(key, 0) + 1
         if fmt == "completions" and completion_uses_template(tokenizer, config.completions_as_chat):
             stats.templated_completions += 1
         if rewritten:

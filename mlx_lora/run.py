@@ -86,6 +86,10 @@ def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
                          f"turn(s) in {stats['rewritten_rows']} row(s) once later turns follow (e.g. "
                          f"{'; '.join(stats['rewritten_examples'])}); each is trained as its own example, "
                          "as the template renders it when generating that turn")
+        if stats.get("unused_fields"):
+            named = ", ".join(f"{key} ({count} row{'s' * (count != 1)})" for key, count in stats["unused_fields"].items())
+            lines.append(f"data {split}: fields not used by training: {named} (a row is read as 'messages' [+ "
+                         "'tools'], 'prompt' + 'completion', or 'text'; nothing else in it is applied)")
         if stats.get("templated_completions"):
             lines.append(f"data {split}: {stats['templated_completions']} prompt/completion row(s) formatted with the "
                          "chat template as one user turn and one assistant reply (query the tuned model through "

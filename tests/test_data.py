@@ -167,3 +167,43 @@ def test_truncation_that_cuts_off_every_answer_is_named(tmp_path, tokenizer):
     path.write_text(_json.dumps(rows[0]) + "\n")
     with pytest.raises(DataError, match="truncation to data.max_seq_length cut off every target token: raise"):
         load_split(path, tokenizer, DataConfig(path=str(tmp_path), max_seq_length=40), DataStats())
+
+
+def test_fields_a_row_format_does_not_read_are_counted_and_named(tmp_path, tokenizer):
+    from mlx_lora.data import DataStats
+    from mlx_lora.run import describe_data
+
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b", "weight": 0},
+                                                   {"prompt": "x", "completion": "y", "id": 7, "weight": 1},
+                                                   {"prompt": "x2", "completion": "y"}])
+    stats = DataStats()
+    assert len(load_split(path, tokenizer, DataConfig(path=str(tmp_path)), stats)) == 3
+    assert stats.summary()["unused_fields"] == {"id": 1, "weight": 2}
+    lines = describe_data({"train": {**stats.summary(), "source": "train.jsonl"}})
+    assert any("fields not used by training: id (1 row), weight (2 rows)" in line for line in lines)
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    stats = DataStats()
+    load_split(write_jsonl(tmp_path / "chat.jsonl", [chat]), tokenizer, DataConfig(path=str(tmp_path)), stats)
+    assert stats.unused_fields == {}
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "a b", "completon": "c"}, "'completion' is missing (the row has 'completon'; did you mean 'completion'?)"),
+    ({"promt": "a b", "completion": "c"}, "'prompt' is missing (the row has 'promt'; did you mean 'prompt'?)"),
+    ({"mesages": [{"role": "user", "content": "x"}]}, "did you mean 'messages'?"),
+])
+def test_a_misspelled_row_key_gets_a_did_you_mean(tmp_path, tokenizer, row, message):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"prompt": "x", "completion": "y"}, row])
+    with pytest.raises(DataError) as err:
+        load_split(path, tokenizer, DataConfig(path=str(tmp_path)))
+    assert str(err.value).startswith(f"{path}:2: ") and message in str(err.value)
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_the_fix(tmp_path, tokenizer):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "x", "completion": "y"}\n{"prompt": "caf\xe9", "completion": "y"}\n')
+    with pytest.raises(DataError) as err:
+        load_split(path, tokenizer, DataConfig(path=str(tmp_path)))
+    assert str(err.value).startswith(f"{path}:2:16: not UTF-8 (byte 0xe9)") and "--encoding" in str(err.value)
+    path.write_bytes(b'\xef\xbb\xbf{"prompt": "x", "completion": "y"}\n')  # a byte-order mark alone is fine
+    assert len(load_split(path, tokenizer, DataConfig(path=str(tmp_path)))) == 1
