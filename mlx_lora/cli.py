@@ -43,6 +43,18 @@ def cmd_train(args) -> int:
 
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
+    if args.resume:  # the run continues with its own recorded settings (train_config.yaml)
+        from .config import resumed_config
+
+        resumed, differences = resumed_config(cfg, overrides)
+        kept = [line for line in differences if "(from the command line)" not in line]
+        if kept and (args.hosts or (args.processes or 1) > 1):
+            raise ValueError("--resume with several ranks: the config differs from the run's recorded settings ("
+                             + "; ".join(line.removeprefix("resume: ") for line in kept) + "); pass those keys on "
+                             "the command line so every rank gets them")
+        for line in differences:
+            print(line, flush=True)
+        cfg = resumed
     if args.hosts or (args.processes or 1) > 1:
         return launch_ranks(cfg, [path or _default_config(), *overrides], args)
     if cfg.backend == "cuda":

@@ -401,6 +401,47 @@ def config_to_dict(cfg: Config) -> dict:
     return plain(cfg)
 
 
+def _flat(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def resumed_config(cfg: Config, overrides: list[str] = ()) -> tuple[Config, list[str]]:
+    """The config a `--resume` continues with, and one line per setting that differs from `cfg`.
+
+    A resumed run keeps its own settings, as recorded in `<output_dir>/train_config.yaml` when it
+    started (with `auto` values resolved), whatever the config file says now; the keys given as
+    `overrides` on the command line go on top (e.g. `training.iters=400` to train longer). Without a
+    recorded file, `cfg` is returned as it is.
+    """
+    recorded_file = Path(cfg.output_dir) / "train_config.yaml"
+    if not recorded_file.is_file():
+        return cfg, []
+    given = {".".join(parse_override(text)[0]) for text in overrides}
+    try:
+        recorded = load_config(recorded_file)
+        merged = load_config(recorded_file, list(overrides))
+    except ConfigError as err:
+        raise ConfigError([f"--resume: the run's recorded settings cannot be read ({err}); restore the file, or "
+                           "start a new output_dir"], str(recorded_file)) from None
+    merged = dataclasses.replace(merged, output_dir=cfg.output_dir)
+    now, before, after = (_flat(config_to_dict(c)) for c in (cfg, recorded, merged))
+    lines = []
+    for key in sorted(set(now) | set(after)):
+        if any(key == g or key.startswith(f"{g}.") for g in given):
+            if before.get(key) != after.get(key):
+                lines.append(f"resume: {key} {before.get(key)!r} -> {after.get(key)!r} (from the command line)")
+        elif now.get(key) != after.get(key):
+            lines.append(f"resume: {key} stays {after.get(key)!r} as the run started (train_config.yaml; "
+                         f"the config now says {now.get(key)!r}; pass {key}=... to change it)")
+    return merged, lines
+
+
 def get_key(cfg: Config, key: str) -> Any:
     value: Any = cfg
     for part in key.split("."):

@@ -76,3 +76,37 @@ def test_eval_limit_must_be_positive(limit):
     # 0 used to mean "all" and -1 dropped the last example (a Python slice), both silently
     with pytest.raises(ConfigError, match="eval.limit: must be a positive number"):
         config_from_dict({"model": "demo", "data": {"path": "d"}, "eval": {"limit": limit}})
+
+
+def test_resume_keeps_the_runs_recorded_settings_and_the_command_lines_keys(tmp_path):
+    """--resume continues the run as it started (train_config.yaml, `auto` resolved), not as the config
+    file reads now; keys given on the command line change it, each difference in one line."""
+    import dataclasses
+
+    import yaml
+
+    from mlx_lora.config import config_to_dict, resumed_config
+
+    (tmp_path / "data").mkdir()
+    out = tmp_path / "run"
+    started = load_config(None, [f"model=m", f"data.path={tmp_path / 'data'}", f"output_dir={out}",
+                                 "training.iters=300", "training.batch_size=4", "lora.rank=16"])
+    out.mkdir()
+    (out / "train_config.yaml").write_text(yaml.safe_dump(config_to_dict(started), sort_keys=False))
+    yaml_file = tmp_path / "my.yaml"
+    yaml_file.write_text(f"model: m\ndata: {{path: {tmp_path / 'data'}}}\noutput_dir: {out}\n"
+                         "training: {iters: 60, batch_size: auto}\n")
+    now = load_config(yaml_file)
+    cfg, lines = resumed_config(now, [])
+    assert cfg == started
+    assert "resume: training.iters stays 300 as the run started (train_config.yaml; the config now says 60; " \
+           "pass training.iters=... to change it)" in lines
+    assert any(line.startswith("resume: lora.rank stays 16") for line in lines)
+    assert any(line.startswith("resume: training.batch_size stays 4") for line in lines)
+    overrides = ["training.iters=400", "training.learning_rate=1e-4"]
+    cfg, lines = resumed_config(load_config(yaml_file, overrides), overrides)
+    assert cfg.training.iters == 400 and cfg.training.learning_rate == 1e-4 and cfg.lora.rank == 16
+    assert "resume: training.iters 300 -> 400 (from the command line)" in lines
+    assert resumed_config(started, []) == (started, [])  # nothing differs: nothing said
+    fresh = dataclasses.replace(now, output_dir=str(tmp_path / "elsewhere"))
+    assert resumed_config(fresh, []) == (fresh, [])  # no recorded settings: the config as given
