@@ -226,15 +226,16 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
 # --- command line --------------------------------------------------------------------------------
 
 def resolve_inputs(config_path: str | None, model: str | None, adapter: str | None,
-                   out: str | None, prompts: str | None) -> tuple[str, Path, Path, Path | None]:
-    """(model source, adapter folder, output folder, check prompts) from a training config and/or flags."""
+                   out: str | None, prompts: str | None, overrides: list[str] = ()) -> tuple[str, Path, Path, Path | None]:
+    """(model source, adapter folder, output folder, check prompts) from a training config (with
+    `key.path=value` overrides, as `train` takes them) and/or flags."""
     from .adapters import read_adapter_config
 
     cfg = None
-    if config_path is not None:
+    if config_path is not None or overrides:
         from .config import load_config
 
-        cfg = load_config(config_path)
+        cfg = load_config(config_path, list(overrides))
     if adapter is None and cfg is None:
         raise ValueError("no adapters given: pass a training CONFIG.yaml or --adapter DIR")
     adapter_dir = Path(adapter) if adapter is not None else Path(cfg.output_dir)
@@ -250,7 +251,9 @@ def resolve_inputs(config_path: str | None, model: str | None, adapter: str | No
 def build_parser(prog: str = "mlx-lora fuse") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description="Merge LoRA adapters into the base model and write a "
                                      "Hugging Face folder (and optionally GGUF).")
-    parser.add_argument("config", nargs="?", help="training config (model, output_dir and test split come from it)")
+    parser.add_argument("items", nargs="*", metavar="CONFIG [key=value ...]",
+                        help="training config (model, output_dir and test split come from it), then any key.path=value "
+                             "overrides as `train` takes them (e.g. output_dir=runs/other)")
     parser.add_argument("--model", help="base model source (default: the config's, or adapter_config.json's `model`)")
     parser.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
     parser.add_argument("--out", help="output folder (default: <adapter>/fused)")
@@ -277,7 +280,11 @@ def format_check(report: dict) -> list[str]:
 
 
 def run_fuse(args) -> FuseResult:
-    model, adapter_dir, out_dir, prompts = resolve_inputs(args.config, args.model, args.adapter, args.out, args.prompts)
+    from .cli import _split_config_and_overrides
+
+    config, overrides = _split_config_and_overrides(args.items)
+    model, adapter_dir, out_dir, prompts = resolve_inputs(config, args.model, args.adapter, args.out, args.prompts,
+                                                          overrides)
     return fuse_adapters(model, adapter_dir, out_dir, dtype=args.dtype, quantize_bits=args.quantize,
                          group_size=args.group_size, gguf=args.gguf, check_prompts=prompts,
                          check=not args.no_check, check_limit=args.check_limit)

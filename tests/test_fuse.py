@@ -154,3 +154,17 @@ def test_a_crash_mid_write_keeps_the_previous_fused_folder(tiny_model_dir, adapt
         fuse.fuse_adapters(str(tiny_model_dir), adapter_dir, out, dtype="float16", check=False)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["fused"]  # no staging folder left behind
+
+
+def test_fuse_takes_key_value_overrides_after_the_config_as_train_does(tmp_path):
+    from mlx_lora.cli import _split_config_and_overrides
+    from mlx_lora.fuse import build_parser, resolve_inputs
+
+    (tmp_path / "data").mkdir()
+    config = tmp_path / "my.yaml"
+    config.write_text(f"model: demo\ndata: {{path: {tmp_path / 'data'}}}\noutput_dir: {tmp_path / 'runs/a'}\n")
+    args = build_parser().parse_args([str(config), f"output_dir={tmp_path / 'runs/b'}", "model=other.gguf", "--gguf"])
+    path, overrides = _split_config_and_overrides(args.items)
+    model, adapter_dir, out_dir, prompts = resolve_inputs(path, args.model, args.adapter, args.out, args.prompts, overrides)
+    assert (model, adapter_dir, out_dir) == ("other.gguf", tmp_path / "runs/b", tmp_path / "runs/b/fused")
+    assert args.gguf and prompts == tmp_path / "data" / "test.jsonl"
