@@ -99,10 +99,13 @@ def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
 
 
 def adapter_extra(cfg: Config, info, quant_report) -> dict:
+    from .adapters.load import base_model_shape
+
     return {
         "model": cfg.model,
         "model_source": {"kind": info.kind, "path": info.path},
         "base_model_name_or_path": cfg.model,
+        "base_model": base_model_shape(info.hf_config),
         "quantization": {"mode": cfg.quantization.mode, "bits": cfg.quantization.bits,
                          "group_size": cfg.quantization.group_size, "block_size": cfg.quantization.block_size,
                          "double_quant": cfg.quantization.double_quant, "source_quantized": quant_report.source_quantized},

@@ -192,3 +192,27 @@ def test_unsupported_models_give_one_line_errors(tmp_path, tiny_data_dir):
         result = mlx_lora("train", config)
         assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) <= 3
+
+
+def test_an_adapter_on_another_base_than_it_was_trained_on_is_warned_about(trained_run, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from mlx_lora.adapters import load_adapters
+    from mlx_lora.models import load_model
+
+    out, _ = trained_run
+    recorded = json.loads((out / "adapter_config.json").read_text())["base_model"]
+    assert recorded["model_type"] == "llama" and recorded["num_hidden_layers"] == 2 and recorded["hidden_size"] > 0
+    model, _, _ = load_model(str(tiny_model_dir))
+    load_adapters(model, out)
+    assert "warning" not in capsys.readouterr().err  # its own base: nothing to say
+    other = tmp_path / "adapter"
+    shutil.copytree(out, other, ignore=shutil.ignore_patterns("checkpoints", "fused"))
+    config = json.loads((other / "adapter_config.json").read_text())
+    config["base_model"] = {**recorded, "model_type": "qwen2", "num_hidden_layers": 3}
+    (other / "adapter_config.json").write_text(json.dumps(config))
+    model, _, _ = load_model(str(tiny_model_dir))
+    load_adapters(model, other)  # the shapes fit: only the recorded base tells
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {other} was trained on ") and "model_type 'qwen2' (here 'llama')" in err
+    assert "num_hidden_layers 3 (here 2)" in err and err.count("\n") == 1

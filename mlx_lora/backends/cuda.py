@@ -278,6 +278,7 @@ def save_adapters(model, cfg: Config, info: dict, out: Path, state_dict: dict | 
     from safetensors.numpy import save_file
 
     from ..adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config
+    from ..adapters.load import base_model_shape
     from ..checkpoints import atomic_path
     from ..adapters.peft_format import block_relative_keys, peft_to_mlx_weights
 
@@ -295,6 +296,7 @@ def save_adapters(model, cfg: Config, info: dict, out: Path, state_dict: dict | 
     q = cfg.quantization
     extra = {
         "model": cfg.model, "model_source": info, "base_model_name_or_path": cfg.model,
+        "base_model": base_model_shape(model.config.to_dict() if hasattr(getattr(model, "config", None), "to_dict") else {}),
         "quantization": {"mode": q.mode, "bits": 4, "block_size": BNB_BLOCK_SIZE, "double_quant": q.double_quant,
                          "backend": "bitsandbytes"},
         "trained_with": "cuda", "mlx_lora_version": __version__,
