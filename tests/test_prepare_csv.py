@@ -8,9 +8,10 @@ BOM and CRLF line ends).
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from test_prepare import read_rows, run_cli
+from test_prepare import read_rows, run_cli, write_jsonl
 
 CASE = Path(__file__).parent / "cases" / "csv_excel"
 ALL_TRAIN = ["--valid-fraction", "0", "--test-fraction", "0", "--no-dedupe"]
@@ -60,3 +61,48 @@ def test_ragged_rows_name_line_column_and_dialect(tmp_path):
     assert code == 1 and "no known record format" in err  # one column 'prompt;completion' under a tab
     code, _, err = run_cli(tmp_path / "r.csv", "-o", tmp_path / "out", "--delimiter", ";;")
     assert code == 1 and "--delimiter ';;': must be one character" in err
+
+
+def test_header_names_match_every_key_option_in_any_case(tmp_path):
+    # Before: --prompt-key Question (the header's own spelling) failed with "field 'Question' is
+    # missing", because the header was respelled 'question' after a preference format's prompt key.
+    (tmp_path / "qa.csv").write_text("Question,Answer\nhi,there\nfoo,bar\n")
+    for keys in (("Question", "Answer"), ("question", "answer"), ("QUESTION", "aNsWeR")):
+        argv = ("--prompt-key", keys[0], "--completion-key", keys[1], "--force")
+        assert pairs(tmp_path, tmp_path / "qa.csv", *argv) == {("hi", "there"), ("foo", "bar")}
+        report = json.loads((tmp_path / "out" / "transform_report.json").read_text())
+        assert report["totals"]["dropped_fields"] == {}  # the key columns were read, whatever their case
+    (tmp_path / "notes.tsv").write_text("Body\tNotes\nsome text\tx\n")
+    for key in ("Body", "body"):
+        out = tmp_path / f"text_{key}"
+        code, _, err = run_cli(tmp_path / "notes.tsv", "-o", out, "--text-key", key, "--output-format", "text",
+                               *ALL_TRAIN)
+        assert code == 0, err
+        assert read_rows(out / "train.jsonl") == [{"text": "some text"}]
+    # A built-in name in another case does not compete with the user's key: preference columns.
+    (tmp_path / "pairs.csv").write_text("Question,Chosen,Rejected\nhi?,hello,go away\n")
+    out = tmp_path / "pref"
+    code, _, err = run_cli(tmp_path / "pairs.csv", "-o", out, "--prompt-key", "Question", *ALL_TRAIN)
+    assert code == 0, err
+    assert read_rows(out / "train.jsonl") == [{"prompt": "hi?", "chosen": "hello", "rejected": "go away"}]
+
+
+def test_errors_show_headers_and_keys_as_written(tmp_path):
+    # Before: a BOM + ';' export listed ['Answer', 'Notes', 'question'] (only the column named
+    # like a built-in key was lower-cased).
+    (tmp_path / "sheet.csv").write_bytes("\ufeffQuestion;Answer;Notes\r\nhi;there;x\r\n".encode())
+    code, _, err = run_cli(tmp_path / "sheet.csv", "-o", tmp_path / "out", "--prompt-key", "Frage")
+    assert code == 1 and "no known record format in keys ['Answer', 'Notes', 'Question']" in err
+    assert "'Frage'+'completion'" in err
+    code, _, err = run_cli(tmp_path / "sheet.csv", "-o", tmp_path / "out", "--prompt-key", "QUESTION",
+                           "--completion-key", "Reply")
+    assert code == 1 and "field 'Reply' is missing; every record of this format needs 'Reply'" in err
+
+
+def test_json_fields_match_the_key_options_as_spelled(tmp_path):
+    source = write_jsonl(tmp_path / "qa.jsonl", [{"Question": "hi", "Answer": "there"}])
+    assert pairs(tmp_path, source, "--prompt-key", "Question", "--completion-key", "Answer") == {("hi", "there")}
+    # JSON names are exact (an object may hold both 'question' and 'Question'); the error says so.
+    code, _, err = run_cli(source, "-o", tmp_path / "o", "--prompt-key", "question", "--completion-key", "answer")
+    assert code == 1
+    assert "JSON field names match exactly: the record has 'Question', not 'question'" in err

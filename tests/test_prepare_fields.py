@@ -8,6 +8,7 @@ One input is the shared case `tests/cases/sharegpt_tools/sharegpt_tools_known_sp
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -79,3 +80,29 @@ def test_line_separators_are_escaped_so_each_row_is_one_line(tmp_path):
     assert len(text.splitlines()) == 3  # str.splitlines breaks on all three characters when raw
     assert "\\u2028" in text and "\\u2029" in text and "\\u0085" in text
     assert sorted(json.loads(line)["messages"][-1]["content"] for line in text.splitlines()) == sorted(texts)
+
+
+def test_only_fields_holding_data_are_counted_as_dropped(tmp_path):
+    # Before: a Notes column filled in 30 of 60 rows was reported as dropped from all 60.
+    sheet = tmp_path / "sheet.csv"
+    with open(sheet, "w", newline="", encoding="utf-8-sig") as f:
+        w = csv.writer(f, delimiter=";")
+        w.writerow(["Question", "Answer", "Notes", "Blank"])
+        for i in range(60):
+            w.writerow([f"Reverse: a{i} b", f"b a{i}", "note" if i % 2 else ("" if i % 4 else "  "), " "])
+    _, report, printed = convert(tmp_path, sheet, flags=("--prompt-key", "question", "--completion-key", "answer"))
+    assert report["inputs"][0]["dropped_fields"] == {"Notes": 30}
+    assert f"fields not carried into the output: {sheet}: Notes (30 rows)" in printed
+    # JSON: null, "", [] and {} hold nothing; any other value (0, false, " ") is data and counted.
+    pairs = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "a", "completion": "b", "id": None, "tags": [], "meta": {}, "note": ""},
+        {"prompt": "c", "completion": "d", "id": 0, "tags": ["x"], "meta": {"k": None}, "note": " ", "flag": False}])
+    chats = write_jsonl(tmp_path / "s.jsonl", [
+        {"conversations": [{"from": "human", "value": "hi", "weight": None},
+                           {"from": "gpt", "value": "yo", "weight": 0}]},
+        {"conversations": [{"from": "human", "value": "hey", "mark": ""},
+                           {"from": "gpt", "value": "hm", "mark": None}]}])
+    _, report, _ = convert(tmp_path, pairs, chats, flags=("--force",))
+    dropped = {Path(r["path"]).name: r["dropped_fields"] for r in report["inputs"]}
+    assert dropped == {"p.jsonl": {"flag": 1, "id": 1, "meta": 1, "note": 1, "tags": 1},
+                       "s.jsonl": {"conversations[].weight": 1}}

@@ -30,8 +30,9 @@ ShareGPT (conversations of from/value), OpenAI chat (messages of role/content, t
 prompt/completion (any two columns, see --prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
 turns; a top-level `system` becomes the system message. Empty records and duplicates are dropped
 and counted; fields a format does not read (e.g. an `id`) are not carried over and are named with
-their row counts. All of it is printed and saved in DIR/transform_report.json. Output lines escape
-U+2028, U+2029 and U+0085, so line-splitting readers see one row per line.
+the number of rows where they held something (blank cells, null, "", [] and {} hold nothing). All
+of it is printed and saved in DIR/transform_report.json. Output lines escape U+2028, U+2029 and
+U+0085, so line-splitting readers see one row per line.
 
 The output folder is what training reads: train.jsonl always; valid.jsonl (optional: without it
 training has no validation loss, or holds out data.valid_fraction of train.jsonl) and test.jsonl

@@ -12,6 +12,7 @@ from typing import Any
 
 from . import preference
 from .readers import RawRecord, TransformError
+from .tables import TableRow
 from .tools import normalise_tools, tool_calls_from_text
 
 INPUT_FORMATS = ("alpaca", "sharegpt", "chat", "completions", "text") + preference.FORMATS
@@ -81,8 +82,21 @@ def field_names(keys: Keys) -> tuple[str, ...]:
     return tuple(sorted(names))
 
 
+def _holds_data(value: Any, table: bool = False) -> bool:
+    """Whether a field's value carries anything worth naming when it is left out.
+
+    null, "" and empty lists / objects carry nothing; every other JSON value does, 0, false and
+    " " included. A table has a cell for every column, so a blank or whitespace-only cell there
+    is just an unfilled one.
+    """
+    if table and isinstance(value, str):
+        return bool(value.strip())
+    return not (value is None or (isinstance(value, (str, list, dict)) and not value))
+
+
 def dropped_fields(value: Any, fmt: str, keys: Keys, output_format: str = "chat") -> list[str]:
-    """Names of the fields of a raw record that its conversion leaves out (`conversations[].weight`).
+    """Names of the fields of a raw record that its conversion leaves out (`conversations[].weight`),
+    counting only fields that hold data (`_holds_data`).
 
     Chat messages keep every key in chat output (templates may read `name`, `tool_call_id`, ...);
     a completions row has room for role and content only.
@@ -91,24 +105,37 @@ def dropped_fields(value: Any, fmt: str, keys: Keys, output_format: str = "chat"
         return []
     reads = set(READS[fmt])
     reads |= {"completions": {keys.prompt, keys.completion}, "text": {keys.text}}.get(fmt, set())
-    dropped = [str(name) for name in value if name not in reads]
+    table = isinstance(value, TableRow)
+    if table:  # a column is read under any case of its name: compare the headers as written
+        reads = {value.header(name) for name in reads} - {None}
+    dropped = [str(name) for name, item in value.items() if name not in reads and _holds_data(item, table)]
     if fmt == "sharegpt" and isinstance(value.get("conversations"), list):
-        extra = {k for turn in value["conversations"] if isinstance(turn, dict) for k in turn} - set(SHAREGPT_TURN_READS)
-        dropped += [f"conversations[].{k}" for k in sorted(extra)]
+        dropped += [f"conversations[].{k}" for k in _nested_data_keys(value["conversations"], SHAREGPT_TURN_READS)]
     if fmt == "chat" and output_format == "completions" and isinstance(value.get("messages"), list):
-        extra = {k for m in value["messages"] if isinstance(m, dict) for k in m} - {"role", "content"}
-        dropped += [f"messages[].{k}" for k in sorted(extra)]
+        dropped += [f"messages[].{k}" for k in _nested_data_keys(value["messages"], ("role", "content"))]
     return dropped
+
+
+def _nested_data_keys(items: list, reads: tuple[str, ...]) -> list[str]:
+    """Sorted keys, other than `reads`, that hold data in at least one object of `items`."""
+    return sorted({k for item in items if isinstance(item, dict) for k, v in item.items()
+                   if k not in reads and _holds_data(v)})
 
 
 def unknown_format_error(record: RawRecord, keys: Keys) -> TransformError:
     """The error for a record of no known format, listing what it has and what was expected."""
     value = record.value
     found = f"keys {sorted(map(str, value))[:12]}" if isinstance(value, dict) else f"a JSON {_type_name(value)}"
+    hint = ""
+    if isinstance(value, dict) and not isinstance(value, TableRow):  # table headers already match in any case
+        near = [(str(name), key) for key in (keys.prompt, keys.completion, keys.text) for name in value
+                if str(name) != key and str(name).casefold() == key.casefold()]
+        if near:
+            hint = f"; JSON field names match exactly: the record has {near[0][0]!r}, not {near[0][1]!r}"
     return TransformError(
         f"{record.where()}: no known record format in {found}; expected 'messages' (OpenAI chat), "
         f"'conversations' (ShareGPT), 'instruction'+'output' (Alpaca), '{keys.prompt}'+'{keys.completion}' "
-        f"or '{keys.text}'; for other names pass --prompt-key NAME --completion-key NAME (or --text-key NAME)"
+        f"or '{keys.text}'; for other names pass --prompt-key NAME --completion-key NAME (or --text-key NAME){hint}"
     )
 
 

@@ -1,5 +1,5 @@
 """Reading CSV / TSV as spreadsheets save them: delimiter detection, BOM, CRLF in quoted cells,
-header names in any case, and errors that name line, column and the dialect assumed.
+header names in any case (`TableRow`), and errors that name line, column and the dialect assumed.
 
 Lines come from `readers.iter_lines` (gzip, encodings, byte-order mark); what the rows mean is
 `formats.py`'s business.
@@ -17,6 +17,44 @@ from .readers import RawRecord, Skipped, TransformError, iter_lines
 CSV_DELIMITERS = (",", ";", "\t", "|")  # tried in this order; spreadsheets write ";" where "," is the decimal mark
 SNIFF_CHARS = 1 << 16  # text read to detect a CSV file's delimiter
 DELIMITER_NAMES = {"\t": "tab", ",": "comma", ";": "semicolon", "|": "pipe"}
+
+
+class TableRow(dict):
+    """One CSV / TSV row, {header as written: cell}, whose names are looked up without regard to
+    case: `"question" in row`, `row.get("QUESTION")` and `row["Question"]` all find a `Question`
+    column. Iterating gives the headers as the file spells them, so errors and the report of
+    dropped fields name the columns as the user wrote them.
+    """
+
+    __slots__ = ("_names", "_folded")
+
+    def __init__(self, cells: dict[str, str], names: dict[str, str | None], folded: dict[str, str]):
+        super().__init__(cells)
+        # Shared by a file's rows: `names` maps each name asked for to its header (or None) and
+        # starts as {header: header}; `folded` maps casefolded names to headers as written.
+        self._names = names
+        self._folded = folded
+
+    def header(self, name: str) -> str | None:
+        """The header that `name` refers to (the exact spelling first, then any case); None if no column has it."""
+        try:
+            return self._names[name]
+        except KeyError:  # first time this name is asked for in this file: remember the answer
+            found = self._names[name] = self._folded.get(name.casefold())
+            return found
+
+    def __contains__(self, name: object) -> bool:
+        return self.header(name) is not None  # type: ignore[arg-type]
+
+    def __getitem__(self, name: str) -> str:
+        header = self.header(name)
+        if header is None:
+            raise KeyError(name)
+        return dict.__getitem__(self, header)
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        header = self.header(name)
+        return default if header is None else dict.__getitem__(self, header)
 
 
 def delimiter_name(delimiter: str) -> str:
@@ -72,10 +110,11 @@ def _field_position(lines: list[tuple[int, str]], delimiter: str, index: int) ->
 
 def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | None = None,
              field_names: tuple[str, ...] = ()) -> Iterator[RawRecord | Skipped]:
-    """Rows as {header: value} dicts; the first row is the header.
+    """Rows as `TableRow`s ({header: value}, names matched without regard to case); the first row is the header.
 
-    `delimiter` None detects it (`detect_delimiter`). Header names equal to one of
-    `field_names` but for case and spaces take that spelling; CRLF inside quoted fields (as
+    `delimiter` None detects it (`detect_delimiter`). Header names keep the file's spelling
+    (less surrounding spaces); two that differ only in case are refused when they would both
+    answer to one of `field_names` (the names some format reads). CRLF inside quoted fields (as
     spreadsheets save them) becomes LF. Errors name line, column and the dialect assumed.
     """
     dialect = f"delimiter {delimiter_name(delimiter)}" if delimiter else ""
@@ -97,7 +136,7 @@ def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | Non
     skipped: list[Skipped] = []
     reader = csv.reader(lines(), delimiter=delimiter, strict=True)
     header: list[str] | None = None
-    canonical = {name.casefold(): name for name in field_names}
+    read_names = {name.casefold() for name in field_names}
     while True:
         consumed = len(numbered)
         try:
@@ -119,8 +158,13 @@ def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | Non
         if not row or all(not field.strip() for field in row):
             continue
         if header is None:
-            header = [canonical.get(name.strip().casefold(), name.strip()) for name in row]
-            duplicated = sorted({name for name in header if header.count(name) > 1})
+            header = [name.strip() for name in row]
+            # Exact repeats, or names a format reads twice over but for case (`Prompt` and `prompt`).
+            keyed = [name.casefold() if name.casefold() in read_names else name for name in header]
+            duplicated = sorted({name for name, key in zip(header, keyed) if keyed.count(key) > 1})
+            # For TableRow's lookups; of unread names that differ only in case, the first answers.
+            names: dict[str, str | None] = {name: name for name in header}
+            folded = {name.casefold(): name for name in reversed(header)}
             if duplicated:
                 raise TransformError(f"{path}:{line}:1: the header repeats column(s) {', '.join(map(repr, duplicated))} "
                                      "(names are matched without regard to case); give every column its own name")
@@ -135,5 +179,6 @@ def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | Non
             yield Skipped(path, line, "invalid_csv", message)
             continue
         # Spreadsheets save line ends inside quoted cells as CRLF; the text means LF.
-        yield RawRecord(path, line, 1, {name: value.replace("\r\n", "\n") for name, value in zip(header, row)})
+        yield RawRecord(path, line, 1, TableRow({name: value.replace("\r\n", "\n") for name, value in zip(header, row)},
+                                                names, folded))
     yield from skipped
