@@ -216,3 +216,7 @@ def test_an_adapter_on_another_base_than_it_was_trained_on_is_warned_about(train
     err = capsys.readouterr().err
     assert err.startswith(f"warning: {other} was trained on ") and "model_type 'qwen2' (here 'llama')" in err
     assert "num_hidden_layers 3 (here 2)" in err and err.count("\n") == 1
+    from mlx_lora.serve.multi_lora import read_checked_adapter
+
+    read_checked_adapter(load_model(str(tiny_model_dir))[0], other)  # serve (at start and POST /v1/adapters)
+    assert capsys.readouterr().err.startswith(f"warning: {other} was trained on ")

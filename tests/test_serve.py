@@ -281,3 +281,40 @@ def test_n_above_one_is_refused_naming_n(server):
     client, _ = server
     response = client.post("/v1/chat/completions", json={"messages": CHAT, "n": 2})
     assert response.status_code == 400 and response.json()["error"]["param"] == "n"
+
+
+@pytest.mark.parametrize("path,field,suggestion", [
+    ("/v1/chat/completions", "temprature", "temperature"),
+    ("/v1/chat/completions", "frobnicate", None),
+    ("/v1/chat/completions", "suffix", None),  # OpenAI's, but only for /v1/completions
+    ("/v1/completions", "reasoning_effort", None),  # OpenAI's, but only for chat
+    ("/v1/completions", "max_token", "max_tokens"),
+])
+def test_unknown_fields_are_refused_naming_them(server, path, field, suggestion):
+    """A field that is neither OpenAI's (for that endpoint) nor ours gets OpenAI's 400, never silence."""
+    client, _ = server
+    body = {"messages": CHAT} if "chat" in path else {"prompt": "say hello"}
+    response = client.post(path, json={**body, "max_tokens": 2, field: 0.1})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+    expected = f"Unrecognized request argument supplied: {field}"
+    assert error["message"] == (expected if suggestion is None else f"{expected} (did you mean '{suggestion}'?)")
+
+
+def test_openai_fields_we_do_not_act_on_are_accepted_and_named(server, caplog):
+    """`user`, `store`, ... from real clients: 200, the same answer, and named in a header and the server log."""
+    client, _ = server
+    plain = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4})
+    assert plain.status_code == 200 and "x-ignored-fields" not in plain.headers
+    ignored = {"user": "u-1", "store": False, "metadata": {"k": "v"}, "parallel_tool_calls": False,
+               "prediction": {"type": "content", "content": "hi"}, "service_tier": None}  # null: not given
+    with caplog.at_level("WARNING", logger="mlx_lora.serve"):
+        response = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 4, **ignored})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-ignored-fields"] == "metadata, parallel_tool_calls, prediction, store, user"
+    assert response.json()["choices"] == plain.json()["choices"]
+    assert any("prediction" in record.getMessage() for record in caplog.records)
+    streamed = client.post("/v1/completions", json={"prompt": "say hello", "max_tokens": 2, "stream": True,
+                                                   "best_of": 1, "suffix": "!"})
+    assert streamed.status_code == 200 and streamed.headers["x-ignored-fields"] == "best_of, suffix"

@@ -111,3 +111,45 @@ def test_adapter_endpoints_need_the_key_and_configured_folders(admin, tiny_model
     with start_server(tiny_model_dir, {}) as (url, _):
         off = httpx.post(url + "/v1/adapters", json={"name": "c", "path": str(tiny_model_dir)})
         assert off.status_code == 403 and json.loads(off.text)["error"]["param"] == "path"
+
+
+def test_without_max_tokens_the_default_is_capped_to_the_context_left(tiny_model_dir):
+    """The server's own default_max_tokens may not fit the context; the client asked for nothing, so no 400."""
+    from mlx_lora.serve.engine import EngineLimits
+
+    limits = EngineLimits(max_context=64)
+    with start_server(tiny_model_dir, {}, engine_limits=limits, default_max_tokens=100) as (url, engine):
+        eos = {str(t): -100 for t in engine.tokenizer.eos_token_ids}  # no early stop: runs to the cap
+        with httpx.Client(base_url=url, timeout=60) as client:
+            for extra in ({}, {"max_tokens": None}, {"max_completion_tokens": None}):
+                response = client.post("/v1/chat/completions", json={"messages": CHAT, "logit_bias": eos, **extra})
+                assert response.status_code == 200, response.text
+                body = response.json()
+                assert body["usage"]["total_tokens"] == 64 and body["choices"][0]["finish_reason"] == "length"
+            text = client.post("/v1/completions", json={"prompt": "say hello", "logit_bias": eos})
+            assert text.status_code == 200 and text.json()["usage"]["total_tokens"] == 64
+            explicit = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 100})
+            assert explicit.status_code == 400 and explicit.json()["error"]["param"] == "max_tokens"
+
+
+@pytest.mark.parametrize("how", ["flags", "yaml", "yaml and flag"])
+def test_an_adapter_name_given_twice_is_refused_at_start(tiny_model_dir, tmp_path, monkeypatch, capsys, how):
+    """`--adapter pc=A --adapter pc=B` would serve only one of them: refused in one line naming both folders."""
+    from mlx_lora.serve import cli
+
+    started = []
+    monkeypatch.setattr(cli, "serve", started.append)
+    first, second = tmp_path / "one", tmp_path / "two"
+    serve_yaml = tmp_path / "serve.yaml"
+    if how == "flags":
+        argv = ["--model", str(tiny_model_dir), "--adapter", f"pc={first}", "--adapter", f"pc={second}"]
+    elif how == "yaml":
+        serve_yaml.write_text(f"model: {tiny_model_dir}\nadapters:\n  pc: {first}\n  pc: {second}\n")
+        argv = [str(serve_yaml)]
+    else:
+        serve_yaml.write_text(f"model: {tiny_model_dir}\nadapters:\n  pc: {first}\n")
+        argv = [str(serve_yaml), "--adapter", f"pc={second}"]
+    assert cli.main(argv) == 1 and started == []
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "adapter name 'pc' is used twice" in error
+    assert str(first) in error and str(second) in error

@@ -137,3 +137,19 @@ def test_sliding_window_layers_are_counted_at_their_window(tmp_path):
     assert max(rows) == 3
     assert max(held) <= budget * engine.kv_bytes_per_token
     assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_without_max_tokens_the_default_is_capped_to_the_kv_budget(tiny_model_dir):
+    from mlx_lora.serve.engine import Engine, EngineLimits
+
+    probe = Engine.from_source(str(tiny_model_dir), base_name="base")
+    limits = EngineLimits(kv_budget_bytes=probe.kv_bytes_per_token * (256 + 40))
+    with start_server(tiny_model_dir, {}, engine_limits=limits, default_max_tokens=200) as (url, engine):
+        eos = {str(t): -100 for t in engine.tokenizer.eos_token_ids}  # no early stop: runs to the cap
+        with httpx.Client(base_url=url, timeout=60) as client:
+            response = client.post("/v1/chat/completions", json={"messages": CHAT, "logit_bias": eos})
+            assert response.status_code == 200, response.text
+            usage = response.json()["usage"]
+            assert usage["completion_tokens"] == engine.scheduler.most_tokens_alone(usage["prompt_tokens"]) > 0
+            explicit = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 200})
+            assert explicit.status_code == 400 and "KV-cache budget" in explicit.json()["error"]["message"]

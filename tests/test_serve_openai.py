@@ -65,3 +65,27 @@ def test_prompt_cache_reports_cached_tokens(sdk):
     assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
     other = sdk.chat.completions.create(model="base", messages=messages, max_tokens=4)  # another adapter's KV is not reused
     assert other.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_every_field_the_sdk_can_send_is_known():
+    """Fields in the installed SDK's request types are never refused as unrecognized (at worst ignored, and named)."""
+    from openai.types import completion_create_params as text
+    from openai.types.chat import completion_create_params as chat
+
+    from mlx_lora.serve.schemas import ChatCompletionRequest, CompletionRequest
+
+    for params, request in ((chat.CompletionCreateParamsBase, ChatCompletionRequest),
+                            (text.CompletionCreateParamsBase, CompletionRequest)):
+        sent = set(params.__annotations__) | {"stream"}
+        assert sent <= request.known_fields(), sorted(sent - request.known_fields())
+
+
+def test_sdk_extra_fields(sdk):
+    messages = [{"role": "user", "content": "say hello"}]
+    raw = sdk.chat.completions.with_raw_response.create(model="base", messages=messages, max_tokens=2, user="u",
+                                                        store=False, metadata={"run": "1"})
+    assert raw.headers["x-ignored-fields"] == "metadata, store, user"
+    assert raw.parse().usage.completion_tokens == 2
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="base", messages=messages, max_tokens=2, extra_body={"temprature": 0.1})
+    assert refused.value.param == "temprature" and "temperature" in refused.value.message

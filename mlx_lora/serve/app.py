@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,10 +28,11 @@ from .engine import Engine, GenerationRequest
 from .responses import Collected, Reply, final_body, stream_events, wait_event
 from .sampling import SamplingParams
 from .schemas import (AdapterUpload, ChatCompletion, ChatCompletionRequest, Completion, CompletionRequest,
-                      ErrorResponse, Health, MAX_STOP_SEQUENCES, ModelCard, ModelList)
+                      ErrorResponse, Health, MAX_STOP_SEQUENCES, ModelCard, ModelList, UNRECOGNIZED)
 
 log = logging.getLogger("mlx_lora.serve")
 RETRY_AFTER_S = 1  # what a 429 tells the client to wait
+IGNORED_HEADER = "X-Ignored-Fields"  # OpenAI request fields that were accepted but not acted on
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_exceeded", 503: "server_busy", 500: "server_error"}
@@ -143,6 +144,8 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     async def _invalid(_request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         kind = first.get("type", "")
+        if kind == UNRECOGNIZED:  # OpenAI's own wording, with the field as param
+            return error_response(400, first["msg"], first["ctx"]["param"], "unknown_parameter")
         param = None if kind == "json_invalid" else _param(first.get("loc", ()))
         message = ("the body is not valid JSON" if kind == "json_invalid"
                    else f"{param or 'body'}: {first.get('msg', 'invalid value')}")
@@ -156,6 +159,19 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     async def _unexpected(_request, err: Exception):
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(err).__name__}")
+
+    logged_ignored: set[str] = set()
+
+    def ignored_headers(body) -> dict:
+        """The response header naming the OpenAI fields this request gave that we do not act on; each
+        field is also logged, once per server (clients such as LangChain send `user` with every request)."""
+        ignored = body.ignored_fields()
+        new = [name for name in ignored if name not in logged_ignored]
+        if new:
+            logged_ignored.update(new)
+            log.warning("request field(s) %s: accepted (OpenAI API) but ignored by this server; responses name "
+                        "them in the %s header (logged once per field)", ", ".join(new), IGNORED_HEADER)
+        return {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
 
     def check_key(request: Request) -> None:
         if limits.api_key is None:
@@ -216,12 +232,14 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         params = SamplingParams(temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, min_p=body.min_p,
                                 repetition_penalty=body.repetition_penalty, frequency_penalty=body.frequency_penalty,
                                 presence_penalty=body.presence_penalty, logit_bias=bias, seed=body.seed)
-        return GenerationRequest(model=model, max_tokens=max_tokens or min(limits.default_max_tokens, limits.max_tokens),
-                                 params=params, stop=stops)
+        if max_tokens is None:  # the server's default, capped by the engine to what the context leaves
+            return GenerationRequest(model=model, max_tokens=min(limits.default_max_tokens, limits.max_tokens),
+                                     max_tokens_is_default=True, params=params, stop=stops)
+        return GenerationRequest(model=model, max_tokens=max_tokens, params=params, stop=stops)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERROR_RESPONSES,
               dependencies=[Depends(check_key)])
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: ChatCompletionRequest, request: Request, response: Response):
         from .constraints import ConstraintError, constraint_for
 
         gen = common(body, body.max_completion_tokens or body.max_tokens)
@@ -243,11 +261,11 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
                                                         body.tool_choice)
             except ConstraintError as err:
                 raise APIError(400, str(err), err.param, "invalid_value") from None
-        return await respond(gen, body, request, chat=True, logprobs=bool(body.logprobs))
+        return await respond(gen, body, request, response, chat=True, logprobs=bool(body.logprobs))
 
     @app.post("/v1/completions", response_model=Completion, responses=ERROR_RESPONSES,
               dependencies=[Depends(check_key)])
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: CompletionRequest, request: Request, response: Response):
         gen = common(body, body.max_tokens)
         if body.echo:
             raise APIError(400, "echo: only false is supported", "echo", "unsupported")
@@ -259,9 +277,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
             gen.prompt = body.prompt
         logprobs = body.logprobs is not None
         gen.params = SamplingParams(**{**gen.params.__dict__, "logprobs": logprobs, "top_logprobs": body.logprobs or 0})
-        return await respond(gen, body, request, chat=False, logprobs=logprobs)
+        return await respond(gen, body, request, response, chat=False, logprobs=logprobs)
 
-    async def respond(gen: GenerationRequest, body, request: Request, chat: bool, logprobs: bool):
+    async def respond(gen: GenerationRequest, body, request: Request, response: Response, chat: bool, logprobs: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -285,9 +303,11 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         reply = Reply(ident=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
                       model=gen.model, chat=chat, logprobs=logprobs, prompt_tokens=first[1],
                       include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
+        headers = ignored_headers(body)
         if body.stream:
             return StreamingResponse(stream_events(events, job, reply, error_type), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+                                     headers={"Cache-Control": "no-cache", **headers})
+        response.headers.update(headers)  # FastAPI adds them to the JSON response it builds from our dict
         got = Collected()
         while True:
             event = await wait_event(events, job, request)

@@ -34,7 +34,7 @@ class ServeConfig:
     port: int = field(default=8080, **_help("TCP port."))
     api_key: Optional[str] = field(default=None, **_help(f"Require `Authorization: Bearer KEY` (or set {API_KEY_ENV})."))
     max_tokens: int = field(default=2048, **_help("Largest max_tokens a request may ask for."))
-    default_max_tokens: int = field(default=512, **_help("max_tokens when a request gives none."))
+    default_max_tokens: int = field(default=512, **_help("max_tokens when a request gives none (capped to what the context and KV budget leave after its prompt)."))
     max_body_bytes: int = field(default=1_000_000, **_help("Largest request body; larger ones get 413."))
     max_queue: int = field(default=256, **_help("Requests waiting for a batch slot before new ones get 429 with Retry-After."))
     max_batch: int = field(default=8, **_help("Sequences decoding together in one batch (continuous batching)."))
@@ -55,12 +55,15 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
 
     data: dict = {}
     source = "command line"
+    problems: list[str] = []
     if path is not None:
         source = path
         if not Path(path).is_file():
             raise ConfigError([f"serve config not found: {path}"], source)
+        text = Path(path).read_text(encoding="utf-8")
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+            problems += keys_given_twice(yaml.compose(text, Loader=yaml.SafeLoader))
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
             raise ConfigError([f"invalid YAML: {err}"], source) from err
         if not isinstance(data, dict):
@@ -71,7 +74,6 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
     for key, value in flags.items():
         if value is not None and value != ():
             data[key] = list(value) + list(data.get(key) or []) if key == "adapters" else value
-    problems: list[str] = []
     cfg = _build(ServeConfig, data, "", problems)
     if not cfg.model:
         problems.append("model: required (pass --model SOURCE, --from-run CONFIG, or `model:` in the YAML)")
@@ -97,18 +99,55 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
 
 
 def parse_adapters(items, problems: list[str] | None = None) -> dict[str, str]:
-    """{name: folder} from NAME=DIR strings."""
+    """{name: folder} from NAME=DIR strings; a malformed item or a name given twice is a problem
+    (appended to `problems`, else raised as ValueError)."""
     adapters = {}
     for item in items:
         name, sep, folder = item.partition("=")
+        name, folder = name.strip(), folder.strip()
         if not sep or not name or not folder:
             message = f"adapters: {item!r} is not NAME=DIR (e.g. dates=runs/demo)"
-            if problems is None:
-                raise ValueError(message)
-            problems.append(message)
+        elif name in adapters:  # a dict would keep only the last folder
+            message = f"adapters: adapter name {name!r} is used twice ({adapters[name]} and {folder})"
+        else:
+            adapters[name] = folder
             continue
-        adapters[name.strip()] = folder.strip()
+        if problems is None:
+            raise ValueError(message)
+        problems.append(message)
     return adapters
+
+
+def keys_given_twice(node, path: tuple[str, ...] = ()) -> list[str]:
+    """Problems for keys given twice in one mapping of a composed YAML document (`yaml.compose`):
+    PyYAML's loader would silently keep only the last value."""
+    import yaml
+
+    if isinstance(node, yaml.SequenceNode):
+        return [problem for item in node.value for problem in keys_given_twice(item, path)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    problems: list[str] = []
+    seen: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        first = seen.setdefault(key.value, value)
+        if first is not value:
+            if path == ("adapters",):
+                problems.append(f"adapters: adapter name {key.value!r} is used twice ({_where(first)} and "
+                                f"{_where(value)})")
+            else:
+                problems.append(f"{'.'.join(path + (key.value,))}: given twice ({_where(first)} and {_where(value)}); "
+                                "YAML would keep only the last")
+        problems += keys_given_twice(value, path + (key.value,))
+    return problems
+
+
+def _where(node) -> str:
+    """A YAML value and its line, for messages: `runs/a (line 3)`."""
+    text = node.value if isinstance(node.value, str) else f"a {node.id}"
+    return f"{text} (line {node.start_mark.line + 1})"
 
 
 def from_run(train_config: str, fuse: bool, report=print) -> dict:

@@ -58,6 +58,7 @@ class GenerationRequest:
 
     model: str
     max_tokens: int
+    max_tokens_is_default: bool = False  # the server's default, not the client's: capped to what the context leaves
     messages: Optional[list[dict]] = None
     prompt: Optional[str] = None
     params: SamplingParams = field(default_factory=SamplingParams)
@@ -289,11 +290,12 @@ class Engine:
     def _sequence(self, job: Job) -> Sequence:
         request = job.request
         tokens = self.tokenize(request)
+        max_tokens = self.completion_budget(request, len(tokens))
         adapter = self.adapters.get(request.model)
         if adapter is None and request.model != self.base_name:
             raise RequestError(f"model {request.model!r} was removed", "model")
         stream = TextStream(self.tokenizer, job.sink, request.stop, request.tools)
-        seq = Sequence(prompt=tokens, max_tokens=request.max_tokens, on_token=stream.on_token, on_finish=None,
+        seq = Sequence(prompt=tokens, max_tokens=max_tokens, on_token=stream.on_token, on_finish=None,
                        slot=adapter.slot if adapter else NO_ADAPTER,
                        cache_key=f"{request.model}#{adapter.version if adapter else 0}", params=request.params,
                        constraint=request.constraint_factory() if request.constraint_factory else None,
@@ -301,14 +303,15 @@ class Engine:
 
         def on_finish(reason: str) -> None:
             stream.finish(reason, len(tokens), len(seq.generated), seq.cached_tokens)
-            self._record(job, len(seq.generated), reason)
+            self._record(job, len(seq.generated), reason, max_tokens)
 
         seq.on_finish = on_finish
         job.sink(("start", len(tokens), 0))
         return seq
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
-        """Prompt tokens: the chat template for messages, plain encoding for a text prompt."""
+        """Prompt tokens: the chat template for messages, plain encoding for a text prompt (RequestError when
+        empty or filling the context)."""
         if request.messages is not None:
             extra = {"tools": request.tools} if request.tools else {}
             try:
@@ -326,22 +329,40 @@ class Engine:
         if len(tokens) >= context:
             raise RequestError(f"the prompt has {len(tokens)} tokens; this server accepts at most {context - 1} "
                                f"(max_context {context} = prompt + completion)", field_name)
-        if len(tokens) + request.max_tokens > context:
-            raise RequestError(f"max_tokens: the prompt has {len(tokens)} tokens, so at most {context - len(tokens)} "
-                               f"can be generated within this server's {context}-token context; ask for fewer",
+        return tokens
+
+    def completion_budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
+        """The most tokens this request may generate after a prompt of `prompt_tokens` (under max_context).
+
+        A client's max_tokens is checked: past the context or the KV budget it is a RequestError
+        naming max_tokens. The server's default (the client gave none) is capped to what the two
+        leave, as OpenAI caps to the context; only a prompt that leaves no room at all is refused.
+        """
+        field_name = "messages" if request.messages is not None else "prompt"
+        context, max_tokens = self.limits.max_context, request.max_tokens
+        if request.max_tokens_is_default:
+            max_tokens = min(max_tokens, context - prompt_tokens)
+            if not self.scheduler.fits_alone(prompt_tokens, max_tokens):
+                room = self.scheduler.most_tokens_alone(prompt_tokens)
+                max_tokens = room if room > 0 else max_tokens  # no room: refused below, naming the prompt
+        if prompt_tokens + max_tokens > context:
+            raise RequestError(f"max_tokens: the prompt has {prompt_tokens} tokens, so at most "
+                               f"{context - prompt_tokens} can be generated within this server's {context}-token "
+                               "context; ask for fewer",
                                "max_tokens")
-        if not self.scheduler.fits_alone(len(tokens), request.max_tokens):
-            room = self.scheduler.most_tokens_alone(len(tokens))
-            raise RequestError(f"max_tokens: the prompt ({len(tokens)} tokens) + max_tokens ({request.max_tokens}) do "
+        if not self.scheduler.fits_alone(prompt_tokens, max_tokens):
+            room = self.scheduler.most_tokens_alone(prompt_tokens)
+            raise RequestError(f"max_tokens: the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) do "
                                f"not fit this server's KV-cache budget ({self.limits.kv_budget_bytes} bytes = "
                                f"{self.scheduler.kv_tokens} tokens, {self.scheduler.kv_step} of them held for cache "
                                f"growth); " + (f"ask for at most {room} tokens" if room > 0 else "shorten the prompt"),
                                "max_tokens" if room > 0 else field_name)
-        return tokens
+        return max_tokens
 
-    def _record(self, job: Job, generated: int, finish: str) -> None:
+    def _record(self, job: Job, generated: int, finish: str, max_tokens: int | None = None) -> None:
         self.history.append({"model": job.request.model, "completion_tokens": generated, "finish_reason": finish,
-                             "max_tokens": job.request.max_tokens, "seconds": time.perf_counter() - job.submitted})
+                             "max_tokens": job.request.max_tokens if max_tokens is None else max_tokens,
+                             "seconds": time.perf_counter() - job.submitted})
 
 
 def kv_windows(cache: list) -> tuple[Optional[int], ...]:

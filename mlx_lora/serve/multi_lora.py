@@ -23,6 +23,7 @@ slots and names is the engine's.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -165,8 +166,12 @@ def read_checked_adapter(model: nn.Module, folder: str | Path) -> tuple[dict[str
     FileNotFoundError when the folder holds no adapter.
     """
     from ..adapters import read_adapter
+    from ..adapters.load import base_mismatch
 
-    _, lora, weights = read_adapter(folder, len(transformer_blocks(model)))
+    raw, lora, weights = read_adapter(folder, len(transformer_blocks(model)))
+    warning = base_mismatch(model, raw, str(folder))
+    if warning:  # the shapes may fit another base all the same
+        print(warning, file=sys.stderr, flush=True)
     modules = dict(model.named_modules())
     paths = sorted({key.rsplit(".", 1)[0] for key in weights})
     problems, found = [], {}

@@ -1,18 +1,37 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), as the OpenAPI schema shows them.
 
-Only the fields we honour are declared; unknown fields that OpenAI clients send (`user`,
-`service_tier`, ...) are accepted and ignored, as OpenAI-compatible servers usually do. An
-explicit JSON `null` for any optional field means "the default", as in OpenAI's API.
+Only the fields we honour are declared. A request field that is neither declared nor in OpenAI's
+API for that endpoint is refused (400 `Unrecognized request argument supplied: NAME`, as OpenAI
+answers), so a typo never passes silently; an OpenAI field we do not act on (`user`, `store`, ...,
+which real clients send) is accepted and named by `ignored_fields()`. An explicit JSON `null` for
+any optional field means "the default", as in OpenAI's API.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+import difflib
+from typing import ClassVar, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
 MAX_SEED = 2**63 - 1
+UNRECOGNIZED = "unrecognized_argument"  # the error type of a request field nobody defines
+
+# Every request field of OpenAI's API, per endpoint, as in the API reference and the openai SDK's
+# `CompletionCreateParams` (openai-python 3.57); tests/test_serve_openai.py checks the installed SDK
+# sends nothing outside them. The declared fields below are the ones we act on.
+OPENAI_CHAT_FIELDS = frozenset({
+    "audio", "frequency_penalty", "function_call", "functions", "logit_bias", "logprobs", "max_completion_tokens",
+    "max_tokens", "messages", "metadata", "modalities", "model", "moderation", "n", "parallel_tool_calls",
+    "prediction", "presence_penalty", "prompt_cache_key", "prompt_cache_options", "prompt_cache_retention",
+    "reasoning_effort", "response_format", "safety_identifier", "seed", "service_tier", "stop", "store", "stream",
+    "stream_options", "temperature", "tool_choice", "tools", "top_logprobs", "top_p", "user", "verbosity",
+    "web_search_options"})
+OPENAI_COMPLETION_FIELDS = frozenset({
+    "best_of", "echo", "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "model", "n", "presence_penalty",
+    "prompt", "seed", "stop", "stream", "stream_options", "suffix", "temperature", "top_p", "user"})
 
 
 class NullMeansDefault(BaseModel):
@@ -122,9 +141,14 @@ class ResponseFormat(NullMeansDefault):
 
 
 class SamplingFields(NullMeansDefault):
-    """Fields shared by chat and text completions."""
+    """Fields shared by chat and text completions.
+
+    Other fields are refused unless OpenAI's API has them for this endpoint (`openai_fields`); those
+    are kept as extras (a `null` one is dropped: not given) and listed by `ignored_fields()`.
+    """
 
     model_config = ConfigDict(extra="allow")
+    openai_fields: ClassVar[frozenset[str]] = frozenset()
 
     model: Optional[str] = Field(None, description="A name from /v1/models (the base or an adapter); default: the first listed.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
@@ -148,6 +172,30 @@ class SamplingFields(NullMeansDefault):
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
+    @classmethod
+    def known_fields(cls) -> frozenset[str]:
+        """Every field a request may carry: ours, and OpenAI's for this endpoint."""
+        return frozenset(info.alias or name for name, info in cls.model_fields.items()) | cls.openai_fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data):
+        if not isinstance(data, dict):
+            return data
+        known = cls.known_fields()
+        for key in data:
+            if key not in known:
+                guess = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+                raise PydanticCustomError(UNRECOGNIZED, "Unrecognized request argument supplied: {param}{hint}",
+                                          {"param": str(key), "hint": hint})
+        ours = set(cls.model_fields)
+        return {key: value for key, value in data.items() if key in ours or value is not None}
+
+    def ignored_fields(self) -> list[str]:
+        """The OpenAI fields this request gave that the server does not act on, sorted."""
+        return sorted(self.model_extra or {})
+
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(..., min_length=1)
@@ -156,14 +204,15 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Optional[int] = Field(0, ge=0, le=20)
     tools: Optional[list[Tool]] = None
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice, None] = None
-    parallel_tool_calls: Optional[bool] = None
     response_format: Optional[ResponseFormat] = None
+    openai_fields: ClassVar[frozenset[str]] = OPENAI_CHAT_FIELDS
 
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str]] = Field(..., description="A string, or a list holding exactly one string.")
     logprobs: Optional[int] = Field(None, ge=0, le=5, description="Return the log-probabilities of this many top tokens.")
     echo: Optional[bool] = Field(False, description="Only false is supported.")
+    openai_fields: ClassVar[frozenset[str]] = OPENAI_COMPLETION_FIELDS
 
 
 class PromptTokensDetails(BaseModel):
