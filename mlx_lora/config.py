@@ -350,6 +350,36 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     return cfg
 
 
+def keys_given_twice(node, path: tuple[str, ...] = ()) -> list[str]:
+    """Problems for keys given twice in one mapping of a composed YAML document (`yaml.compose`):
+    PyYAML's loader would silently keep only the last value."""
+    if isinstance(node, yaml.SequenceNode):
+        return [problem for item in node.value for problem in keys_given_twice(item, path)]
+    if not isinstance(node, yaml.MappingNode):
+        return []
+    problems: list[str] = []
+    seen: dict[str, yaml.Node] = {}
+    for key, value in node.value:
+        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
+            continue
+        first = seen.setdefault(key.value, value)
+        if first is not value:
+            if path == ("adapters",):
+                problems.append(f"adapters: adapter name {key.value!r} is used twice ({_where(first)} and "
+                                f"{_where(value)})")
+            else:
+                problems.append(f"{'.'.join(path + (key.value,))}: given twice ({_where(first)} and {_where(value)}); "
+                                "YAML would keep only the last")
+        problems += keys_given_twice(value, path + (key.value,))
+    return problems
+
+
+def _where(node) -> str:
+    """A YAML value and its line, for messages: `runs/a (line 3)`."""
+    text = node.value if isinstance(node.value, str) else f"a {node.id}"
+    return f"{text} (line {node.start_mark.line + 1})"
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """Load a YAML config, apply `key.path=value` overrides, resolve data.path, validate."""
     data: dict = {}
@@ -361,11 +391,15 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         if not path.is_file():
             raise ConfigError([f"config file not found: {path} (pass a YAML file such as configs/demo.yaml)"], source)
         try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            twice = keys_given_twice(yaml.compose(text, Loader=yaml.SafeLoader))
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
             mark = getattr(err, "problem_mark", None)
             where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
             raise ConfigError([f"invalid YAML{where}: {getattr(err, 'problem', err)}"], source) from err
+        if twice:
+            raise ConfigError(twice, source)
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError([f"top level must be a mapping of keys, got {type(loaded).__name__}"], source)
         data = loaded or {}

@@ -110,3 +110,15 @@ def test_resume_keeps_the_runs_recorded_settings_and_the_command_lines_keys(tmp_
     assert resumed_config(started, []) == (started, [])  # nothing differs: nothing said
     fresh = dataclasses.replace(now, output_dir=str(tmp_path / "elsewhere"))
     assert resumed_config(fresh, []) == (fresh, [])  # no recorded settings: the config as given
+
+
+def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("model: m\ndata:\n  path: d\ntraining:\n  iters: 100\nlora:\n  rank: 4\ntraining:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert err.value.problems == ["training: given twice (a mapping (line 5) and a mapping (line 9)); YAML would keep "
+                                  "only the last"]
+    path.write_text("model: m\ndata: {path: d}\nlora: {rank: 4, rank: 8}\n")
+    with pytest.raises(ConfigError, match=r"lora.rank: given twice \(4 \(line 3\) and 8 \(line 3\)\)"):
+        load_config(path)

@@ -51,7 +51,7 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
     """ServeConfig from an optional YAML file, `key=value` overrides, then command-line flags."""
     import yaml
 
-    from ..config import ConfigError, _build, apply_overrides
+    from ..config import ConfigError, _build, apply_overrides, keys_given_twice
 
     data: dict = {}
     source = "command line"
@@ -116,38 +116,6 @@ def parse_adapters(items, problems: list[str] | None = None) -> dict[str, str]:
             raise ValueError(message)
         problems.append(message)
     return adapters
-
-
-def keys_given_twice(node, path: tuple[str, ...] = ()) -> list[str]:
-    """Problems for keys given twice in one mapping of a composed YAML document (`yaml.compose`):
-    PyYAML's loader would silently keep only the last value."""
-    import yaml
-
-    if isinstance(node, yaml.SequenceNode):
-        return [problem for item in node.value for problem in keys_given_twice(item, path)]
-    if not isinstance(node, yaml.MappingNode):
-        return []
-    problems: list[str] = []
-    seen: dict[str, yaml.Node] = {}
-    for key, value in node.value:
-        if not isinstance(key, yaml.ScalarNode) or key.tag == "tag:yaml.org,2002:merge":
-            continue
-        first = seen.setdefault(key.value, value)
-        if first is not value:
-            if path == ("adapters",):
-                problems.append(f"adapters: adapter name {key.value!r} is used twice ({_where(first)} and "
-                                f"{_where(value)})")
-            else:
-                problems.append(f"{'.'.join(path + (key.value,))}: given twice ({_where(first)} and {_where(value)}); "
-                                "YAML would keep only the last")
-        problems += keys_given_twice(value, path + (key.value,))
-    return problems
-
-
-def _where(node) -> str:
-    """A YAML value and its line, for messages: `runs/a (line 3)`."""
-    text = node.value if isinstance(node.value, str) else f"a {node.id}"
-    return f"{text} (line {node.start_mark.line + 1})"
 
 
 def from_run(train_config: str, fuse: bool, report=print) -> dict:
