@@ -470,9 +470,11 @@ def resumed_config(cfg: Config, overrides: list[str] = ()) -> tuple[Config, list
         if any(key == g or key.startswith(f"{g}.") for g in given):
             if before.get(key) != after.get(key):
                 lines.append(f"resume: {key} {before.get(key)!r} -> {after.get(key)!r} (from the command line)")
+        elif now.get(key) == after.get(key):
+            continue
         elif now.get(key) == "auto":
             lines.append(f"resume: {key} stays {after.get(key)!r}, what 'auto' chose when the run started")
-        elif now.get(key) != after.get(key):
+        else:
             lines.append(f"resume: {key} stays {after.get(key)!r} as the run started (train_config.yaml; "
                          f"the config now says {now.get(key)!r}; pass {key}=... to change it)")
     return merged, lines
