@@ -47,7 +47,8 @@ def cmd_train(args) -> int:
         from .config import resumed_config
 
         resumed, differences = resumed_config(cfg, overrides)
-        kept = [line for line in differences if "(from the command line)" not in line]
+        # Settings the file changed since the run started; an `auto` each rank resolves again as it did then.
+        kept = [line for line in differences if "(from the command line)" not in line and "what 'auto' chose" not in line]
         if kept and (args.hosts or (args.processes or 1) > 1):
             raise ValueError("--resume with several ranks: the config differs from the run's recorded settings ("
                              + "; ".join(line.removeprefix("resume: ") for line in kept) + "); pass those keys on "

@@ -220,3 +220,26 @@ def test_an_adapter_on_another_base_than_it_was_trained_on_is_warned_about(train
 
     read_checked_adapter(load_model(str(tiny_model_dir))[0], other)  # serve (at start and POST /v1/adapters)
     assert capsys.readouterr().err.startswith(f"warning: {other} was trained on ")
+
+
+def test_resume_with_several_ranks_accepts_what_auto_chose_and_refuses_a_changed_file(
+        tiny_model_dir, tiny_data_dir, tmp_path, monkeypatch):
+    import dataclasses
+
+    from mlx_lora import cli
+    from mlx_lora.config import config_to_dict, load_config
+
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    started = load_config(config)
+    started = dataclasses.replace(started, training=dataclasses.replace(started.training, float_weights="float"))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "train_config.yaml").write_text(yaml.safe_dump(config_to_dict(started)))
+    launched = []
+    monkeypatch.setattr(cli, "launch_ranks", lambda cfg, items, args: launched.append(items) or 0)
+    args = cli.build_parser().parse_args(["train", str(config), "-n", "2", "--resume"])
+    assert cli.cmd_train(args) == 0 and launched == [[str(config)]]  # 'auto' -> 'float' is the run's own choice
+    args = cli.build_parser().parse_args(["train", str(config), "training.iters=9", "-n", "2", "--resume"])
+    assert cli.cmd_train(args) == 0  # a key given on the command line reaches every rank
+    config.write_text(config.read_text().replace("iters: 6", "iters: 12"))
+    with pytest.raises(ValueError, match=r"--resume with several ranks: .*training.iters stays 6"):
+        cli.cmd_train(cli.build_parser().parse_args(["train", str(config), "-n", "2", "--resume"]))
