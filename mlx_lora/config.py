@@ -188,6 +188,13 @@ def _check_ranges(cfg: Config) -> list[str]:
          f"must be a positive integer or auto, got {t.batch_size!r}")
     need(t.effective_batch_size is None or t.effective_batch_size > 0, "training.effective_batch_size",
          f"must be positive or null, got {t.effective_batch_size}")
+    if isinstance(t.batch_size, int) and t.batch_size > 0 and t.effective_batch_size and t.grad_accumulation > 0:
+        steps = t.effective_batch_size / t.batch_size
+        fix = (f"set training.grad_accumulation={int(steps)}" if steps == int(steps)
+               else f"use a batch_size that divides {t.effective_batch_size}") + ", or training.batch_size=auto to derive both"
+        need(t.effective_batch_size == t.batch_size * t.grad_accumulation, "training.effective_batch_size",
+             f"{t.effective_batch_size} examples per step, but batch_size {t.batch_size} x grad_accumulation "
+             f"{t.grad_accumulation} is {t.batch_size * t.grad_accumulation}; {fix}")
     need(t.memory_limit in ("auto", "none") or _is_memory_size(t.memory_limit), "training.memory_limit",
          f"{t.memory_limit!r} is not auto, none or a size such as 16GB, 32GB, 64GB, 24GiB or 512MB")
     need(t.grad_accumulation > 0, "training.grad_accumulation", f"must be positive, got {t.grad_accumulation}")
@@ -405,7 +412,13 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         data = loaded or {}
         base_dir = path.resolve().parent
     data = apply_overrides(data, list(overrides))
-    cfg = config_from_dict(data, source)
+    try:
+        cfg = config_from_dict(data, source)
+    except ConfigError as err:  # say which problems the command line's key=value gave
+        given = {".".join(parse_override(text)[0]) for text in overrides}
+        problems = [f"{key} (from the command line):{rest}" if key in given else problem
+                    for problem in err.problems for key, _, rest in [problem.partition(":")]]
+        raise ConfigError(problems, err.source) from None
     template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
                                                              chat_template=template or None))

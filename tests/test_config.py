@@ -122,3 +122,27 @@ def test_a_key_or_section_given_twice_is_refused_naming_both_lines(tmp_path):
     path.write_text("model: m\ndata: {path: d}\nlora: {rank: 4, rank: 8}\n")
     with pytest.raises(ConfigError, match=r"lora.rank: given twice \(4 \(line 3\) and 8 \(line 3\)\)"):
         load_config(path)
+
+
+def test_effective_batch_size_with_a_fixed_batch_must_agree_with_the_accumulation():
+    base = {"model": "m", "data": {"path": "d"}}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({**base, "training": {"batch_size": 4, "effective_batch_size": 12}})
+    assert err.value.problems == ["training.effective_batch_size: 12 examples per step, but batch_size 4 x "
+                                  "grad_accumulation 1 is 4; set training.grad_accumulation=3, or "
+                                  "training.batch_size=auto to derive both"]
+    with pytest.raises(ConfigError, match="use a batch_size that divides 10"):
+        config_from_dict({**base, "training": {"batch_size": 4, "effective_batch_size": 10}})
+    ok = config_from_dict({**base, "training": {"batch_size": 4, "grad_accumulation": 3, "effective_batch_size": 12}})
+    assert ok.training.grad_accumulation == 3  # as a run records it after batch_size: auto
+    assert config_from_dict({**base, "training": {"batch_size": "auto", "effective_batch_size": 12}})
+
+
+def test_a_bad_value_given_on_the_command_line_is_said_to_come_from_it(tmp_path):
+    path = tmp_path / "my.yaml"
+    path.write_text("model: m\ndata: {path: d}\nlora: {rank: 0}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, ["training.learning_rate=-1"])
+    assert "training.learning_rate (from the command line): must be positive, got -1.0" in err.value.problems
+    assert "lora.rank: must be a positive integer, got 0" in err.value.problems  # from the file: as before
+    assert str(err.value).startswith(f"{path}: 2 problems")
