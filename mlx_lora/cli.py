@@ -120,7 +120,12 @@ def cmd_plan(args) -> int:
     memory = parse_memory(args.memory) if args.memory is not None else None
     path, overrides = _split_config_and_overrides(args.items)
     cfg = load_config(path or _default_config(), overrides)
-    plan = make_plan(cfg, memory, f"--memory {args.memory}" if memory else None, dequantize_path=False if args.mac else None)
+    source = f"--memory {args.memory}" if memory else None
+    if memory is None:  # a training.memory_limit below this machine's memory is what the run may use
+        from .run import planned_memory
+
+        memory, source = planned_memory(cfg)
+    plan = make_plan(cfg, memory, source, dequantize_path=False if args.mac else None)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
     return 0
 

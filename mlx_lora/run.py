@@ -119,12 +119,24 @@ def phases_line(phases: dict) -> str:
     return f"time: {', '.join(parts)} (total {sum(phases.values()):.0f}s)"
 
 
+def planned_memory(cfg: Config) -> tuple[float | None, str | None]:
+    """(bytes, source) the plan fits a run into: `training.memory_limit` when it is a size below this
+    machine's memory (the guard stops the run there), else (None, None) for the machine's own."""
+    from .memory.plan import machine_memory, parse_memory
+
+    limit = cfg.training.memory_limit
+    if limit in ("auto", "none"):
+        return None, None
+    size = parse_memory(limit)
+    return (size, f"training.memory_limit {limit}") if size < machine_memory()[0] else (None, None)
+
+
 def memory_plan(cfg: Config, say=log):
     """The memory plan of `cfg`, printed with `say`; None (with a warning) when the model cannot be sized."""
     from .memory.plan import make_plan
 
     try:
-        plan = make_plan(cfg)
+        plan = make_plan(cfg, *planned_memory(cfg))
     except (FileNotFoundError, ValueError) as err:
         say(f"warning: no memory prediction was made ({err}); training runs without one")
         return None

@@ -163,6 +163,11 @@ class GracefulInterrupt:
             signal.signal(signal.SIGINT, self.previous)
 
 
+def _size(n_bytes: float) -> str:
+    """Bytes as GB (two decimals), or as MB below 1 GB, so a small limit does not read 0.00 GB."""
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e9 else f"{n_bytes / 1e6:.1f} MB"
+
+
 def weighted_loss(model: nn.Module, tokens: mx.array, mask: mx.array, positions: mx.array, weights: mx.array,
                   share: mx.array, segments: mx.array | None = None):
     """`batch_loss` times this rank's share of the global batch's target tokens (1 on a single process).
@@ -289,6 +294,29 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     stopped_early = False
     mx.reset_peak_memory()
 
+    def report_window(at_step: int, val_loss, val_accuracy=None) -> None:
+        """One StepReport over the steps since the last one (to every callback), then a new window."""
+        nonlocal window_loss, window_tokens, window_steps, window_metrics, window_start
+        if not window_steps:
+            return
+        now = time.perf_counter()
+        report = StepReport(
+            step=at_step, total_steps=steps, train_loss=window_loss / window_steps,
+            learning_rate=float(optimizer.learning_rate.item()), tokens=window_tokens,
+            tokens_per_second=window_tokens / max(now - window_start, 1e-9),
+            peak_memory_gb=mx.get_peak_memory() / 1e9,
+            elapsed_s=elapsed_before + now - run_start, val_loss=val_loss,
+        )
+        if preference:
+            for name, total in zip(METRICS, window_metrics):
+                setattr(report, name, total / window_steps)
+            report.val_preference_accuracy = val_accuracy
+        for callback in callbacks:
+            callback.on_report(report)
+        window_loss, window_tokens, window_steps = 0.0, 0, 0
+        window_metrics = [0.0] * len(METRICS)
+        window_start = time.perf_counter()
+
     def save(at_step: int) -> Path | None:
         if not world.is_main:
             return None
@@ -347,16 +375,19 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                 )
             step += 1
             world.keep(step, position, model, optimizer)
-            if memory_limit is not None and mx.get_peak_memory() > memory_limit:
-                path = save(step)
-                raise MemoryLimitExceeded(
-                    f"step {step} peaked at {mx.get_peak_memory() / 1e9:.2f} GB, over the memory limit of "
-                    f"{memory_limit / 1e9:.2f} GB (training.memory_limit); stopped with a checkpoint at {path}. "
-                    "Lower training.batch_size or data.max_seq_length, or set training.grad_checkpoint=true "
-                    "(`mlx-lora plan CONFIG` lists settings that fit), then rerun with --resume")
             window_loss += step_loss
             window_tokens += step_tokens
             window_steps += 1
+            if memory_limit is not None and mx.get_peak_memory() > memory_limit:
+                path = save(step)
+                report_window(step, None)  # the steps since the last report were applied: their metrics too
+                for callback in callbacks:  # e.g. the progress bar ends its line before the message
+                    getattr(callback, "close", lambda: None)()
+                raise MemoryLimitExceeded(
+                    f"step {step} peaked at {_size(mx.get_peak_memory())}, over the memory limit of "
+                    f"{_size(memory_limit)} (training.memory_limit); stopped with a checkpoint at {path}. "
+                    "Lower training.batch_size or data.max_seq_length, or set training.grad_checkpoint=true "
+                    "(`mlx-lora plan CONFIG` lists settings that fit), then rerun with --resume")
             is_last = step == steps
             if config.steps_per_eval and (step % config.steps_per_eval == 0 or is_last) and valid_set and world.is_main:
                 model.eval()
@@ -374,23 +405,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             else:
                 val_loss = val_accuracy = None
             if step % config.steps_per_report == 0 or is_last or val_loss is not None:
-                now = time.perf_counter()
-                report = StepReport(
-                    step=step, total_steps=steps, train_loss=window_loss / window_steps,
-                    learning_rate=float(optimizer.learning_rate.item()), tokens=window_tokens,
-                    tokens_per_second=window_tokens / max(now - window_start, 1e-9),
-                    peak_memory_gb=mx.get_peak_memory() / 1e9,
-                    elapsed_s=elapsed_before + now - run_start, val_loss=val_loss,
-                )
-                if preference:
-                    for name, total in zip(METRICS, window_metrics):
-                        setattr(report, name, total / window_steps)
-                    report.val_preference_accuracy = val_accuracy
-                for callback in callbacks:
-                    callback.on_report(report)
-                window_loss, window_tokens, window_steps = 0.0, 0, 0
-                window_metrics = [0.0] * len(METRICS)
-                window_start = time.perf_counter()
+                report_window(step, val_loss, val_accuracy)
             if config.save_every and step % config.save_every == 0 and not is_last:
                 last_good = save(step)
             stopped_early = world.any(stopped_early)  # validation runs on rank 0 only: all stop together

@@ -243,3 +243,14 @@ def test_resume_with_several_ranks_accepts_what_auto_chose_and_refuses_a_changed
     config.write_text(config.read_text().replace("iters: 6", "iters: 12"))
     with pytest.raises(ValueError, match=r"--resume with several ranks: .*training.iters stays 6"):
         cli.cmd_train(cli.build_parser().parse_args(["train", str(config), "-n", "2", "--resume"]))
+
+
+def test_plan_fits_the_run_into_its_memory_limit(tiny_model_dir, tiny_data_dir, tmp_path, capsys):
+    from mlx_lora import cli
+
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    assert cli.cmd_plan(cli.build_parser().parse_args(["plan", str(config), "training.memory_limit=4MB"])) == 0
+    table = capsys.readouterr().out
+    assert "does NOT fit in" in table and "(training.memory_limit 4MB)" in table
+    assert cli.cmd_plan(cli.build_parser().parse_args(["plan", str(config)])) == 0
+    assert "training.memory_limit" not in capsys.readouterr().out  # auto: this machine's memory

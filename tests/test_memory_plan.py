@@ -297,7 +297,7 @@ def test_guard_stops_with_one_line_and_a_resumable_checkpoint(tmp_path):
     with pytest.raises(MemoryLimitExceeded) as stopped:
         run_steps(model, 2, tmp_path, steps=3, memory_limit=30e6)
     message = str(stopped.value)
-    assert "\n" not in message and "over the memory limit of 0.03 GB" in message and "--resume" in message
+    assert "\n" not in message and "over the memory limit of 30.0 MB" in message and "--resume" in message
     checkpoint = latest(tmp_path)
     assert checkpoint is not None and json.loads((checkpoint / "state.json").read_text())["step"] == 1
     summary = run_steps(model, 2, tmp_path, steps=3, resume=True)  # no limit now: it finishes

@@ -170,3 +170,22 @@ def test_packing_refuses_what_it_cannot_run(tiny_model_dir, tiny_data_dir, tmp_p
     config = TrainingConfig(iters=1, batch_size=4, steps_per_eval=0, objective="orpo")
     with pytest.raises(ValueError, match="data.pack"):
         train(model, data["train"], data["valid"], config, tmp_path, pack_capacity=512)
+
+
+def test_the_memory_guard_reports_the_steps_it_stops_after_and_ends_the_progress_line(tiny_model_dir, tiny_data_dir,
+                                                                                      tmp_path):
+    import dataclasses
+
+    from mlx_lora.train import MemoryLimitExceeded
+
+    model, datasets = setup(tiny_model_dir, tiny_data_dir)
+    recorder = Recorder()
+    closed = []
+    recorder.close = lambda: closed.append(True)
+    config = dataclasses.replace(CONFIG, steps_per_report=5, grad_accumulation=1, steps_per_eval=0)
+    with pytest.raises(MemoryLimitExceeded) as stopped:
+        train(model, datasets["train"], [], config, tmp_path, callbacks=[recorder], memory_limit=1e6)
+    assert "over the memory limit of 1.0 MB" in str(stopped.value)  # not "0.00 GB"
+    # step 1 tripped the guard before its report was due: it was applied (checkpointed), so it is reported
+    assert [r.step for r in recorder.reports] == [1] and np.isfinite(recorder.reports[0].train_loss)
+    assert closed == [True]
