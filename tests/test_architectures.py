@@ -177,6 +177,40 @@ def test_hub_id_without_network_or_cache_names_the_cache(monkeypatch, tmp_path):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("what", ["model", "plan"])
+def test_hub_id_with_an_unreachable_hub_fails_at_once_naming_the_cache(monkeypatch, tmp_path, what):
+    """No network (a name that does not resolve): one line at once, no download attempted (and so
+    none of huggingface_hub's five logged retries), for the model and for the planner's config.json."""
+    import socket
+
+    import huggingface_hub
+
+    from mlx_lora.memory.shape import read_shape
+    from mlx_lora.models.sources import resolve_source
+
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "https://hub.invalid")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", False)
+
+    def no_network(*args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    def no_download(*args, **kwargs):
+        if not kwargs.get("local_files_only"):
+            raise AssertionError("a download was attempted")
+        raise huggingface_hub.errors.LocalEntryNotFoundError("not cached")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", no_download)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
+    with pytest.raises(FileNotFoundError) as err:
+        (resolve_source if what == "model" else read_shape)("nobody/no-such-model")
+    message = str(err.value)
+    assert "'nobody/no-such-model' is not in the Hugging Face cache" in message
+    assert str(tmp_path / "hub") in message and "hub.invalid: Name or service not known" in message
+    assert "\n" not in message
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_batched_generation_equals_one_by_one(family_dirs, family):
     """Evaluation generates in padded batches; prompts of different lengths must not change the answers

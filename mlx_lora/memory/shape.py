@@ -193,10 +193,23 @@ def read_shape(source: str) -> ModelShape:
 
 
 def _hub_config(repo_id: str) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    from ..models.sources import hub_unreachable
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", local_files_only=True))
+    except (LocalEntryNotFoundError, OSError):
+        pass
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise FileNotFoundError(f"model: config.json of {repo_id!r} is not in the Hugging Face cache "
+                                f"({constants.HF_HUB_CACHE}) and the hub cannot be reached ({unreachable}); connect "
+                                "to the network once, or pass a local folder")
     try:
         return Path(hf_hub_download(repo_id, "config.json"))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise FileNotFoundError(f"model: could not fetch config.json of {repo_id!r} from the hub: {err}") from err
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise FileNotFoundError(f"model: could not fetch config.json of {repo_id!r} from the hub ({reason}); check "
+                                f"the id and your network (cache: {constants.HF_HUB_CACHE})") from err

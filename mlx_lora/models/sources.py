@@ -109,6 +109,11 @@ def download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS, local_files_only=True))
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
+    unreachable = hub_unreachable()
+    if unreachable:
+        raise FileNotFoundError(f"model: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                                f"the hub cannot be reached ({unreachable}); connect to the network once to download "
+                                "it, or pass a local folder")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_WEIGHT_PATTERNS))
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as err:
@@ -117,6 +122,32 @@ def download_from_hub(repo_id: str) -> Path:
             f"model: {repo_id!r} is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and could not be "
             f"downloaded ({reason}); check the id and your network, or pass a local folder"
         ) from err
+
+
+def hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face hub cannot be reached (offline mode, a name that does not resolve, no
+    connection within `timeout` seconds), or None when a connection opens.
+
+    Checked before a download so that a machine without network fails in one line at once, not
+    after huggingface_hub's retries (1 + 2 + 4 + 8 + 8 s, each logged).
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    proxy = f"{url.scheme}_proxy".lower() if url.scheme else "https_proxy"
+    if any(os.environ.get(name) for name in (proxy, proxy.upper(), "all_proxy", "ALL_PROXY")):
+        return None  # through a proxy a direct connection proves nothing: let the download try
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as err:
+        return f"{host}: {err.strerror or err}"
 
 
 def config_overrides(config: dict) -> dict:
