@@ -146,3 +146,10 @@ def test_a_bad_value_given_on_the_command_line_is_said_to_come_from_it(tmp_path)
     assert "training.learning_rate (from the command line): must be positive, got -1.0" in err.value.problems
     assert "lora.rank: must be a positive integer, got 0" in err.value.problems  # from the file: as before
     assert str(err.value).startswith(f"{path}: 2 problems")
+
+
+@pytest.mark.parametrize("objective", ["orpo", "sft"])
+def test_dpo_only_loss_type_is_refused_for_other_objectives(objective):
+    with pytest.raises(ConfigError, match=rf"training.loss_type: 'ipo' applies only to training.objective: dpo \(this run: {objective}\)"):
+        config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"objective": objective, "loss_type": "ipo"}})
+    assert config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"objective": "dpo", "loss_type": "ipo"}})
