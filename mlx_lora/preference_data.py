@@ -2,7 +2,8 @@
 
 A row is `{"prompt": str, "chosen": ..., "rejected": ...}` or `{"messages": [...], "chosen": ...,
 "rejected": ...}`: the prompt (or the shared conversation prefix) followed by two answers, each a
-string, one assistant message, or a list of messages. Only the answers' tokens are targets. A
+string, one assistant message, or a list of messages; either may carry `tools` (function specs,
+passed to the chat template as for SFT chat rows). Only the answers' tokens are targets. A
 batch of B pairs is one (2B, T) array, chosen rows first, then rejected (TRL's concatenated
 forward), so both answers of a pair go through the model together. Reading, splits and batching
 order are `data.py`'s; this module owns only what differs for pairs.
@@ -15,12 +16,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .chat import ChatTemplateError, render
 from .config import DataConfig
 from . import data
-from .data import PAD_MULTIPLE, DataError, DataStats, Example, _check_messages, _encode, has_chat_template, \
-    read_jsonl, tokenize_chat
+from .data import PAD_MULTIPLE, DataError, DataStats, Example, _check_messages, _check_tools, _did_you_mean, \
+    _encode, has_chat_template, read_jsonl, tokenize_chat
 
 ANSWER_KEYS = ("chosen", "rejected")
+# The keys each row shape reads (a row with 'messages' is that shape, whatever else it has); any
+# other key is counted in the data summary as not used by training, as `data.FORMAT_KEYS` for SFT.
+PAIR_FORMAT_KEYS = {"messages": ("messages", "chosen", "rejected", "tools"),
+                    "prompt": ("prompt", "chosen", "rejected", "tools")}
 # The per-batch preference metrics (batch means), in the order both backends' losses return them.
 METRICS = ("reward_margin", "reward_accuracy", "chosen_rewards", "rejected_rewards", "chosen_logps", "rejected_logps")
 FORMAT_HINT = ('rows with "prompt" (or "messages") plus "chosen" and "rejected"; '
@@ -56,18 +62,26 @@ def _answer_messages(value, key: str, where: str) -> list[dict]:
     return value
 
 
+def _hint(keys: tuple[str, ...], row: dict) -> str:
+    """`data._did_you_mean` for the first of `keys` that one of the row's keys is close to."""
+    return next((h for h in (_did_you_mean(k, row) for k in keys) if h), "")
+
+
 def parse_row(row: dict, where: str, objective: str) -> tuple[list[dict] | str, list[dict], list[dict]]:
     """(prompt: prefix messages or a string, chosen messages, rejected messages) of one row.
 
-    Raises DataError naming `where` (file:line) for an SFT row, a missing field or a wrong type.
+    Raises DataError naming `where` (file:line) for an SFT row, a missing field (with a did-you-mean
+    when the row has a key close to it) or a wrong type.
     """
     if not any(key in row for key in ANSWER_KEYS):
         kind = next((k for k in ("messages", "prompt", "text") if k in row), None)
         raise DataError(f"{where}: training.objective: {objective} needs preference data ({FORMAT_HINT}); "
-                        f"this row has {f'an SFT {kind!r} field' if kind else f'keys {sorted(row)}'}")
+                        f"this row has {f'an SFT {kind!r} field' if kind else f'keys {sorted(row)}'}"
+                        f"{_hint(ANSWER_KEYS, row)}")
     for key in ANSWER_KEYS:
         if key not in row:
-            raise DataError(f"{where}: missing '{key}' (a preference row needs both 'chosen' and 'rejected')")
+            raise DataError(f"{where}: missing '{key}'{_did_you_mean(key, row)}; a preference row needs both "
+                            "'chosen' and 'rejected'")
     if "messages" in row:
         prefix = row["messages"]
         if not isinstance(prefix, list) or not prefix:
@@ -77,7 +91,7 @@ def parse_row(row: dict, where: str, objective: str) -> tuple[list[dict] | str, 
     elif isinstance(row.get("prompt"), str):
         prompt = row["prompt"]
     else:
-        got = type(row.get("prompt")).__name__ if "prompt" in row else "nothing"
+        got = type(row.get("prompt")).__name__ if "prompt" in row else f"nothing{_hint(('prompt', 'messages'), row)}"
         raise DataError(f"{where}: missing 'prompt' (a string) or 'messages' (the conversation before the answers); "
                         f"got {got}")
     return prompt, _answer_messages(row["chosen"], "chosen", where), _answer_messages(row["rejected"], "rejected", where)
@@ -95,14 +109,34 @@ def _keep_last_runs(mask: list[bool], runs: int) -> list[bool]:
     return kept
 
 
-def tokenize_answer(tokenizer, prompt: list[dict] | str, answer: list[dict]) -> Example:
-    """Prompt + answer as one Example whose mask covers the answer's assistant tokens only."""
+def _check_template_shows_tools(tokenizer, prefix: list[dict], tools: list[dict]) -> None:
+    """Refuse tools the chat template renders nothing of (the model would learn calls to unseen tools)."""
+    if render(tokenizer, prefix, True, tools) == render(tokenizer, prefix, True, None):
+        raise DataError("the row has 'tools' but the chat template renders nothing of them, so the model would "
+                        "learn tool calls without seeing the tools; use a tool-aware template (data.chat_template) "
+                        "or drop 'tools'")
+
+
+def tokenize_answer(tokenizer, prompt: list[dict] | str, answer: list[dict],
+                    tools: list[dict] | None = None) -> Example:
+    """Prompt + answer as one Example whose mask covers the answer's assistant tokens only.
+
+    `tools` (function specs) go to the chat template with the conversation, as for SFT chat rows.
+    """
     if has_chat_template(tokenizer):
         prefix = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-        tokens, mask = tokenize_chat(tokenizer, prefix + answer)
+        try:
+            if tools:
+                _check_template_shows_tools(tokenizer, prefix, tools)
+            tokens, mask = tokenize_chat(tokenizer, prefix + answer, tools)
+        except ChatTemplateError as err:
+            raise DataError(str(err)) from None
         # Assistant turns of the shared prefix are context: each turn is one run of targets.
         mask = _keep_last_runs(mask, sum(m["role"] == "assistant" for m in answer))
-        return Example(tokens, mask, prompt_messages=prefix)
+        return Example(tokens, mask, prompt_messages=prefix, tools=tools or None)
+    if tools:
+        raise DataError("the row has 'tools' but the tokenizer has no chat template to show them to the model; "
+                        "set data.chat_template to a tool-aware template or drop 'tools'")
     if not isinstance(prompt, str) or len(answer) != 1 or answer[0]["role"] != "assistant":
         raise DataError("the tokenizer has no chat template, so rows need a 'prompt' string and one answer string")
     prompt_ids = _encode(tokenizer, prompt, first=True)
@@ -136,12 +170,16 @@ def tokenize_pair_rows(path: Path, rows: list[tuple[int, dict]], tokenizer, conf
     for line_number, row in rows:
         where = f"{path}:{line_number}"
         prompt, chosen, rejected = parse_row(row, where, objective)
+        _check_tools(row, where)
         stats.rows += 1
+        for key in row:
+            if key not in PAIR_FORMAT_KEYS["messages" if "messages" in row else "prompt"]:
+                stats.unused_fields[key] = stats.unused_fields.get(key, 0) + 1
         if chosen == rejected:
             stats.dropped_identical += 1
             continue
         try:
-            answers = [tokenize_answer(tokenizer, prompt, answer) for answer in (chosen, rejected)]
+            answers = [tokenize_answer(tokenizer, prompt, answer, row.get("tools")) for answer in (chosen, rejected)]
         except DataError as err:
             raise DataError(f"{where}: {err}") from err
         lengths = [len(a.tokens) for a in answers]

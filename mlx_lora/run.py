@@ -88,8 +88,10 @@ def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
                          "as the template renders it when generating that turn")
         if stats.get("unused_fields"):
             named = ", ".join(f"{key} ({count} row{'s' * (count != 1)})" for key, count in stats["unused_fields"].items())
-            lines.append(f"data {split}: fields not used by training: {named} (a row is read as 'messages' [+ "
-                         "'tools'], 'prompt' + 'completion', or 'text'; nothing else in it is applied)")
+            read = ("'prompt' or 'messages', 'chosen' and 'rejected' [+ 'tools']" if objective != "sft" else
+                    "'messages' [+ 'tools'], 'prompt' + 'completion', or 'text'")
+            lines.append(f"data {split}: fields not used by training: {named} (a row is read as {read}; nothing "
+                         "else in it is applied)")
         if stats.get("templated_completions"):
             lines.append(f"data {split}: {stats['templated_completions']} prompt/completion row(s) formatted with the "
                          "chat template as one user turn and one assistant reply (query the tuned model through "

@@ -148,6 +148,13 @@ def test_identical_answers_are_counted_and_dropped(tiny_model_dir, tmp_path):
     ({"chosen": "a", "rejected": "b"}, "t.jsonl:2: missing 'prompt' (a string) or 'messages'"),
     ({"prompt": "x", "chosen": 3, "rejected": "b"}, "t.jsonl:2: 'chosen' must be a string, an assistant message"),
     ({"messages": [{"role": "user", "content": "x"}], "completion": "y"}, "t.jsonl:2: training.objective: dpo needs preference data"),
+    ({"prompt": "x", "chosen": "a", "rejcted": "b"},
+     "t.jsonl:2: missing 'rejected' (the row has 'rejcted'; did you mean 'rejected'?)"),
+    ({"prompt": "x", "chosn": "a", "rejected": "b"}, "t.jsonl:2: missing 'chosen' (the row has 'chosn'; did you mean"),
+    ({"promt": "x", "chosen": "a", "rejected": "b"}, "(the row has 'promt'; did you mean 'prompt'?)"),
+    ({"mesages": [{"role": "user", "content": "x"}], "chosen": "a", "rejected": "b"},
+     "(the row has 'mesages'; did you mean 'messages'?)"),
+    ({"prompt": "x", "chosn": "a", "rejcted": "b"}, "(the row has 'chosn'; did you mean 'chosen'?)"),
 ])
 def test_bad_preference_rows_name_file_and_line(tiny_model_dir, tmp_path, row, message):
     _, tokenizer, _ = load_model(str(tiny_model_dir))
@@ -156,6 +163,52 @@ def test_bad_preference_rows_name_file_and_line(tiny_model_dir, tmp_path, row, m
     with pytest.raises(DataError) as err:
         load_preference_split(tmp_path / "t.jsonl", tokenizer, DataConfig(path=str(tmp_path)), objective="dpo")
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_fields_a_preference_row_does_not_read_are_counted_and_named(tiny_model_dir, tmp_path):
+    # Before: `id`, `score_chosen` ... were dropped without a word (SFT rows had them counted).
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    rows = [{"prompt": "say fox", "chosen": "fox", "rejected": "dog", "id": 1, "score_chosen": 3},
+            {"prompt": "say dog", "chosen": "dog", "rejected": "dog", "id": 2},  # dropped as identical, still read
+            {"messages": [{"role": "user", "content": "say a"}], "prompt": "ignored", "chosen": "a", "rejected": "b",
+             "tools": []}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stats = DataStats()
+    load_preference_split(tmp_path / "t.jsonl", tokenizer, DataConfig(path=str(tmp_path)), stats)
+    # a messages row reads 'messages', not 'prompt'; 'tools' is read by both shapes
+    assert stats.summary()["unused_fields"] == {"id": 2, "prompt": 1, "score_chosen": 1}
+    from mlx_lora.run import describe_data
+
+    (line,) = [x for x in describe_data({"train": {**stats.summary(), "source": "train.jsonl"}}, "dpo")
+               if "fields not used by training" in x]
+    assert "id (2 rows), prompt (1 row), score_chosen (1 row)" in line
+
+
+def test_tools_of_a_preference_row_reach_the_chat_template(tiny_model_dir, tmp_path):
+    from test_chat_templates import TOOL_TEMPLATE
+
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    tokenizer.chat_template = TOOL_TEMPLATE
+    spec = {"type": "function", "function": {"name": "get_w", "description": "weather by city", "parameters": {}}}
+    call = {"type": "function", "function": {"name": "get_w", "arguments": {"city": "Lyon"}}}
+    rows = [{"messages": [{"role": "user", "content": "weather?"}], "tools": [spec],
+             "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}], "rejected": "no idea"},
+            {"prompt": "weather?", "tools": json.dumps([spec]), "chosen": "sunny", "rejected": "no idea"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pairs = load_preference_split(tmp_path / "t.jsonl", tokenizer, DataConfig(path=str(tmp_path)))
+    for pair in pairs:
+        for example in (pair.chosen, pair.rejected):
+            assert '"description": "weather by city"' in tokenizer.decode(example.tokens)
+            assert example.tools == [spec]  # evaluation prompts carry them too
+    targets = [t for t, m in zip(pairs[0].chosen.tokens, pairs[0].chosen.mask) if m]
+    assert tokenizer.decode(targets) == f"<tool_call>{json.dumps(call['function'])}</tool_call><|im_end|>\n"
+    from mlx_lora.prepare.stats import token_length  # data_transform's length report counts the tools too
+
+    assert [token_length(tokenizer, {**row, "tools": [spec]}) for row in rows] == [pair.length for pair in pairs]
+    # A template that shows nothing of the tools would teach calls to unseen tools: refused, as for SFT rows.
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    with pytest.raises(DataError, match=r"t.jsonl:1: the row has 'tools' but the chat template renders nothing"):
+        load_preference_split(tmp_path / "t.jsonl", tokenizer, DataConfig(path=str(tmp_path)))
 
 
 def test_dpo_with_an_sft_dataset_and_sft_with_pairs_say_which_format_is_needed(tiny_model_dir, tiny_data_dir,

@@ -76,3 +76,56 @@ def test_bad_preference_records_name_file_and_line(tmp_path, good, raw, message)
     with pytest.raises(TransformError) as err:
         convert(tmp_path, [good, raw])
     assert message in str(err.value)
+
+
+def test_openai_preference_tools_are_kept_and_other_input_fields_named(tmp_path, tiny_model_dir):
+    # Before: `input.tools` and `input.parallel_tool_calls` vanished unreported (only `metadata` was named).
+    spec = {"name": "get_w", "description": "weather by city", "parameters": {"type": "object", "properties": {}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_w", "arguments": "{\"city\": \"Lyon\"}"}}
+    raw = {"input": {"messages": [{"role": "user", "content": "weather?", "name": "ann"}],
+                     "tools": [{"type": "function", "function": spec}], "parallel_tool_calls": True},
+           "preferred_output": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+           "non_preferred_output": [{"role": "assistant", "content": "no idea"}], "metadata": {"src": "x"}}
+    report, written = convert(tmp_path, [raw, OPENAI])
+    assert written[0] == {"messages": [{"role": "user", "content": "weather?", "name": "ann"}],
+                          "tools": [{"type": "function", "function": spec}],
+                          "chosen": [{"role": "assistant", "content": None, "tool_calls": [call]}],
+                          "rejected": "no idea"}
+    assert "tools" not in written[1]
+    assert report["inputs"][0]["dropped_fields"] == {"input.parallel_tool_calls": 1, "metadata": 1}
+
+    from mlx_lora.models import load_model
+    from test_chat_templates import TOOL_TEMPLATE
+
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    tokenizer.chat_template = TOOL_TEMPLATE
+    pair = load_preference_split(tmp_path / "out" / "train.jsonl", tokenizer, DataConfig(path=str(tmp_path)))[0]
+    assert '"description": "weather by city"' in tokenizer.decode(pair.chosen.tokens)
+    assert "<tool_call>" in tokenizer.decode([t for t, m in zip(pair.chosen.tokens, pair.chosen.mask) if m])
+
+
+def test_native_preference_rows_keep_tools(tmp_path):
+    spec = {"name": "add", "parameters": {}}
+    row = {"prompt": "1+1?", "chosen": "2", "rejected": "3"}
+    report, written = convert(tmp_path, [{**row, "tools": json.dumps([spec])}])  # a JSON string, as some datasets store it
+    assert written == [{**row, "tools": [{"type": "function", "function": spec}]}]
+    assert report["totals"]["dropped_fields"] == {}
+
+
+def test_fields_inside_scored_answers_are_named_when_dropped(tmp_path):
+    raw = {"instruction": "Name a fox colour.", "completions": [
+        {"response": "Red.", "overall_score": 8.5, "model": "a", "critique": "good"},
+        {"response": "Blue.", "overall_score": 2, "model": "b", "annotations": {}}]}
+    report, _ = convert(tmp_path, [raw, SCORED])
+    assert report["inputs"][0]["dropped_fields"] == {"completions[].critique": 1, "completions[].model": 1}
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"prompt": "x", "chosen": "a", "rejcted": "b"}, "raw.jsonl:1:1: missing 'rejected' (the row has 'rejcted'; "
+                                                    "did you mean 'rejected'?)"),
+    ({"promt": "x", "chosen": "a", "rejected": "b"}, "(the row has 'promt'; did you mean 'prompt'?)"),
+])
+def test_misspelled_preference_keys_get_a_did_you_mean(tmp_path, raw, message):
+    with pytest.raises(TransformError) as err:
+        convert(tmp_path, [raw])
+    assert message in str(err.value)

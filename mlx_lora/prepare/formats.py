@@ -95,8 +95,8 @@ def _holds_data(value: Any, table: bool = False) -> bool:
 
 
 def dropped_fields(value: Any, fmt: str, keys: Keys, output_format: str = "chat") -> list[str]:
-    """Names of the fields of a raw record that its conversion leaves out (`conversations[].weight`),
-    counting only fields that hold data (`_holds_data`).
+    """Names of the fields of a raw record that its conversion leaves out (`conversations[].weight`,
+    `input.parallel_tool_calls`), counting only fields that hold data (`_holds_data`).
 
     Chat messages keep every key in chat output (templates may read `name`, `tool_call_id`, ...);
     a completions row has room for role and content only.
@@ -113,6 +113,8 @@ def dropped_fields(value: Any, fmt: str, keys: Keys, output_format: str = "chat"
         dropped += [f"conversations[].{k}" for k in _nested_data_keys(value["conversations"], SHAREGPT_TURN_READS)]
     if fmt == "chat" and output_format == "completions" and isinstance(value.get("messages"), list):
         dropped += [f"messages[].{k}" for k in _nested_data_keys(value["messages"], ("role", "content"))]
+    dropped += sorted({f"{name}.{k}" for name, item, item_reads in preference.nested_objects(value, fmt)
+                       for k, v in item.items() if k not in item_reads and _holds_data(v)})
     return dropped
 
 

@@ -6,11 +6,13 @@ Inputs, detected per record by their keys:
 - `scored`: UltraFeedback-style, a prompt (`prompt` / `instruction`) and a list of scored answers
   (`completions` / `responses`, each `response` / `text` / `content` with `overall_score` /
   `score` / `rating`): the best answer is chosen, the worst rejected; a tie is skipped;
-- `openai-preference`: OpenAI's preference fine-tuning JSONL, `input.messages`,
+- `openai-preference`: OpenAI's preference fine-tuning JSONL, `input.messages` (and `input.tools`),
   `preferred_output` and `non_preferred_output` (lists of assistant messages);
 - `preference`: rows already in the training shape (`prompt` or `messages`, `chosen`,
   `rejected`, as strings, messages or full conversations such as UltraFeedback-binarized's).
-Pairs whose answers are identical raise `SkipRecord("identical")`, which the pipeline counts.
+Tools (`input.tools`, or a native row's `tools`) are kept with the row as OpenAI function specs,
+and messages keep every key (`tool_calls`, `name`, ...), as for chat rows. Pairs whose answers
+are identical raise `SkipRecord("identical")`, which the pipeline counts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 from typing import Any
 
 from .readers import RawRecord, TransformError
+from .tools import normalise_tools
 
 FORMATS = ("hh-rlhf", "scored", "openai-preference", "preference")
 PROMPT_KEYS = ("prompt", "instruction", "question")
@@ -30,8 +33,11 @@ READS = {
     "hh-rlhf": ("chosen", "rejected"),
     "scored": PROMPT_KEYS + ANSWER_LIST_KEYS,
     "openai-preference": ("input", "preferred_output", "non_preferred_output"),
-    "preference": ("messages", "chosen", "rejected") + PROMPT_KEYS,
+    "preference": ("messages", "chosen", "rejected", "tools") + PROMPT_KEYS,
 }
+# The fields read inside OpenAI's `input` (`parallel_tool_calls` is a request setting with no
+# place in a training row: it is named as dropped, like any other field left out).
+OPENAI_INPUT_READS = ("messages", "tools")
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")  # HH-RLHF's speaker markers
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -60,9 +66,33 @@ def detect(value: Any) -> str | None:
     return None
 
 
+def nested_objects(value: dict, fmt: str) -> list[tuple[str, dict, tuple[str, ...]]]:
+    """(name, object, the keys read in it) of each object nested in a record of `fmt` whose other
+    keys `formats.dropped_fields` names: OpenAI's `input`, each answer of a scored list."""
+    if fmt == "openai-preference" and isinstance(value.get("input"), dict):
+        return [("input", value["input"], OPENAI_INPUT_READS)]
+    list_key = next((k for k in ANSWER_LIST_KEYS if isinstance(value.get(k), list)), None) if fmt == "scored" else None
+    if list_key is None:
+        return []
+    return [(f"{list_key}[]", answer, _scored_keys(answer)) for answer in value[list_key] if isinstance(answer, dict)]
+
+
+def _scored_keys(answer: dict) -> tuple:
+    """(text key, score key) that a scored answer is read by; None for one it lacks."""
+    return (next((k for k in ANSWER_TEXT_KEYS if isinstance(answer.get(k), str)), None),
+            next((k for k in SCORE_KEYS if isinstance(answer.get(k), (int, float))), None))
+
+
+def _did_you_mean(key: str, value: dict) -> str:
+    from mlx_lora.data import _did_you_mean  # the training rows' hint; imported on error only: it loads numpy
+
+    return _did_you_mean(key, value)
+
+
 def _require(record: RawRecord, key: str) -> Any:
     if key not in record.value:
-        raise TransformError(f"{record.where()}: missing '{key}' (a preference record needs both answers)")
+        raise TransformError(f"{record.where()}: missing '{key}'{_did_you_mean(key, record.value)}; a preference "
+                             "record needs both answers")
     return record.value[key]
 
 
@@ -100,8 +130,7 @@ def _from_scored(record: RawRecord) -> tuple:
         where = f"{record.where(list_key)}: {list_key}[{i}]"
         if not isinstance(answer, dict):
             raise TransformError(f"{where} must be an object with a response and a score")
-        text_key = next((k for k in ANSWER_TEXT_KEYS if isinstance(answer.get(k), str)), None)
-        score_key = next((k for k in SCORE_KEYS if isinstance(answer.get(k), (int, float))), None)
+        text_key, score_key = _scored_keys(answer)
         if text_key is None or score_key is None:
             raise TransformError(f"{where} needs a text ({' / '.join(ANSWER_TEXT_KEYS)}) and a numeric score "
                                  f"({' / '.join(SCORE_KEYS)}); it has {sorted(answer)}")
@@ -119,17 +148,18 @@ def _assistant_messages(record: RawRecord, value: Any, key: str) -> list[dict]:
         value = [value]
     if not isinstance(value, list) or not value or not all(isinstance(m, dict) and "role" in m for m in value):
         raise TransformError(f"{record.where(key)}: '{key}' must be a list of messages with role and content")
-    return [{"role": m["role"], "content": m.get("content")} for m in value]
+    # Every key is kept (tool_calls, name, ...): the chat templates may read them.
+    return [{**m, "content": m.get("content")} for m in value]
 
 
 def _from_openai(record: RawRecord) -> tuple:
     source = record.value.get("input")
     messages = source.get("messages") if isinstance(source, dict) else None
-    if not isinstance(messages, list) or not messages:
-        raise TransformError(f"{record.where('input')}: 'input' must hold a non-empty 'messages' list")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise TransformError(f"{record.where('input')}: 'input' must hold a non-empty 'messages' list of objects")
     chosen = _assistant_messages(record, _require(record, "preferred_output"), "preferred_output")
     rejected = _assistant_messages(record, _require(record, "non_preferred_output"), "non_preferred_output")
-    return [{"role": m.get("role"), "content": m.get("content")} for m in messages], chosen, rejected
+    return [{**m, "role": m.get("role"), "content": m.get("content")} for m in messages], chosen, rejected
 
 
 def _strip_shared(prompt: Any, answer: Any) -> Any:
@@ -150,8 +180,9 @@ def _from_native(record: RawRecord) -> tuple:
     else:
         key = next((k for k in PROMPT_KEYS if k in value), None)
         if key is None:
-            raise TransformError(f"{record.where()}: missing 'prompt' (or 'messages'): the conversation the answers "
-                                 "reply to")
+            hint = next((h for h in (_did_you_mean(k, value) for k in ("prompt", "messages")) if h), "")
+            raise TransformError(f"{record.where()}: missing 'prompt' (or 'messages'){hint}: the conversation the "
+                                 "answers reply to")
         prompt = value[key]
     return prompt, _strip_shared(prompt, chosen), _strip_shared(prompt, rejected)
 
@@ -159,10 +190,20 @@ def _from_native(record: RawRecord) -> tuple:
 CONVERTERS = {"hh-rlhf": _from_hh, "scored": _from_scored, "openai-preference": _from_openai, "preference": _from_native}
 
 
+def _tools(record: RawRecord, fmt: str) -> list[dict] | None:
+    """The record's tool list as OpenAI function specs (`tools.normalise_tools`); None when it has none."""
+    if fmt == "openai-preference":
+        return normalise_tools(record, record.value["input"].get("tools"), "input.tools")
+    if fmt == "preference":
+        return normalise_tools(record, record.value.get("tools"))
+    return None
+
+
 def _one_answer(answer: Any) -> Any:
-    """A single assistant message is written as its text, the common form."""
+    """A single assistant message with nothing but its text is written as the text, the common form."""
     if isinstance(answer, list) and len(answer) == 1 and answer[0].get("role") == "assistant" \
-            and isinstance(answer[0].get("content"), str):
+            and isinstance(answer[0].get("content"), str) \
+            and all(k in ("role", "content") or v in (None, "", [], {}) for k, v in answer[0].items()):
         return answer[0]["content"]
     return answer
 
@@ -179,13 +220,15 @@ def convert(record: RawRecord, fmt: str, system: str | None = None) -> dict:
         raise SkipRecord("empty", f"{record.where()}: an empty answer")
     if chosen == rejected:
         raise SkipRecord("identical", f"{record.where()}: 'chosen' and 'rejected' are the same answer")
+    tools = _tools(record, fmt)
+    rest = {"tools": tools} if tools is not None else {}  # what follows the prompt in the row
+    rest.update(chosen=chosen, rejected=rejected)
     if isinstance(prompt, list):
         if system is not None and not any(m.get("role") == "system" for m in prompt):
             prompt = [{"role": "system", "content": system}] + prompt
-        return {"messages": prompt, "chosen": chosen, "rejected": rejected}
+        return {"messages": prompt, **rest}
     if not isinstance(prompt, str) or not prompt.strip():
         raise TransformError(f"{record.where()}: the prompt must be a non-empty string or a list of messages")
     if system is not None:
-        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}],
-                "chosen": chosen, "rejected": rejected}
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+        return {"messages": [{"role": "system", "content": system}, {"role": "user", "content": prompt}], **rest}
+    return {"prompt": prompt, **rest}

@@ -40,13 +40,14 @@ def token_length(tokenizer: Any, row: dict) -> int:
 
 
 def _answer_row(prompt: dict, answer: Any) -> dict:
-    """A preference row's prompt with one answer, as an SFT row."""
+    """A preference row's prompt with one answer, as an SFT row (tools kept: training shows them too)."""
     answer = [{"role": "assistant", "content": answer}] if isinstance(answer, str) else answer
+    tools = {"tools": prompt["tools"]} if prompt.get("tools") else {}
     if "messages" in prompt:
-        return {**prompt, "messages": prompt["messages"] + answer}
-    if len(answer) == 1:
+        return {"messages": prompt["messages"] + answer, **tools}
+    if len(answer) == 1 and not tools:
         return {"prompt": prompt["prompt"], "completion": answer[0]["content"]}
-    return {"messages": [{"role": "user", "content": prompt["prompt"]}] + answer}
+    return {"messages": [{"role": "user", "content": prompt["prompt"]}] + answer, **tools}
 
 
 def summarise(lengths: Sequence[int], max_seq_length: int) -> dict:
