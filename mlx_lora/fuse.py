@@ -3,7 +3,9 @@
 `fuse_adapters` merges, optionally re-quantizes, and checks the result against base + adapters
 on test prompts: re-quantizing a fused model can silently erase a fine-tune, so the check's
 numbers (largest logit difference, greedy-token agreement) are returned and written to
-`fuse_report.json`. The GGUF export is `models/gguf_export.py`; loading models is `models/`.
+`fuse_report.json`. The check reads the test split as the run's objective does (a DPO / ORPO
+run's pairs compare on the prompt and its chosen answer). The GGUF export is
+`models/gguf_export.py`; loading models is `models/`.
 """
 
 from __future__ import annotations
@@ -39,17 +41,28 @@ class FuseResult:
 
 # --- the check ----------------------------------------------------------------------------------
 
-def check_sequences(tokenizer, prompts_file: Path | None, limit: int = CHECK_LIMIT) -> list[tuple[list[int], list[bool]]]:
+def check_sequences(tokenizer, prompts_file: Path | None, limit: int = CHECK_LIMIT,
+                    objective: str = "sft") -> list[tuple[list[int], list[bool]]]:
     """(tokens, positions to compare) for up to `limit` test rows, or generic prompts without a file.
 
-    With a chat/completions test split the compared positions are the answer tokens; generic
-    prompts compare every position.
+    The test split is read as training reads it for `objective`: with a chat/completions split
+    (sft) the compared positions are the answer tokens; with preference pairs (dpo, orpo) they
+    are the chosen answer's tokens after the prompt (the sequence the run made more likely).
+    Generic prompts compare every position.
     """
     if prompts_file is not None and Path(prompts_file).is_file():
         from .config import DataConfig
-        from .data import load_split
 
-        examples = load_split(Path(prompts_file), tokenizer, DataConfig(path=str(Path(prompts_file).parent)))
+        config = DataConfig(path=str(Path(prompts_file).parent))
+        if objective == "sft":
+            from .data import load_split
+
+            examples = load_split(Path(prompts_file), tokenizer, config)
+        else:
+            from .preference_data import load_preference_split
+
+            examples = [pair.chosen for pair in load_preference_split(Path(prompts_file), tokenizer, config,
+                                                                      objective=objective)]
         chosen = [(e.tokens, e.mask) for e in examples if any(e.mask)][:limit]
         if chosen:
             return chosen
@@ -61,6 +74,19 @@ def check_sequences(tokenizer, prompts_file: Path | None, limit: int = CHECK_LIM
             tokens = list(tokenizer.encode(text))
         sequences.append((tokens, [True] * len(tokens)))
     return sequences
+
+
+def recorded_objective(adapter_dir: Path) -> str:
+    """`training.objective` of the run that wrote `adapter_dir` (its train_config.yaml), or sft
+    when the folder does not say (adapters made elsewhere are checked as SFT ones)."""
+    import yaml
+
+    recorded = Path(adapter_dir) / "train_config.yaml"
+    try:
+        objective = yaml.safe_load(recorded.read_text(encoding="utf-8"))["training"]["objective"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):  # no record, or one without the key
+        return "sft"
+    return objective if isinstance(objective, str) else "sft"
 
 
 def model_logits(model, sequences) -> list:
@@ -159,7 +185,7 @@ def save_hf_folder(out_dir: Path, model, tokenizer, config: dict) -> None:
 def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "float16",
                   quantize_bits: int | None = None, group_size: int = 64, gguf: bool = False,
                   check_prompts: str | Path | None = None, check: bool = True,
-                  check_limit: int = CHECK_LIMIT) -> FuseResult:
+                  check_limit: int = CHECK_LIMIT, objective: str | None = None) -> FuseResult:
     """Merge the adapters in `adapter_dir` into `model_source` and write a Hugging Face folder.
 
     Args:
@@ -167,6 +193,8 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
         quantize_bits: 4 or 8 to affine-quantize the fused weights again (then checked).
         gguf: also write `model-f16.gguf` (llama family).
         check_prompts: a JSONL test split whose answers the check compares on.
+        objective: the run's `training.objective`, which says how to read `check_prompts`
+            (default: as recorded in `adapter_dir/train_config.yaml`, else sft).
     Returns a FuseResult; its `warnings` are non-empty when the fused model lost the fine-tune.
     """
     import mlx.core as mx
@@ -186,7 +214,9 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
     use_fast_frozen_layers(model)
     adapter_raw = load_adapters(model, adapter_dir)
 
-    sequences = check_sequences(tokenizer, Path(check_prompts) if check_prompts else None, check_limit) if check else []
+    objective = objective or recorded_objective(Path(adapter_dir))
+    sequences = check_sequences(tokenizer, Path(check_prompts) if check_prompts else None, check_limit,
+                                objective) if check else []
     reference = model_logits(model, sequences)
     with adapters_disabled(model):
         bare = model_logits(model, sequences)
@@ -215,7 +245,8 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
             base_vs_tuned = compare_logits(reference, bare)
             warnings = verdict(fused_vs_tuned, base_vs_tuned)
             report["check"] = {"fused_vs_base_plus_adapters": fused_vs_tuned, "base_vs_base_plus_adapters": base_vs_tuned,
-                               "prompts": len(sequences), "source": str(check_prompts or "generic prompts")}
+                               "prompts": len(sequences), "source": str(check_prompts or "generic prompts"),
+                               "objective": objective}
         report["warnings"] = warnings
         save_hf_folder(staging, model, tokenizer, config)
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
@@ -225,10 +256,11 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
 
 # --- command line --------------------------------------------------------------------------------
 
-def resolve_inputs(config_path: str | None, model: str | None, adapter: str | None,
-                   out: str | None, prompts: str | None, overrides: list[str] = ()) -> tuple[str, Path, Path, Path | None]:
-    """(model source, adapter folder, output folder, check prompts) from a training config (with
-    `key.path=value` overrides, as `train` takes them) and/or flags."""
+def resolve_inputs(config_path: str | None, model: str | None, adapter: str | None, out: str | None,
+                   prompts: str | None, overrides: list[str] = ()) -> tuple[str, Path, Path, Path | None, str | None]:
+    """(model source, adapter folder, output folder, check prompts, training objective) from a
+    training config (with `key.path=value` overrides, as `train` takes them) and/or flags; the
+    objective is None without a config (`fuse_adapters` then reads the run's record)."""
     from .adapters import read_adapter_config
 
     cfg = None
@@ -245,7 +277,8 @@ def resolve_inputs(config_path: str | None, model: str | None, adapter: str | No
             raise ValueError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model SOURCE")
     if prompts is None and cfg is not None:
         prompts = str(Path(cfg.data.path) / "test.jsonl")
-    return model, adapter_dir, Path(out) if out else adapter_dir / FUSED_DIRNAME, Path(prompts) if prompts else None
+    return (model, adapter_dir, Path(out) if out else adapter_dir / FUSED_DIRNAME, Path(prompts) if prompts else None,
+            cfg.training.objective if cfg is not None else None)
 
 
 def build_parser(prog: str = "mlx-lora fuse") -> argparse.ArgumentParser:
@@ -261,7 +294,8 @@ def build_parser(prog: str = "mlx-lora fuse") -> argparse.ArgumentParser:
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS", help="re-quantize (affine 4 or 8 bit) and check")
     parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
     parser.add_argument("--gguf", action="store_true", help=f"also write {GGUF_NAME} (llama family)")
-    parser.add_argument("--prompts", help="JSONL test split for the check (default: the config's test split)")
+    parser.add_argument("--prompts", help="JSONL test split for the check (default: the config's test split; a "
+                        "dpo / orpo run's pairs are compared on the prompt and the chosen answer)")
     parser.add_argument("--check-limit", type=int, default=CHECK_LIMIT, help="test rows the check compares on")
     parser.add_argument("--no-check", action="store_true", help="skip comparing the fused model with base + adapters")
     return parser
@@ -273,7 +307,9 @@ def format_check(report: dict) -> list[str]:
     if not check:
         return ["check: skipped"]
     fused, base = check["fused_vs_base_plus_adapters"], check["base_vs_base_plus_adapters"]
-    return [f"check on {check['prompts']} prompts ({fused['positions']} answer positions):",
+    pairs = check.get("objective", "sft") != "sft" and check.get("source") != "generic prompts"
+    answers = ", the pairs' chosen answers" if pairs else ""
+    return [f"check on {check['prompts']} prompts ({fused['positions']} answer positions{answers}):",
             f"  fused vs base+adapters: greedy agreement {100 * fused['greedy_agreement']:.1f}%, "
             f"max logit diff {fused['max_logit_diff']:.4f}",
             f"  base  vs base+adapters: greedy agreement {100 * base['greedy_agreement']:.1f}% (what no fine-tune looks like)"]
@@ -283,11 +319,11 @@ def run_fuse(args) -> FuseResult:
     from .cli import _split_config_and_overrides
 
     config, overrides = _split_config_and_overrides(args.items)
-    model, adapter_dir, out_dir, prompts = resolve_inputs(config, args.model, args.adapter, args.out, args.prompts,
-                                                          overrides)
+    model, adapter_dir, out_dir, prompts, objective = resolve_inputs(config, args.model, args.adapter, args.out,
+                                                                     args.prompts, overrides)
     return fuse_adapters(model, adapter_dir, out_dir, dtype=args.dtype, quantize_bits=args.quantize,
                          group_size=args.group_size, gguf=args.gguf, check_prompts=prompts,
-                         check=not args.no_check, check_limit=args.check_limit)
+                         check=not args.no_check, check_limit=args.check_limit, objective=objective)
 
 
 def print_result(result: FuseResult) -> None:

@@ -165,6 +165,87 @@ def test_fuse_takes_key_value_overrides_after_the_config_as_train_does(tmp_path)
     config.write_text(f"model: demo\ndata: {{path: {tmp_path / 'data'}}}\noutput_dir: {tmp_path / 'runs/a'}\n")
     args = build_parser().parse_args([str(config), f"output_dir={tmp_path / 'runs/b'}", "model=other.gguf", "--gguf"])
     path, overrides = _split_config_and_overrides(args.items)
-    model, adapter_dir, out_dir, prompts = resolve_inputs(path, args.model, args.adapter, args.out, args.prompts, overrides)
+    model, adapter_dir, out_dir, prompts, objective = resolve_inputs(path, args.model, args.adapter, args.out,
+                                                                     args.prompts, overrides)
     assert (model, adapter_dir, out_dir) == ("other.gguf", tmp_path / "runs/b", tmp_path / "runs/b/fused")
-    assert args.gguf and prompts == tmp_path / "data" / "test.jsonl"
+    assert args.gguf and prompts == tmp_path / "data" / "test.jsonl" and objective == "sft"
+
+
+# --- preference runs: the check reads the test split as the run's objective does ------------------
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    from test_objectives import write_pairs
+
+    return write_pairs(tmp_path_factory.mktemp("pairs"))
+
+
+def preference_config(tmp_path, model_dir, data_dir, output_dir, objective="dpo", **training):
+    import yaml
+
+    path = tmp_path / f"{objective}.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": str(model_dir), "output_dir": str(output_dir), "data": {"path": str(data_dir), "max_seq_length": 64},
+        "lora": {"rank": 4, "alpha": 8}, "eval": {"enabled": False},
+        "training": {"objective": objective, "iters": 2, "batch_size": 2, "steps_per_eval": 0, "save_every": 0,
+                     "steps_per_report": 1, **training}}))
+    return path
+
+
+def chosen_answer_positions(model_dir, test_file, limit=8) -> int:
+    """Answer positions of the first `limit` test pairs' chosen sequences, as DPO training reads them."""
+    from mlx_lora.config import DataConfig
+    from mlx_lora.models import load_model
+    from mlx_lora.preference_data import load_preference_split
+
+    _, tokenizer, _ = load_model(str(model_dir))
+    pairs = load_preference_split(test_file, tokenizer, DataConfig(path=str(test_file.parent)))
+    return sum(sum(pair.chosen.mask[1:]) for pair in pairs[:limit])
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_preference_config_fuses_with_the_check_on_the_pairs_chosen_answers(
+        tiny_model_dir, adapter_dir, pairs_dir, tmp_path, capsys, objective):
+    from mlx_lora.fuse import main
+
+    config = preference_config(tmp_path, tiny_model_dir, pairs_dir, adapter_dir, objective)
+    assert main([str(config), "--out", str(tmp_path / "fused"), "--dtype", "float32"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "fused vs base+adapters: greedy agreement 100.0%" in out and "chosen answers" in out
+    check = json.loads((tmp_path / "fused" / "fuse_report.json").read_text())["check"]
+    assert check["objective"] == objective and check["prompts"] == 8
+    # the compared positions are exactly the chosen answers' tokens, as for SFT the answers'
+    assert check["fused_vs_base_plus_adapters"]["positions"] == chosen_answer_positions(tiny_model_dir,
+                                                                                       pairs_dir / "test.jsonl")
+    assert check["fused_vs_base_plus_adapters"]["greedy_agreement"] == 1.0
+    assert check["base_vs_base_plus_adapters"]["greedy_agreement"] < 1.0  # the adapters change those answers
+
+
+def test_a_dpo_run_fuses_and_serves_from_its_run_folder(tiny_model_dir, pairs_dir, tmp_path):
+    """convert_and_serve.sh's path (`serve --from-run`): a real DPO run, fused with the check on."""
+    from mlx_lora.config import load_config
+    from mlx_lora.run import run_training
+    from mlx_lora.serve.cli import from_run
+
+    config = preference_config(tmp_path, tiny_model_dir, pairs_dir, tmp_path / "run", "dpo")
+    run_training(load_config(config))
+    settings = from_run(str(config), fuse=True, report=lambda line: None)
+    assert settings["model"] == str(tmp_path / "run" / "fused")
+    check = json.loads((tmp_path / "run" / "fused" / "fuse_report.json").read_text())["check"]
+    assert check["objective"] == "dpo" and check["source"] == str(pairs_dir / "test.jsonl")
+    assert check["fused_vs_base_plus_adapters"]["greedy_agreement"] >= 0.95  # float16 weights
+    assert check["fused_vs_base_plus_adapters"]["positions"] == chosen_answer_positions(tiny_model_dir,
+                                                                                       pairs_dir / "test.jsonl")
+
+
+def test_an_sft_check_is_unchanged_by_the_objective_record(tiny_model_dir, tiny_data_dir):
+    from mlx_lora.data import load_split
+    from mlx_lora.config import DataConfig
+    from mlx_lora.fuse import check_sequences
+    from mlx_lora.models import load_model
+
+    _, tokenizer, _ = load_model(str(tiny_model_dir))
+    test_file = tiny_data_dir / "test.jsonl"
+    expected = [(e.tokens, e.mask) for e in load_split(test_file, tokenizer, DataConfig(path=str(tiny_data_dir)))
+                if any(e.mask)][:8]
+    assert check_sequences(tokenizer, test_file) == check_sequences(tokenizer, test_file, objective="sft") == expected

@@ -199,7 +199,17 @@ def examples(count, length=SEQ):
     return [Example(tokens=rng.integers(0, SMALL["vocab_size"], length).tolist(), mask=[True] * length) for _ in range(count)]
 
 
-def run_steps(model, batch, out, steps=1, grad_checkpoint=False, memory_limit=None, resume=False):
+def pairs(count, length=SEQ):
+    """Preference pairs: chosen and rejected `length` tokens each, the last three quarters the answer."""
+    from mlx_lora.preference_data import PreferencePair
+
+    answers = examples(2 * count, length)
+    for answer in answers:
+        answer.mask[: length // 4] = [False] * (length // 4)
+    return [PreferencePair(chosen, rejected) for chosen, rejected in zip(answers[::2], answers[1::2])]
+
+
+def run_steps(model, batch, out, steps=1, grad_checkpoint=False, memory_limit=None, resume=False, objective="sft"):
     import gc
 
     import mlx.core as mx
@@ -208,17 +218,18 @@ def run_steps(model, batch, out, steps=1, grad_checkpoint=False, memory_limit=No
     from mlx_lora.train import train
 
     config = TrainingConfig(iters=steps, batch_size=batch, grad_checkpoint=grad_checkpoint, steps_per_eval=0,
-                            save_every=1, steps_per_report=1, learning_rate=1e-5)
+                            save_every=1, steps_per_report=1, learning_rate=1e-5, objective=objective)
     gc.collect()
     mx.clear_cache()
-    return train(model, examples(batch * 2), [], config, out, resume=resume, memory_limit=memory_limit)
+    data = examples(batch * 2) if objective == "sft" else pairs(batch * 2)
+    return train(model, data, [], config, out, resume=resume, memory_limit=memory_limit)
 
 
-def settings(batch, grad_checkpoint=False):
+def settings(batch, grad_checkpoint=False, objective="sft"):
     from mlx_lora.frozen_matmul import use_dequantize_path
 
     return StepSettings(rank=16, target_modules=ALL, batch_size=batch, seq_length=SEQ, grad_checkpoint=grad_checkpoint,
-                        dequantize_path=use_dequantize_path())
+                        dequantize_path=use_dequantize_path(), objective=objective)
 
 
 def predicted(batch, grad_checkpoint=False):
@@ -235,6 +246,49 @@ def test_predicted_peak_within_ten_percent_of_measured(tmp_path, grad_checkpoint
     prediction = sum(parts.values()) - FIXED_OVERHEAD_BYTES
     assert prediction == pytest.approx(measured - FIXED_OVERHEAD_BYTES, rel=0.10), parts
     assert prediction >= 0.95 * (measured - FIXED_OVERHEAD_BYTES)  # never under by more than 5%
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_preference_step_peak_within_ten_percent_of_measured_and_auto_batch_fits(tmp_path, objective):
+    # A step of B pairs is one (2B, T) forward and backward (chosen + rejected rows); DPO's reference
+    # log-probabilities come from a pass of their own before it (train.py), freed before its peak.
+    from mlx_lora.memory.plan import SAFETY_MARGIN, auto_batch
+
+    shape = shape_from_config(SMALL)
+    parts = components(shape, settings(2, objective=objective))
+    limit = sum(parts.values()) / SAFETY_MARGIN * 1.02  # 2 pairs fit with the margin, 4 do not
+    assert auto_batch(shape, settings(1, objective=objective), limit, effective=8) == (2, 4)
+    assert auto_batch(shape, settings(1), limit, effective=8) == (4, 2)  # what planning it as SFT would pick
+    # the guard (memory_limit) raises MemoryLimitExceeded if the step auto picked passes the limit
+    measured = run_steps(small_model(), 2, tmp_path, objective=objective, memory_limit=limit)["peak_memory_gb"] * 1e9
+    prediction = sum(parts.values()) - FIXED_OVERHEAD_BYTES
+    assert prediction == pytest.approx(measured - FIXED_OVERHEAD_BYTES, rel=0.10), parts
+    assert prediction >= 0.95 * (measured - FIXED_OVERHEAD_BYTES)  # never under by more than 5%
+
+
+def test_plan_counts_both_answers_of_every_pair(config_only_dir, tiny_data_dir, tmp_path):
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)  # the 8B shape, affine 4-bit
+
+    def plan(*overrides, memory="16GB"):
+        return make_plan(load_config(path, ["data.max_seq_length=1024", *overrides]), parse_memory(memory), "test",
+                         dequantize_path=False)
+
+    sft, sft_twice = plan("training.batch_size=2"), plan("training.batch_size=4")
+    for objective in ("dpo", "orpo"):
+        preference = plan("training.batch_size=2", f"training.objective={objective}")
+        # 2 pairs hold what 4 SFT examples hold: every per-sequence component doubles
+        for name, value in sft_twice.components.items():
+            assert preference.components[name] == pytest.approx(value), name
+        assert preference.peak > 1.5 * sft.peak - sft.components["frozen base"]
+        assert preference.to_json()["sequences_per_batch"] == 4
+        assert "2 pairs = 4 sequences (chosen + rejected)" in preference.table()
+        # the reference pass leaves only its (2B,) float32 log-probabilities at the peak
+        assert preference.components.get("dpo reference", 0.0) == (16.0 if objective == "dpo" else 0.0)
+    # batch_size: auto picks half the micro-batch for pairs, with the same pairs per optimizer step
+    auto = [plan("training.batch_size=auto", "training.effective_batch_size=16", f"training.objective={objective}",
+                 memory="64GB") for objective in ("sft", "dpo")]
+    assert (auto[0].settings.batch_size, auto[1].settings.batch_size) == (4, 2)
+    assert auto[1].settings.grad_accumulation == 8 and auto[1].fits
 
 
 def block_model(layers):

@@ -26,6 +26,10 @@ HEAD_CHUNK_LIVE_FLOAT_CPU = 12.5
 ROW_CHUNK = 8192  # frozen_matmul.ROW_CHUNK: output rows dequantized at a time in very wide layers
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 DOUBLE_QUANT_BLOCK = 256  # quantize.py: absmax values quantized in blocks of 256
+# dpo / orpo: a batch of B pairs is one (2B, T) forward and backward, chosen rows then rejected
+# (preference_data.collate_pairs), so every per-sequence term counts 2 sequences per example.
+SEQUENCES_PER_EXAMPLE = {"sft": 1, "dpo": 2, "orpo": 2}
+REFERENCE_COMPONENT = "dpo reference"  # the component only dpo has (see `sequences`)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,21 @@ class StepSettings:
     grad_checkpoint: bool = False
     dequantize_path: bool = True  # the CPU path: frozen layers dequantized one at a time for BLAS
     float_weights: bool = False  # CPU path: float32 copies of the quantized weights kept for the run
+    objective: str = "sft"  # training.objective: dpo / orpo put each pair's two answers through the model
+
+
+def sequences(s: StepSettings) -> int:
+    """Sequences one micro-batch puts through the model: `batch_size` examples for sft, twice
+    that for dpo / orpo (each pair's chosen and rejected answer in one (2B, T) batch).
+
+    DPO's reference log-probabilities (adapters off, no gradient) are evaluated in a pass of
+    their own before the step (train.py), so that pass's activations are freed before the
+    policy's forward begins and only its (2B,) float32 result is alive at the step's peak: that
+    is all `components` counts for it. Measured on the test shape (tests/test_memory_plan.py:
+    4 blocks, hidden 256, vocabulary 8,192, 512 tokens, compiled, CPU): DPO at 2 pairs peaked
+    at 271.2 MB, ORPO at 270.2 MB, SFT at 4 examples at 269.4 MB.
+    """
+    return s.batch_size * SEQUENCES_PER_EXAMPLE.get(s.objective, 1)
 
 
 def _affine_bytes(elements: float, bits: int, group: int, scale_bytes: int) -> float:
@@ -183,8 +202,8 @@ RECOMPUTED_BLOCKS = 2  # checkpointing: the block in its backward and the next o
 
 
 def score_elements(shape: ModelShape, s: StepSettings) -> float:
-    """Elements of one block's attention scores: batch x heads x T x T."""
-    return float(s.batch_size * shape.heads * s.seq_length * s.seq_length)
+    """Elements of one block's attention scores: sequences x heads x T x T."""
+    return float(sequences(s) * shape.heads * s.seq_length * s.seq_length)
 
 
 def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
@@ -198,7 +217,7 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits
     (gemma2) go through the same chunks, the cap applied per chunk.
     """
-    tokens = s.batch_size * s.seq_length
+    tokens = sequences(s) * s.seq_length
     rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
     dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" and not s.float_weights else 0
     live = HEAD_CHUNK_LIVE_FLOAT_CPU if s.dequantize_path and not dequantized else HEAD_CHUNK_LIVE
@@ -213,9 +232,10 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     The peak comes during the backward pass with every block's saved activations alive, plus
     the larger of two working sets: the output head / loss, or one block's backward (its
     scores' gradient and, on the CPU path, its dequantized weights); the other is reported as 0.
+    Activations, scores and the head count `sequences(s)` rows: 2 per pair for dpo / orpo.
     """
     a = activation_bytes(shape, s)
-    tokens = s.batch_size * s.seq_length
+    tokens = sequences(s) * s.seq_length
     trainable = lora_parameters(shape, s)
     # the gradient, and the running sum when micro-batches are accumulated
     grads = trainable * 4 * (2 if s.grad_accumulation > 1 else 1)
@@ -245,6 +265,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     # gradient and dequantized weights) later: the larger of the two is counted, the other is 0
     block_working = attention_backward + transient
     head_first = head >= block_working
+    reference = {REFERENCE_COMPONENT: 4.0 * sequences(s)} if s.objective == "dpo" else {}
     return {
         "frozen base": base_bytes(shape, s),
         "float copies (CPU)": copies,
@@ -255,6 +276,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
         "attention scores": float(saved_scores + (0.0 if head_first else attention_backward)),
         "output head / loss": float(head if head_first else 0.0),
         "dequantized layer": float(0.0 if head_first else transient),
+        **reference,
         "fixed overhead": FIXED_OVERHEAD_BYTES,
     }
 

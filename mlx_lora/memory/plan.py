@@ -13,7 +13,8 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from .estimate import GB, StepSettings, adapted_blocks, components, float_copy_bytes, lora_parameters
+from .estimate import GB, REFERENCE_COMPONENT, StepSettings, adapted_blocks, components, float_copy_bytes, \
+    lora_parameters, sequences
 from .shape import ModelShape, read_shape
 
 SAFETY_MARGIN = 0.9  # batch_size: auto and the guard's default keep the prediction under 90% of memory
@@ -81,7 +82,7 @@ def settings_of(cfg, batch_size: int | None = None, dequantize_path: bool | None
         mode=q.mode, bits=q.bits, group_size=q.group_size, block_size=q.block_size, double_quant=q.double_quant,
         rank=lora.rank, target_modules=tuple(lora.target_modules), num_layers=lora.num_layers,
         batch_size=batch, seq_length=cfg.data.max_seq_length, grad_accumulation=t.grad_accumulation,
-        grad_checkpoint=t.grad_checkpoint, float_weights=t.float_weights == "float",
+        grad_checkpoint=t.grad_checkpoint, float_weights=t.float_weights == "float", objective=t.objective,
         dequantize_path=uses_dequantize_path() if dequantize_path is None else dequantize_path)
 
 
@@ -131,6 +132,7 @@ class Plan:
             "memory_gb": round(self.memory / GB, 3), "memory_source": self.memory_source,
             "components": {name: round(value / GB, 4) for name, value in self.components.items()},
             "settings": dataclasses.asdict(s) | {"target_modules": list(s.target_modules)},
+            "sequences_per_batch": sequences(s),
             "trainable_parameters": lora_parameters(self.shape, s),
             "suggestions": [{"overrides": o, "peak_gb": round(p / GB, 3)} for o, p in self.suggestions],
             "warnings": list(self.warnings),
@@ -142,6 +144,22 @@ class Plan:
         if float_copy_bytes(self.shape, self.settings):
             return ", CPU path (float32 copies of the quantized weights kept: training.float_weights)"
         return ", CPU path (dequantize + BLAS)"
+
+    def _batch(self) -> str:
+        s = self.settings
+        if sequences(s) == s.batch_size:
+            return f"batch {s.batch_size}"
+        return f"{s.objective} batch {s.batch_size} pairs = {sequences(s)} sequences (chosen + rejected)"
+
+    def _notes(self) -> dict[str, str]:
+        """A few words after a component's line: what a preference objective changes in it."""
+        s = self.settings
+        if sequences(s) == s.batch_size:
+            return {}
+        return {"activations": f"  ({sequences(s)} sequences = {s.batch_size} pairs x chosen + rejected)",
+                "attention scores": f"  ({sequences(s)} sequences)",
+                REFERENCE_COMPONENT: "  (a pass of its own before the step, adapters off, no gradient: only its "
+                                     "log-probabilities are alive at the peak)"}
 
     def table(self) -> str:
         s, shape = self.settings, self.shape
@@ -155,12 +173,13 @@ class Plan:
         lines = [
             f"memory plan: {self.model}: {shape.model_type}, {shape.parameters() / 1e9:.2f}B parameters, {base}",
             f"  LoRA rank {s.rank} on {', '.join(s.target_modules)} x {adapted_blocks(shape, s)} blocks "
-            f"({lora_parameters(shape, s):,} parameters); batch {s.batch_size} x {s.seq_length} tokens"
+            f"({lora_parameters(shape, s):,} parameters); {self._batch()} x {s.seq_length} tokens"
             f"{f' x {s.grad_accumulation} accumulated' if s.grad_accumulation > 1 else ''}, "
             f"grad checkpoint {'on' if s.grad_checkpoint else 'off'}"
             f"{self._path()}; every batch counted at max_seq_length",
         ]
-        lines += [f"  {name:20s} {value / GB:8.2f} GB" for name, value in self.components.items()]
+        notes = self._notes()
+        lines += [f"  {name:20s} {value / GB:8.2f} GB{notes.get(name, '')}" for name, value in self.components.items()]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  {'predicted peak':20s} {self.peak / GB:8.2f} GB: {verdict} in {self.memory / GB:.1f} GB "
                      f"({self.memory_source})")
