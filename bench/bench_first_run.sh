@@ -3,7 +3,7 @@
 #   bench/bench_first_run.sh [key.path=value ...]      # overrides go to ./train_by_mlx.sh
 # The clone gets its own temp folder (TMPDIR), so MLX's kernel cache ($TMPDIR/mlx) starts empty
 # without touching the one other programs on this machine use; uv's cache starts empty too. pip's
-# download cache and the model cache (~/.cache/mlx-lora) are left as they are. The run ends with its per-phase line
+# download cache and the model cache (~/.cache/mlx-lora) are left as they are; the base's kept scores are not. The run ends with its per-phase line
 # (set-up, load, train, eval); the total wall time is printed after it.
 set -euo pipefail
 src="$(cd "$(dirname "$0")/.." && pwd)"
@@ -15,6 +15,8 @@ export TMPDIR="$work/tmp"
 echo "==> MLX kernel cache: $TMPDIR/mlx (empty)"
 export UV_CACHE_DIR="$work/uv-cache"  # uv (fetched into .venv when not on PATH) starts with nothing downloaded
 echo "==> uv cache: $UV_CACHE_DIR (empty)"
+export MLX_LORA_CACHE_DIR="$work/mlx-lora-cache"  # no base scores kept from earlier runs (eval_cache.py)
+echo "==> base-eval cache: $MLX_LORA_CACHE_DIR/base-eval (empty)"
 unset MLX_LORA_PYTHON MLX_LORA_BLAS VIRTUAL_ENV
 start=$(date +%s.%N)
 cd "$work/clone"
