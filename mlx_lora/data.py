@@ -21,6 +21,8 @@ from .config import DataConfig
 SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REWRITE_EXAMPLES = 5  # rows named in the summary when the chat template rewrites turns
+TOOLS_NOT_RENDERED = ("the row has 'tools' but the chat template renders nothing of them, so the model would learn "
+                      "tool calls without seeing the tools; use a tool-aware template (data.chat_template) or drop 'tools'")
 PAD_MULTIPLE = 8  # pad batches to a multiple of 8 tokens: few distinct shapes for mx.compile, little waste
 
 
@@ -210,9 +212,7 @@ def row_examples(tokenizer, row: dict, fmt: str, train_on_prompt: bool,
         examples[-1].reference = messages[last].get("content")
         rewritten = chat.rewritten
         if chat.tools_ignored:
-            raise DataError("the row has 'tools' but the chat template renders nothing of them, so the model would "
-                            "learn tool calls without seeing the tools; use a tool-aware template (data.chat_template) "
-                            "or drop 'tools'")
+            raise DataError(TOOLS_NOT_RENDERED)
     elif fmt == "completions":
         prompt = _encode(tokenizer, row["prompt"], first=True)
         completion = _encode(tokenizer, row["completion"], first=False) + [eos]

@@ -19,8 +19,8 @@ import numpy as np
 from .chat import ChatTemplateError, render
 from .config import DataConfig
 from . import data
-from .data import PAD_MULTIPLE, DataError, DataStats, Example, _check_messages, _check_tools, _did_you_mean, \
-    _encode, has_chat_template, read_jsonl, tokenize_chat
+from .data import PAD_MULTIPLE, TOOLS_NOT_RENDERED, DataError, DataStats, Example, _check_messages, _check_tools, \
+    _did_you_mean, _encode, has_chat_template, read_jsonl, tokenize_chat
 
 ANSWER_KEYS = ("chosen", "rejected")
 # The keys each row shape reads (a row with 'messages' is that shape, whatever else it has); any
@@ -112,9 +112,7 @@ def _keep_last_runs(mask: list[bool], runs: int) -> list[bool]:
 def _check_template_shows_tools(tokenizer, prefix: list[dict], tools: list[dict]) -> None:
     """Refuse tools the chat template renders nothing of (the model would learn calls to unseen tools)."""
     if render(tokenizer, prefix, True, tools) == render(tokenizer, prefix, True, None):
-        raise DataError("the row has 'tools' but the chat template renders nothing of them, so the model would "
-                        "learn tool calls without seeing the tools; use a tool-aware template (data.chat_template) "
-                        "or drop 'tools'")
+        raise DataError(TOOLS_NOT_RENDERED)
 
 
 def tokenize_answer(tokenizer, prompt: list[dict] | str, answer: list[dict],
