@@ -85,7 +85,7 @@ def _top2(logits: mx.array) -> tuple[mx.array, mx.array, mx.array]:
 def _head_top2(hidden: mx.array, targets: mx.array, head) -> tuple[mx.array, ...]:
     """(cross-entropy, greedy token, top-1 minus top-2 logit), each (K,), of (K, D) hidden states
     through a `loss.OutputHead`, walking the vocabulary in chunks (no (K, vocab) array)."""
-    size = min(vocab_chunk_rows(hidden.shape[0]), head.rows)
+    size = min(vocab_chunk_rows(hidden.shape[0]), head.max_chunk_rows, head.rows)
     lse = best = second = index = None
     target_logit = mx.zeros(targets.shape, mx.float32)
     for start in range(0, head.rows, size):

@@ -33,6 +33,12 @@ import numpy as np
 from .frozen_matmul import KEPT, affine_dequantizer, use_dequantize_path
 
 CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # float32 logits per chunk; a chunk's backward holds ~10x this
+# A head dequantized per chunk (CPU path): its float32 rows per chunk. MLX's CPU backend allocates an
+# op's output when the op is queued, so ~7.5 chunks' dequantized rows are alive at once (measured on
+# SmolLM2's 49,152 x 576 Q8_0 head at 64 positions: 141 MB with 8,192-row chunks, i.e. the whole head
+# and more, 18 MB with 1,024; the same time per step within 2%). Without this cap a batch with few
+# loss positions gets the largest chunks: Llama-3.1-8B's head whole in float32 is 2.1 GB.
+CHUNK_WEIGHT_BYTES = 4 * 1024 * 1024
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 512, 8192
 POSITION_MULTIPLE = 32  # target counts are padded to this: few compiled shapes, little extra head work
 PROBE_TOLERANCE = 1e-4  # relative difference between the chunked and the plain loss on the probe
@@ -47,6 +53,7 @@ class OutputHead:
     project: Callable[[mx.array, list[mx.array]], mx.array]  # h (N, D), block -> h @ W_block.T (N, C)
     project_back: Callable[[mx.array, list[mx.array]], mx.array]  # g (N, C), block -> g @ W_block (N, D)
     softcap: float | None = None  # logits = softcap * tanh(h @ W.T / softcap) (Gemma 2's final_logit_softcapping)
+    max_chunk_rows: int = MAX_CHUNK_ROWS  # fewer where each chunk is dequantized (`weight_chunk_rows`)
 
     def logits(self, h: mx.array, block: list[mx.array]) -> mx.array:
         """(N, C) float32 logits of one block of rows, soft-capped where the model caps them."""
@@ -69,9 +76,11 @@ def _affine_head(layer: nn.Module) -> OutputHead:
         return _float_head(layer.__dict__[KEPT])
     dequantize, arrays = affine_dequantizer(layer)
     if use_dequantize_path():
+        hidden = layer.scales.shape[-1] * layer.group_size
         return OutputHead(layer.weight.shape[0], arrays,
                           lambda h, block: h.astype(mx.float32) @ dequantize(*block).T,
-                          lambda g, block: g.astype(mx.float32) @ dequantize(*block))
+                          lambda g, block: g.astype(mx.float32) @ dequantize(*block),
+                          max_chunk_rows=weight_chunk_rows(hidden))
     group_size, bits, mode = layer.group_size, layer.bits, getattr(layer, "mode", "affine")
 
     def product(x, block, transpose):
@@ -102,10 +111,19 @@ def output_head(model: nn.Module) -> OutputHead | None:
     return dataclasses.replace(found, softcap=float(softcap)) if softcap else found
 
 
+def _power_of_two_rows(rows: int) -> int:
+    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, 1 << max(rows, 1).bit_length() - 1))
+
+
 def vocab_chunk_rows(num_tokens: int) -> int:
     """Rows of the head per chunk: ~CHUNK_LOGITS_BYTES of logits, a power of two within bounds."""
-    rows = CHUNK_LOGITS_BYTES // (4 * max(num_tokens, 1))
-    return max(MIN_CHUNK_ROWS, min(MAX_CHUNK_ROWS, 1 << max(rows, 1).bit_length() - 1))
+    return _power_of_two_rows(CHUNK_LOGITS_BYTES // (4 * max(num_tokens, 1)))
+
+
+def weight_chunk_rows(hidden: int) -> int:
+    """Rows of a dequantized head per chunk: ~CHUNK_WEIGHT_BYTES of float32 (rows, hidden), a power
+    of two within bounds (1,024 for hidden 576, the 512 floor from hidden 2,048 up)."""
+    return _power_of_two_rows(CHUNK_WEIGHT_BYTES // (4 * hidden))
 
 
 def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead) -> mx.array:
@@ -118,7 +136,7 @@ def chunked_cross_entropy(hidden: mx.array, targets: mx.array, head: OutputHead)
     151,936-token vocabulary: hundreds of kernels, >25 minutes before the first step). Kernels
     do not depend on array shapes, so the narrower last chunk reuses them too.
     """
-    size = min(vocab_chunk_rows(hidden.shape[0]), head.rows)
+    size = min(vocab_chunk_rows(hidden.shape[0]), head.max_chunk_rows, head.rows)
     chunks = [(start, min(start + size, head.rows)) for start in range(0, head.rows, size)]
     bounds = mx.array(np.array(chunks, np.int32))  # (C, 2) first row, end row of each chunk
 

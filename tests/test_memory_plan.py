@@ -394,6 +394,40 @@ def test_memory_limit_setting_is_checked():
     assert guard_limit("none") is None and guard_limit("24GB") == 24e9 and guard_limit("auto") > 0
 
 
+@pytest.mark.parametrize("positions", [32, 128])
+def test_a_dequantized_head_is_never_whole_and_the_planner_counts_it(positions):
+    # The head runs at the positions with loss only; few positions once meant chunks of 8,192 rows, and
+    # with MLX's CPU backend allocating outputs ahead, the whole head in float32 at once (the demo's
+    # SFT peak was 11% over its plan at 4 x 72 tokens). Rows per dequantized chunk are now capped.
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    from mlx_lora import loss
+    from mlx_lora.frozen_matmul import use_dequantize_path
+    from mlx_lora.memory.estimate import head_working_bytes
+
+    if not use_dequantize_path():
+        pytest.skip("the GPU multiplies the 4-bit head directly: nothing is dequantized")
+    vocab, hidden = 16384, 1024
+    mx.random.seed(0)
+    embedding = nn.QuantizedEmbedding.from_embedding(nn.Embedding(vocab, hidden), group_size=64, bits=4)
+    embedding.scales, embedding.biases = embedding.scales.astype(mx.float32), embedding.biases.astype(mx.float32)
+    mx.eval(embedding.parameters())
+    head = loss._affine_head(embedding)
+    h, targets = mx.random.normal((positions, hidden)), mx.random.randint(0, vocab, (positions,))
+    mx.eval(h, targets)
+    step = mx.compile(mx.value_and_grad(lambda h: loss.chunked_cross_entropy(h, targets, head).sum()))
+    mx.eval(step(h))
+    mx.reset_peak_memory()
+    before = mx.get_active_memory()
+    mx.eval(step(h))
+    measured = mx.get_peak_memory() - before
+    assert measured < vocab * hidden * 4 / 2  # measured 26-28 MB against 67 MB for the whole head (172 MB uncapped)
+    shape = shape_from_config(tiny.tiny_config(vocab_size=vocab, hidden_size=hidden, layers=1))
+    planned = head_working_bytes(shape, StepSettings(batch_size=1, seq_length=positions)) - 2 * positions * hidden * 4
+    assert measured <= planned <= 1.6 * measured  # never under; the planner takes the worst number of positions
+
+
 @pytest.mark.parametrize("types", [{"linear": "Q4_1", "embed": "Q8_0"}, {"linear": "Q4_K", "embed": "F16", "output": "Q6_K"}])
 def test_gguf_base_bytes_match_the_loaded_model(tmp_path, types):
     from gguf import GGMLQuantizationType as T

@@ -23,6 +23,10 @@ HEAD_CHUNK_LIVE = 10  # a chunk's backward holds ~10 logits-sized arrays (loss.p
 # loss.chunked_cross_entropy, 1,024-4,096 positions, 8k and 49k rows). A memory limit (the guard's)
 # throttles this run-ahead; the planner counts the unthrottled peak.
 HEAD_CHUNK_LIVE_FLOAT_CPU = 12.5
+# A dequantized head (CPU path): ~7.5 chunks' float32 rows are allocated ahead of the running one
+# (loss.CHUNK_WEIGHT_BYTES; measured 7.4-7.6 on SmolLM2's head at 64-1,024 positions, 512-2,048 rows).
+HEAD_DEQUANTIZED_CHUNKS_LIVE = 8
+HEAD_CHUNK_WEIGHT_BYTES = 4 * 1024 * 1024  # loss.CHUNK_WEIGHT_BYTES
 ROW_CHUNK = 8192  # frozen_matmul.ROW_CHUNK: output rows dequantized at a time in very wide layers
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
 DOUBLE_QUANT_BLOCK = 256  # quantize.py: absmax values quantized in blocks of 256
@@ -206,24 +210,39 @@ def score_elements(shape: ModelShape, s: StepSettings) -> float:
     return float(sequences(s) * shape.heads * s.seq_length * s.seq_length)
 
 
+def _chunk_rows(rows: int) -> int:
+    """loss.py's chunk rows: a power of two in [512, 8,192]."""
+    return max(512, min(8192, 1 << max(rows, 1).bit_length() - 1))
+
+
 def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     """The output head and loss at the start of the backward pass, in bytes.
 
     Chunked loss (loss.py): ~10 chunks' worth of float32 logits (a chunk is ~2 MB, but at least
     512 vocabulary rows: 4 MB at 2,048 positions; 12.5 for a float head on the CPU, see
-    HEAD_CHUNK_LIVE_FLOAT_CPU), one chunk of the head's rows dequantized (CPU
-    path; chunks run one after another, loss.py orders them with mx.depends), and the hidden
+    HEAD_CHUNK_LIVE_FLOAT_CPU), the head's rows dequantized (CPU path: ~8 chunks of at most
+    ~4 MB each, whatever the number of loss positions; loss.CHUNK_WEIGHT_BYTES), and the hidden
     states and their gradient. Counting the 512-row floor brought the checkpointed batch-4 x 512
     test step from 8% under to within bounds (tests/test_memory_plan.py). Soft-capped logits
     (gemma2) go through the same chunks, the cap applied per chunk.
     """
     tokens = sequences(s) * s.seq_length
-    rows = max(512, min(8192, 1 << max(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens), 1).bit_length() - 1))
-    dequantized = rows * shape.hidden * 4 if s.dequantize_path and s.mode != "none" and not s.float_weights else 0
-    live = HEAD_CHUNK_LIVE_FLOAT_CPU if s.dequantize_path and not dequantized else HEAD_CHUNK_LIVE
-    # A chunk has at least 512 rows, so beyond 1,024 positions its logits outgrow the 2 MB target.
-    chunk = max(HEAD_CHUNK_LOGITS_BYTES, 4 * tokens * min(rows, shape.vocab))
-    return live * chunk + dequantized + 2 * tokens * shape.hidden * 4
+    hidden_states = 2 * tokens * shape.hidden * 4
+    if not (s.dequantize_path and s.mode != "none" and not s.float_weights):
+        rows = _chunk_rows(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens))
+        live = HEAD_CHUNK_LIVE_FLOAT_CPU if s.dequantize_path else HEAD_CHUNK_LIVE
+        # A chunk has at least 512 rows, so beyond 1,024 positions its logits outgrow the 2 MB target.
+        return live * max(HEAD_CHUNK_LOGITS_BYTES, 4 * tokens * min(rows, shape.vocab)) + hidden_states
+    # A dequantized head: the head runs at the K positions with loss (K <= tokens, a multiple of 32),
+    # and K sets the chunk rows: few positions, wide chunks of dequantized rows (capped) and small
+    # logits; many, narrow chunks and large logits. The worst K is counted.
+    weight_rows = min(_chunk_rows(HEAD_CHUNK_WEIGHT_BYTES // (4 * shape.hidden)), shape.vocab)
+    worst = 0.0
+    for k in sorted({tokens, *(1 << i for i in range(5, max(tokens, 32).bit_length()))}):
+        rows = min(_chunk_rows(HEAD_CHUNK_LOGITS_BYTES // (4 * k)), weight_rows)
+        dequantized_rows = min(HEAD_DEQUANTIZED_CHUNKS_LIVE * rows, shape.vocab)  # never more than the whole head
+        worst = max(worst, HEAD_CHUNK_LIVE * 4.0 * k * rows + dequantized_rows * shape.hidden * 4.0)
+    return worst + hidden_states
 
 
 def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
