@@ -394,6 +394,17 @@ def test_memory_limit_setting_is_checked():
     assert guard_limit("none") is None and guard_limit("24GB") == 24e9 and guard_limit("auto") > 0
 
 
+def test_the_planner_mirrors_the_loss_and_frozen_product_constants():
+    # estimate.py is arithmetic only (no MLX import), so it repeats these; they must not drift apart
+    from mlx_lora import frozen_matmul, loss
+    from mlx_lora.memory import estimate
+
+    assert estimate.HEAD_CHUNK_LOGITS_BYTES == loss.CHUNK_LOGITS_BYTES
+    assert estimate.HEAD_CHUNK_WEIGHT_BYTES == loss.CHUNK_WEIGHT_BYTES
+    assert estimate.ROW_CHUNK == frozen_matmul.ROW_CHUNK
+    assert estimate._chunk_rows(10**9) == loss.MAX_CHUNK_ROWS and estimate._chunk_rows(1) == loss.MIN_CHUNK_ROWS
+
+
 @pytest.mark.parametrize("positions", [32, 128])
 def test_a_dequantized_head_is_never_whole_and_the_planner_counts_it(positions):
     # The head runs at the positions with loss only; few positions once meant chunks of 8,192 rows, and
