@@ -405,6 +405,22 @@ def test_the_planner_mirrors_the_loss_and_frozen_product_constants():
     assert estimate._chunk_rows(10**9) == loss.MAX_CHUNK_ROWS and estimate._chunk_rows(1) == loss.MIN_CHUNK_ROWS
 
 
+def test_the_head_counts_as_dequantized_only_where_it_is_held_quantized():
+    import dataclasses
+
+    from mlx_lora.memory.estimate import head_quantized
+
+    shape = shape_from_config(SMALL)
+    assert head_quantized(shape, StepSettings(mode="affine")) and not head_quantized(shape, StepSettings(mode="nf4"))
+    assert not head_quantized(shape, StepSettings(mode="none"))
+    assert head_quantized(dataclasses.replace(shape, source_bits=4), StepSettings(mode="none"))  # an MLX 4-bit checkpoint
+    vocab_by_hidden = shape.vocab * shape.hidden
+    for output_type, mode, expected in (("Q6_K", "none", True), ("F16", "nf4", False), ("F16", "affine", True)):
+        gguf = dataclasses.replace(shape, gguf_tensors=(("token_embd.weight", "Q4_K", vocab_by_hidden, True),
+                                                        ("output.weight", output_type, vocab_by_hidden, True)))
+        assert head_quantized(gguf, StepSettings(mode=mode)) == expected, (output_type, mode)
+
+
 @pytest.mark.parametrize("positions", [32, 128])
 def test_a_dequantized_head_is_never_whole_and_the_planner_counts_it(positions):
     # The head runs at the positions with loss only; few positions once meant chunks of 8,192 rows, and

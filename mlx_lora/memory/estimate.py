@@ -210,6 +210,16 @@ def score_elements(shape: ModelShape, s: StepSettings) -> float:
     return float(sequences(s) * shape.heads * s.seq_length * s.seq_length)
 
 
+def head_quantized(shape: ModelShape, s: StepSettings) -> bool:
+    """Whether the output head (the tied embedding, or the output matrix) is held quantized: GGUF's
+    own type, an MLX 4/8-bit checkpoint, or `quantization.mode: affine`; NF4 leaves it float (QLoRA)."""
+    if shape.gguf_tensors is not None:
+        found = {name: (type_name, elements, matrix) for name, type_name, elements, matrix in shape.gguf_tensors}
+        type_name, elements, matrix = found.get("output.weight") or found.get("token_embd.weight") or ("F32", 0, True)
+        return gguf_tensor_bytes(type_name, elements) is not None or (matrix and s.mode == "affine")
+    return bool(shape.source_bits) or s.mode == "affine"
+
+
 def _chunk_rows(rows: int) -> int:
     """loss.py's chunk rows: a power of two in [512, 8,192]."""
     return max(512, min(8192, 1 << max(rows, 1).bit_length() - 1))
@@ -228,7 +238,7 @@ def head_working_bytes(shape: ModelShape, s: StepSettings) -> float:
     """
     tokens = sequences(s) * s.seq_length
     hidden_states = 2 * tokens * shape.hidden * 4
-    if not (s.dequantize_path and s.mode != "none" and not s.float_weights):
+    if not (s.dequantize_path and head_quantized(shape, s) and not s.float_weights):
         rows = _chunk_rows(HEAD_CHUNK_LOGITS_BYTES // (4 * tokens))
         live = HEAD_CHUNK_LIVE_FLOAT_CPU if s.dequantize_path else HEAD_CHUNK_LIVE
         # A chunk has at least 512 rows, so beyond 1,024 positions its logits outgrow the 2 MB target.
