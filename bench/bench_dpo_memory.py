@@ -42,9 +42,12 @@ def child(objective: str, data: str, steps: int, out: str) -> None:
     from mlx_lora.run import prepare_model
     from mlx_lora.train import train
 
+    from mlx_lora.cpu_streams import prepare_process
+
     cfg = load_config(ROOT / "configs" / "demo_dpo.yaml", [
         f"data.path={data}", f"training.objective={objective}", f"training.iters={steps}", "training.save_every=0",
         "training.steps_per_eval=0", f"output_dir={out}", "training.warmup_steps=0"])
+    prepare_process(cfg.training)  # as `mlx-lora train` does: SFT splits its rows over the CPU streams
     model, tokenizer, _, _, _ = prepare_model(cfg)
     datasets, _ = load_datasets_for(cfg.data, tokenizer, objective, splits=("train",))
     held = mx.get_active_memory()

@@ -5,6 +5,8 @@ all 30 blocks, batch 4, max 128 tokens, AdamW at 2e-4, one after the other in th
 
   mlx-lora 4-bit   the demo config through the CLI (4-bit GGUF base, Q4_1 blocks of 32); on the
                    CPU `training.float_weights: auto` keeps float32 copies of the 4-bit weights
+  mlx-lora 4-bit 1 stream    the same with training.cpu_streams=1: the batch on one MLX CPU
+                   stream, the BLAS on all cores (the default splits the rows over one stream a core)
   mlx-lora 4-bit quantized   the same with training.float_weights=quantized: every product
                    dequantizes its layer (the 4-bit base alone in memory)
   mlx_lm 4-bit     mlx_lm.lora on the same 4-bit weights (MLX folder, group 32)
@@ -290,7 +292,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=30)
     parser.add_argument("--slow-iters", type=int, default=4, help="iterations for the slow mlx_lm 4-bit run")
     parser.add_argument("--rounds", type=int, default=1, help="run every configuration this many times, interleaved")
-    parser.add_argument("--skip", default="", help="comma-separated runs to skip: mlx-lora-4bit, mlx-lora-4bit-quantized, mlx_lm-4bit, "
+    parser.add_argument("--skip", default="", help="comma-separated runs to skip: mlx-lora-4bit, mlx-lora-4bit-1-stream, mlx-lora-4bit-quantized, mlx_lm-4bit, "
                         "mlx_lm-float32, torch-float32, torch-nf4")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -310,6 +312,7 @@ def main() -> None:
     torch_args = ("--model-dir", str(f32), "--iters", str(args.iters))
     runs = {  # the Hugging Face peers right after ours: the ratios that matter most, least apart in time
         "mlx-lora 4-bit": lambda: (run_ours(args.iters, workdir), {}),
+        "mlx-lora 4-bit 1 stream": lambda: (run_ours(args.iters, workdir, "training.cpu_streams=1"), {}),
         "mlx-lora 4-bit quantized": lambda: (run_ours(args.iters, workdir, "training.float_weights=quantized"), {}),
         "torch float32": lambda: run_worker("torch", peer_env(), *torch_args),
         "torch nf4": lambda: run_worker("torch", peer_env(), *torch_args, "--quant", "nf4"),
@@ -338,14 +341,14 @@ def main() -> None:
           f"{args.iters} steps ({args.slow_iters} for mlx_lm 4-bit), {args.rounds} round(s), median tok/s")
     print(f"float32 matmul peak (mx.matmul 2048^3, before/after): {peaks[0]:.0f} / {peaks[1]:.0f} GFLOP/s; "
           f"useful work {flops_per_token / 1e6:.0f} MFLOP per token")
-    print(f"{'run':24s} {'tok/s':>7s} {'peak GB':>8s} {'useful GFLOP/s':>15s} {'MFU':>5s} {'mlx-lora is':>12s}")
+    print(f"{'run':26s} {'tok/s':>7s} {'peak GB':>8s} {'useful GFLOP/s':>15s} {'MFU':>5s} {'mlx-lora is':>12s}")
     for name in results:
         tps = speed(name)
         gflops = tps * flops_per_token / 1e9
         ratio = f"{ours / tps:.2f}x" if ours else "-"
         memory = max(r["peak_memory_gb"] for r in results[name])
         kind = " (RSS)" if results[name][0].get("memory_kind") else ""
-        print(f"{name:24s} {tps:7.1f} {memory:8.2f} {gflops:15.1f} {gflops / peak:5.0%} {ratio:>12s}{kind}")
+        print(f"{name:26s} {tps:7.1f} {memory:8.2f} {gflops:15.1f} {gflops / peak:5.0%} {ratio:>12s}{kind}")
     print("\npeer processes, read from /proc/PID while they ran:")
     for name, seen in checks.items():
         threads = results[name][0].get("torch_threads")

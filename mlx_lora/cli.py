@@ -66,8 +66,11 @@ def cmd_train(args) -> int:
 
         run_cuda(cfg, resume=args.resume)
         return 0
+    from .cpu_streams import prepare_process
     from .memory.plan import guard_limit
     from .run import run_training
+
+    prepare_process(cfg.training)  # before MLX's first evaluation
 
     limit = guard_limit(cfg.training.memory_limit)
     if limit is not None:  # MLX's allocator works to stay under it; train() stops a step that passed it

@@ -197,6 +197,7 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     from .adapters import adapter_config, save_adapters
     from .preference_data import load_datasets_for
     from .launch import check_same_inputs
+    from .cpu_streams import stream_count
     from .frozen_matmul import keep_float_weights, kept_bytes
     from .kernel_cache import start_preamble_pch
     from .lora import count_trainable, transformer_blocks
@@ -246,6 +247,10 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     if cfg.training.float_weights == "float" and (kept := keep_float_weights(model)):
         say(f"float weights: float32 copies of {len(kept)} quantized layers kept for the run "
             f"({kept_bytes(kept) / 1e9:.2f} GB; training.float_weights=quantized turns this off)")
+    rows = cfg.training.batch_size // world.size
+    if (streams := stream_count(cfg.training, rows, mx.default_device() == mx.cpu)) > 1:
+        say(f"cpu streams: each micro-batch's {rows} rows in {streams} groups side by side, one CPU stream a core "
+            "(training.cpu_streams=1 turns this off)")
 
     extra = adapter_extra(cfg, info, quant_report)
     config = adapter_config(cfg.lora, keys, len(blocks), extra)

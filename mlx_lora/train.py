@@ -26,6 +26,7 @@ from mlx.utils import tree_map
 
 from . import checkpoints
 from .config import TrainingConfig
+from .cpu_streams import blas_threads, split_rows, stream_count
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
 from .distributed import LastGood, World, check_batch_size
 from .loss import batch_loss, enable_chunked_loss, target_positions
@@ -252,8 +253,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         if config.compile:
             reference_fn = partial(mx.compile, inputs=[model.state, mx.random.state], outputs=[mx.random.state])(reference_fn)
 
-    def step_fn(inputs, previous_grad, do_update):
-        (loss, aux), grad = loss_and_grad(model, inputs)
+    def update(loss, aux, grad, previous_grad, do_update):
         if previous_grad is not None:
             grad = tree_map(mx.add, grad, previous_grad)
         if do_update:
@@ -266,11 +266,50 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             grad = None
         return world.average(loss), aux, grad
 
+    def step_fn(inputs, previous_grad, do_update):
+        (loss, aux), grad = loss_and_grad(model, inputs)
+        return update(loss, aux, grad, previous_grad, do_update)
+
+    def split_step_fn(parts, previous_grad, do_update):  # parts: (loss, target count, grad) per row group
+        total = sum(count for _, count, _ in parts)
+        shares = [count / mx.maximum(total, 1) for _, count, _ in parts]
+        loss = sum(part_loss * share for (part_loss, _, _), share in zip(parts, shares))
+        grad = tree_map(lambda *g: sum(x * share for x, share in zip(g, shares)), *[part[2] for part in parts])
+        return update(loss, total, grad, previous_grad, do_update)
+
+    # SFT on the CPU: a micro-batch's rows in groups, each on its own stream (cpu_streams.py)
+    rows = config.batch_size // world.size if isinstance(config.batch_size, int) else 1
+    streams = stream_count(config, rows, mx.default_device() == mx.cpu)
+    group_fns = []
+    for _ in range(streams if streams > 1 else 0):
+        def group_fn(inputs):
+            (loss, count), grad = loss_and_grad(model, inputs)
+            return loss, count, grad
+        if config.compile:  # one compiled function per stream: a trace keeps the stream it was made on
+            group_fn = mx.compile(group_fn, inputs=compiled_state, outputs=compiled_state)
+        group_fns.append((mx.new_stream(mx.cpu), group_fn))
+
     if config.compile:
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
+        split_step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(split_step_fn)
+
+    def sft_inputs(tokens, mask, share):  # (tokens, mask, positions, weights, this rank's share[, segments])
+        return (mx.array(tokens), mx.array(mask), *map(mx.array, target_positions(mask)), *map(mx.array, share))
+
+    def run_step(tokens, mask, share, previous_grad, do_update):
+        """One SFT micro-batch: whole, or its rows in groups on the CPU streams."""
+        groups = min(len(group_fns), tokens.shape[0])
+        if groups < 2:
+            return step_fn(sft_inputs(tokens, mask, share), previous_grad, do_update)
+        scalar, rest = share[:1], [np.asarray(a) for a in share[1:]]  # packed batches: the segments split too
+        parts = []
+        for (stream, group_fn), (t, m, *seg) in zip(group_fns, split_rows([tokens, mask, *rest], groups)):
+            with mx.stream(stream):
+                parts.append(group_fn(sft_inputs(t, m, [*scalar, *seg])))
+        return split_step_fn(parts, previous_grad, do_update)
 
     for callback in callbacks:
-        callback.on_start({"total_steps": steps, "start_step": start_step})
+        callback.on_start({"total_steps": steps, "start_step": start_step, "cpu_streams": streams})
     model.train()
     if preference:
         from .preference_data import collate_pairs
@@ -347,15 +386,18 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     # Dropout draws depend on (seed, step, micro-batch) only, so a resumed run repeats them.
                     mx.random.seed(world.seed(seed * 1_000_003 + step * accumulation + micro))
                     tokens, mask, n_tokens, *share = next(batches)
-                    inputs = (mx.array(tokens), mx.array(mask))
-                    if reference_fn is not None:
-                        reference = reference_fn(inputs[0], inputs[1][0])
-                        mx.eval(reference)
-                        inputs = (*inputs, reference)
-                    elif not preference:  # the output head only where there is loss; this rank's share
-                        inputs = (*inputs, *map(mx.array, target_positions(mask)), *map(mx.array, share))
-                    loss, aux, grad = step_fn(inputs, grad, micro == accumulation - 1)
-                    mx.eval(loss, aux, model.state, optimizer.state, *([grad] if grad is not None else []))
+                    do_update = micro == accumulation - 1
+                    if preference:
+                        inputs = (mx.array(tokens), mx.array(mask))
+                        if reference_fn is not None:
+                            reference = reference_fn(inputs[0], inputs[1][0])
+                            mx.eval(reference)
+                            inputs = (*inputs, reference)
+                        loss, aux, grad = step_fn(inputs, grad, do_update)
+                    else:  # the output head only where there is loss; this rank's share
+                        loss, aux, grad = run_step(tokens, mask, share, grad, do_update)
+                    with blas_threads(1 if streams > 1 else None):
+                        mx.eval(loss, aux, model.state, optimizer.state, *([grad] if grad is not None else []))
                     step_loss += loss.item() / accumulation
                     step_tokens += n_tokens
                     if preference:

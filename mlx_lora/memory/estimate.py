@@ -9,6 +9,8 @@ and checked against `mx.get_peak_memory()` on random models by `bench/bench_memo
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import dataclass
 
 from .shape import ModelShape, gguf_tensor_bytes
@@ -55,6 +57,7 @@ class StepSettings:
     dequantize_path: bool = True  # the CPU path: frozen layers dequantized one at a time for BLAS
     float_weights: bool = False  # CPU path: float32 copies of the quantized weights kept for the run
     objective: str = "sft"  # training.objective: dpo / orpo put each pair's two answers through the model
+    cpu_streams: int = 1  # row groups run side by side on CPU streams (cpu_streams.stream_count)
 
 
 def sequences(s: StepSettings) -> int:
@@ -279,7 +282,12 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     else:
         activations = shape.layers * per_block
         saved_scores = shape.layers * saved_copies * scores
-    head = head_working_bytes(shape, s)
+    # Row groups on CPU streams (cpu_streams.py) run their backward passes side by side: each has
+    # its own head working set, dequantized layer and gradient until the groups' sum.
+    streams = max(1, min(s.cpu_streams, s.batch_size))
+    group = dataclasses.replace(s, batch_size=-(-s.batch_size // streams), cpu_streams=1)
+    grads += trainable * 4 * (streams - 1)
+    head = streams * head_working_bytes(shape, group)
     # a block in its backward: its scores' gradient, and its MLP's gate and up gradients
     attention_backward = BACKWARD_SCORE_COPIES * scores + BACKWARD_MLP_COPIES * tokens * shape.intermediate * a
     transient = 0.0
@@ -289,7 +297,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
         # dequantizes a block's MLP products together (measured 5.7 and 5.9 copies of the widest
         # layer on the Qwen2.5-0.5B and Llama-3.2-3B shapes: 6 counted)
         mlp = [p for p in shape.projections() if p.name in MLP_PROJECTIONS]
-        transient = 2.0 * sum(p.inputs * min(p.outputs, ROW_CHUNK) for p in mlp) * 4
+        transient = streams * 2.0 * sum(p.inputs * min(p.outputs, ROW_CHUNK) for p in mlp) * 4
     # the head's working set comes first in the backward pass, a block's backward (its scores'
     # gradient and dequantized weights) later: the larger of the two is counted, the other is 0
     block_working = attention_backward + transient

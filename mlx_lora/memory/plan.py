@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from ..cpu_streams import stream_count
 from .estimate import GB, REFERENCE_COMPONENT, StepSettings, adapted_blocks, components, float_copy_bytes, \
     lora_parameters, sequences
 from .shape import ModelShape, read_shape
@@ -78,12 +79,14 @@ def settings_of(cfg, batch_size: int | None = None, dequantize_path: bool | None
     """The StepSettings of a Config (`batch_size` replaces an `auto` or given micro-batch)."""
     q, lora, t = cfg.quantization, cfg.lora, cfg.training
     batch = batch_size if batch_size is not None else (t.batch_size if isinstance(t.batch_size, int) else 1)
+    on_cpu = uses_dequantize_path() if dequantize_path is None else dequantize_path
+    streams = stream_count(t, batch, on_cpu, interleaved=True)  # as `mlx-lora train` runs it
     return StepSettings(
         mode=q.mode, bits=q.bits, group_size=q.group_size, block_size=q.block_size, double_quant=q.double_quant,
         rank=lora.rank, target_modules=tuple(lora.target_modules), num_layers=lora.num_layers,
         batch_size=batch, seq_length=cfg.data.max_seq_length, grad_accumulation=t.grad_accumulation,
         grad_checkpoint=t.grad_checkpoint, float_weights=t.float_weights == "float", objective=t.objective,
-        dequantize_path=uses_dequantize_path() if dequantize_path is None else dequantize_path)
+        dequantize_path=on_cpu, cpu_streams=streams)
 
 
 AUTO_FLOAT_FRACTION = 0.5  # float_weights: auto keeps float copies while the step's peak stays under this share
