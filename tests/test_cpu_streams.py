@@ -120,3 +120,18 @@ def test_blas_threads_sets_and_restores_the_count_of_the_preloaded_blas():
 def test_a_bad_cpu_streams_value_is_named(value):
     with pytest.raises(ValueError, match="training.cpu_streams"):
         config_from_dict({"model": "m", "training": {"cpu_streams": value}})
+
+
+def test_the_planner_counts_a_gradient_per_group_and_the_working_sets_once():
+    from mlx_lora.memory.estimate import StepSettings, components
+    from mlx_lora.memory.shape import ModelShape
+
+    shape = ModelShape(model_type="llama", hidden=576, layers=30, intermediate=1536, heads=9, kv_heads=3, head_dim=64,
+                       vocab=49152, tied=True, dtype_bytes=2)
+    one = components(shape, StepSettings(batch_size=4, seq_length=72))
+    two = components(shape, StepSettings(batch_size=4, seq_length=72, cpu_streams=2))
+    assert two["gradients"] == 2 * one["gradients"]
+    assert {k: v for k, v in two.items() if k != "gradients"} == {k: v for k, v in one.items() if k != "gradients"}
+    # more streams than rows: one group a row
+    assert components(shape, StepSettings(batch_size=2, cpu_streams=8))["gradients"] == \
+        components(shape, StepSettings(batch_size=2, cpu_streams=2))["gradients"]

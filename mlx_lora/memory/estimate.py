@@ -9,7 +9,6 @@ and checked against `mx.get_peak_memory()` on random models by `bench/bench_memo
 
 from __future__ import annotations
 
-import dataclasses
 
 from dataclasses import dataclass
 
@@ -283,11 +282,13 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
         activations = shape.layers * per_block
         saved_scores = shape.layers * saved_copies * scores
     # Row groups on CPU streams (cpu_streams.py) run their backward passes side by side: each has
-    # its own head working set, dequantized layer and gradient until the groups' sum.
+    # its own gradient until the groups' sum. Their working sets (head, dequantized layer), each
+    # over its own rows, measured about the whole batch's: counting one per group over-counted
+    # (the demo's quantized SFT step, batch 4 x 72: 0.545 GB measured on 2 streams, 0.538 on one;
+    # 0.608-0.612 planned so, 0.594 as counted here; the test shape 262 MB on 2, 269 on one).
     streams = max(1, min(s.cpu_streams, s.batch_size))
-    group = dataclasses.replace(s, batch_size=-(-s.batch_size // streams), cpu_streams=1)
     grads += trainable * 4 * (streams - 1)
-    head = streams * head_working_bytes(shape, group)
+    head = head_working_bytes(shape, s)
     # a block in its backward: its scores' gradient, and its MLP's gate and up gradients
     attention_backward = BACKWARD_SCORE_COPIES * scores + BACKWARD_MLP_COPIES * tokens * shape.intermediate * a
     transient = 0.0
@@ -297,7 +298,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
         # dequantizes a block's MLP products together (measured 5.7 and 5.9 copies of the widest
         # layer on the Qwen2.5-0.5B and Llama-3.2-3B shapes: 6 counted)
         mlp = [p for p in shape.projections() if p.name in MLP_PROJECTIONS]
-        transient = streams * 2.0 * sum(p.inputs * min(p.outputs, ROW_CHUNK) for p in mlp) * 4
+        transient = 2.0 * sum(p.inputs * min(p.outputs, ROW_CHUNK) for p in mlp) * 4
     # the head's working set comes first in the backward pass, a block's backward (its scores'
     # gradient and dequantized weights) later: the larger of the two is counted, the other is 0
     block_working = attention_backward + transient
