@@ -12,6 +12,7 @@ How: `blas_threads(1)` while the groups run (OpenBLAS's `openblas_set_num_thread
 `MKL_Set_Num_Threads`; nothing with MLX's own reference BLAS, which is single-threaded), and MLX
 told to interleave the groups' operations: MLX builds its evaluation order breadth-first up to a
 width (`MLX_BFS_MAX_WIDTH`, 20 by default) and depth-first beyond it, so at the default every
+operation of the first group is queued before the second's and the groups run one after the
 other. `mlx-lora train` sets the width to `BFS_WIDTH` (`prepare_process`) before MLX first reads
 it (at its first evaluation); `interleaving()` says whether that took, and without it a run
 keeps one stream. Not with `grad_checkpoint`: MLX's wider evaluation order then recomputes

@@ -9,7 +9,6 @@ and checked against `mx.get_peak_memory()` on random models by `bench/bench_memo
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 
 from .shape import ModelShape, gguf_tensor_bytes
@@ -285,7 +284,7 @@ def components(shape: ModelShape, s: StepSettings) -> dict[str, float]:
     # its own gradient until the groups' sum. Their working sets (head, dequantized layer), each
     # over its own rows, measured about the whole batch's: counting one per group over-counted
     # (the demo's quantized SFT step, batch 4 x 72: 0.545 GB measured on 2 streams, 0.538 on one;
-    # 0.608-0.612 planned so, 0.594 as counted here; the test shape 262 MB on 2, 269 on one).
+    # 0.608-0.612 planned so, 0.593 as counted here; the test shape 262 MB on 2, 269 on one).
     streams = max(1, min(s.cpu_streams, s.batch_size))
     grads += trainable * 4 * (streams - 1)
     head = head_working_bytes(shape, s)
