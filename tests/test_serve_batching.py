@@ -195,3 +195,53 @@ def test_logprobs_are_normalised_and_rank_the_sampled_token(engine):
         assert e.top[0][0] == e.token and abs(e.top[0][1] - e.logprob) < 1e-6
         assert e.top[0][1] >= e.top[1][1] >= e.top[2][1]
     assert 9 not in [e.token for e in events]  # logit_bias -100 bans it
+
+
+PLAIN = [  # no row's logits depend on its accepted tokens: the scheduler decodes one step ahead
+    {"id": "g-base", "prompt": "say hello", "adapter": None, "max_tokens": 4},
+    {"id": "g-a", "prompt": LONG[:120], "adapter": "a", "max_tokens": 14},
+    {"id": "s-b", "prompt": "what is the capital of France?", "adapter": "b", "max_tokens": 9,
+     "params": {"temperature": 0.9, "seed": 3, "top_k": 30, "min_p": 0.01}},
+    {"id": "g-b-logprobs", "prompt": "hello world", "adapter": "b", "max_tokens": 11,
+     "params": {"logprobs": True, "top_logprobs": 2}},
+]
+
+
+def run_batch(engine, specs, run_ahead: bool, join_after: int = 0, **kwargs) -> tuple[dict, object]:
+    """All `specs` in one scheduler; those after the first `join_after` join once the first ones decode."""
+    out = {}
+    sched = scheduler(engine, run_ahead=run_ahead, **kwargs)
+    first, later = (specs[:join_after], specs[join_after:]) if join_after else (specs, [])
+    for spec in first:
+        sched.add(sequence(engine, spec, out))
+    while later and not all(out[s["id"]]["tokens"] for s in first):
+        sched.step()
+    for spec in later:
+        sched.add(sequence(engine, spec, out))
+    drain(sched)
+    return out, sched
+
+
+def test_decoding_one_step_ahead_gives_the_tokens_of_step_by_step_decoding(engine):
+    reference, sched = run_batch(engine, PLAIN, run_ahead=False)
+    assert sched.ahead_steps == 0
+    for join_after in (0, 2):  # rows leave while a step is in flight; newcomers merge into a running batch
+        ahead, sched = run_batch(engine, PLAIN, run_ahead=True, join_after=join_after)
+        assert sched.ahead_steps > 5  # the path under test really ran
+        assert {k: (v["tokens"], v["finish"]) for k, v in ahead.items()} == \
+            {k: (v["tokens"], v["finish"]) for k, v in reference.items()}
+
+
+def test_a_row_leaving_while_a_step_is_in_flight_caches_exactly_what_it_was_fed(engine):
+    short = {"id": "short", "prompt": LONG[:150], "adapter": "a", "max_tokens": 3}
+    long = {"id": "long", "prompt": "say hello", "adapter": None, "max_tokens": 20}
+    out, sched = run_batch(engine, [short, long], run_ahead=True, prompt_cache_size=4)
+    assert sched.ahead_steps > 0
+    follow = {"id": "follow", "prompt": short["prompt"] + engine.tokenizer.decode(out["short"]["tokens"]) + " then",
+              "adapter": "a", "max_tokens": 8}
+    reference = run_alone(engine, [follow])  # no prompt cache
+    again = {}
+    sched.add(sequence(engine, follow, again))
+    drain(sched)
+    assert again["follow"]["cached"] > len(engine.tokenizer.encode(short["prompt"])) // 2
+    assert again["follow"]["tokens"] == reference["follow"]["tokens"]

@@ -11,6 +11,15 @@ Each `step()`:
    prompts, so a long prompt never stalls the running streams for more than one chunk;
 4. when the group's prompts are read, merges its KV caches into the running batch.
 
+Decoding runs one step ahead, as mlx-lm's `BatchGenerator` does: step n+1 is built on step n's
+sampled tokens while they are still being computed (`mx.async_eval`), and step n's tokens are then
+read, streamed and checked for stops while step n+1 computes, so the Python work of a step (graph
+building, detokenizing, the events) overlaps the model's. A row that turns out to have finished
+at step n leaves with its one extra KV entry trimmed; its token from step n+1 is dropped. Rows whose
+next logits depend on their accepted tokens (penalties, logit_bias, a grammar) make the batch wait
+for each step, as do merges of newcomers; when every row's step-n token is its last by
+`max_tokens`, no step is run ahead.
+
 KV caches, their batching (left padding, merge, extend, filter) and chunked batched prefill are
 mlx-lm's (`BatchKVCache`, `PromptProcessingBatch`); the prompt cache is mlx-lm's `LRUPromptCache`
 keyed by (adapter, tokens). As in mlx-lm, the last prompt token is not prefilled: it is the first
@@ -40,6 +49,25 @@ class TokenEvent:
     token: int
     logprob: Optional[float] = None
     top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Issued:
+    """A decode step whose tokens are being computed and are not yet accepted: one entry per running row."""
+
+    tokens: mx.array  # (B,) uint32 sampled ids, lazy
+    logits: Optional[mx.array] = None  # (B, V) float32, when no row adjusted its logits
+    rows: Optional[list] = None  # per row (V,) float32 logits after adjustments and masks, otherwise
+
+    def row(self, i: int) -> mx.array:
+        return self.logits[i] if self.rows is None else self.rows[i]
+
+    def keep(self, indices: list[int]) -> None:
+        self.tokens = self.tokens[mx.array(indices, dtype=mx.int32)]
+        if self.rows is None:
+            self.logits = self.logits[mx.array(indices, dtype=mx.int32)]
+        else:
+            self.rows = [self.rows[i] for i in indices]
 
 
 @dataclass(eq=False)
@@ -75,11 +103,11 @@ class Scheduler:
 
     def __init__(self, forward: Forward, make_cache: Callable[[], list], eos_ids: set[int], max_batch: int = 8,
                  prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30,
-                 kv_tokens: Optional[int] = None, kv_windows: tuple[Optional[int], ...] = ()):
+                 kv_tokens: Optional[int] = None, kv_windows: tuple[Optional[int], ...] = (), run_ahead: bool = True):
         from mlx_lm.models.cache import BatchKVCache, LRUPromptCache
 
         self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
-        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        self.max_batch, self.prefill_chunk, self.run_ahead = max_batch, prefill_chunk, run_ahead
         # KV budget in token slots (None: unbounded). The batch's caches are one rectangle: every row
         # as long as the longest (left padding), grown `kv_step` slots at a time, so a batch of n rows
         # whose longest prompt + max_tokens is T holds at most n * (T + kv_step) slots.
@@ -97,7 +125,9 @@ class Scheduler:
         self._caches: list = []  # per layer, the running batch's BatchKVCache
         self.prefilling: list[Sequence] = []
         self._prefill = None  # mlx-lm PromptProcessingBatch of the group being read
+        self._ahead: Optional[Issued] = None  # the decode step in flight, not yet accepted (see the module doc)
         self.steps = 0
+        self.ahead_steps = 0  # decode steps built before the previous step's tokens were read
 
     # --- queue ---
 
@@ -235,6 +265,7 @@ class Scheduler:
             return
         group, caches = self.prefilling, self._prefill.prompt_cache
         self.prefilling, self._prefill = [], None
+        self._settle()  # the newcomers join a batch whose every token is accepted
         if not self.running:
             self.running, self._caches = group, caches
         else:
@@ -243,9 +274,29 @@ class Scheduler:
             self.running = self.running + group
 
     def _decode(self) -> None:
-        inputs = mx.array([seq.next_input for seq in self.running], dtype=mx.int32)[:, None]  # (B, 1)
+        if self._ahead is not None and not self._ahead_pays():
+            self._settle()
+            if not self.running:
+                return
+        previous = self._ahead
+        if previous is not None:
+            inputs = previous.tokens[:, None]  # (B, 1), still being computed
+            self.ahead_steps += 1
+        else:
+            inputs = mx.array([seq.next_input for seq in self.running], dtype=mx.int32)[:, None]  # (B, 1)
         logits = self.forward(inputs, self._caches, [seq.slot for seq in self.running])[:, -1, :]  # (B, V)
-        logits = logits.astype(mx.float32)
+        self._ahead = self._sample(logits.astype(mx.float32))
+        mx.async_eval(self._ahead.tokens)
+        if previous is not None:
+            self._accept_step(previous)
+        if self._ahead is not None and not self._may_run_ahead():
+            self._settle()
+
+    def _sample(self, logits: mx.array) -> Issued:
+        """This step's tokens from logits (B, V) float32, each row by its own settings."""
+        if all(seq.params.temperature == 0.0 and seq.constraint is None and not seq.params.adjusts_logits()
+               for seq in self.running):
+            return Issued(mx.argmax(logits, axis=-1), logits=logits)
         tokens, rows = [], []
         for i, seq in enumerate(self.running):
             row = logits[i]
@@ -257,13 +308,31 @@ class Scheduler:
                     row = mx.where(mask, row, -mx.inf)
             rows.append(row)
             tokens.append(seq.sampler.draw(row))
-        tokens = mx.stack(tokens)
-        mx.eval(tokens)
+        return Issued(mx.stack(tokens), rows=rows)
+
+    def _may_run_ahead(self) -> bool:
+        """Whether the next step may be built before this one's tokens are read: no row's logits
+        depend on its accepted tokens (penalties and logit_bias count them, a grammar follows them)."""
+        return self.run_ahead and all(seq.constraint is None and not seq.params.adjusts_logits()
+                                      for seq in self.running)
+
+    def _ahead_pays(self) -> bool:
+        """Whether some row goes on after the step in flight (else a step built ahead is wasted)."""
+        return any(len(seq.generated) + 1 < seq.max_tokens for seq in self.running)
+
+    def _settle(self) -> None:
+        """Wait for the step in flight and accept its tokens."""
+        issued, self._ahead = self._ahead, None
+        if issued is not None:
+            self._accept_step(issued)
+
+    def _accept_step(self, issued: Issued) -> None:
+        """Accept one step's tokens, a row each (`self.running`'s order); finished rows leave."""
         finished = []
-        for i, (seq, token) in enumerate(zip(self.running, tokens.tolist())):
+        for i, (seq, token) in enumerate(zip(self.running, issued.tokens.tolist())):
             seq.next_input = token
             seq.kv_tokens += 1
-            reason = self._accept(seq, token, rows[i])
+            reason = self._accept(seq, token, issued.row(i))
             if reason is not None:
                 finished.append((i, reason))
         if finished:
@@ -293,16 +362,26 @@ class Scheduler:
         reasons = [reasons] * len(rows) if isinstance(reasons, str) else reasons
         leaving = [self.running[i] for i in rows]
         if self.prompt_cache is not None:
+            from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
+
             for i, seq in zip(rows, leaving):
                 fed = (seq.prompt + seq.generated)[: seq.kv_tokens]
-                if fed:
-                    self.prompt_cache.insert_cache(seq.cache_key, fed, [c.extract(i) for c in self._caches])
+                if not fed:
+                    continue
+                held = [c.extract(i) for c in self._caches]
+                if self._ahead is not None:  # the step in flight fed one more token than was accepted
+                    if not can_trim_prompt_cache(held):
+                        continue
+                    trim_prompt_cache(held, 1)
+                self.prompt_cache.insert_cache(seq.cache_key, fed, held)
         keep = [i for i in range(len(self.running)) if i not in set(rows)]
         if keep:
             for cache in self._caches:
                 cache.filter(keep)
+            if self._ahead is not None:
+                self._ahead.keep(keep)
         else:
-            self._caches = []
+            self._caches, self._ahead = [], None
         self.running = [self.running[i] for i in keep]
         for seq, reason in zip(leaving, reasons):
             seq.on_finish(reason)
