@@ -153,3 +153,12 @@ def test_an_adapter_name_given_twice_is_refused_at_start(tiny_model_dir, tmp_pat
     error = capsys.readouterr().err.strip()
     assert "\n" not in error and "adapter name 'pc' is used twice" in error
     assert str(first) in error and str(second) in error
+
+
+def test_an_adapter_upload_with_an_unknown_field_is_refused_naming_it(admin):
+    client, engine, _ = admin
+    response = client.post("/v1/adapters", json={"name": "x", "pth": "c"})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "pth" and "'path'" in error["message"]
+    assert "x" not in engine.model_names()

@@ -80,6 +80,62 @@ def test_every_field_the_sdk_can_send_is_known():
         assert sent <= request.known_fields(), sorted(sent - request.known_fields())
 
 
+def test_every_nested_field_the_sdk_can_send_is_known():
+    """Inside messages, content parts, tools, tool calls, tool choice, response formats and stream
+    options too, the SDK's request fields are known (acted on, or accepted and named)."""
+    import typing
+
+    import openai.types.chat as chat
+    from openai.types.chat import chat_completion_message_function_tool_call_param as call
+    from openai.types.chat import chat_completion_named_tool_choice_param as named
+    from openai.types.shared_params import FunctionDefinition
+    from openai.types.shared_params.response_format_json_schema import JSONSchema, ResponseFormatJSONSchema
+
+    from mlx_lora.serve import schemas
+
+    messages = [chat.ChatCompletionSystemMessageParam, chat.ChatCompletionDeveloperMessageParam,
+                chat.ChatCompletionUserMessageParam, chat.ChatCompletionAssistantMessageParam,
+                chat.ChatCompletionToolMessageParam]
+    pairs = [*((m, schemas.ChatMessage) for m in messages),
+             (chat.ChatCompletionContentPartTextParam, schemas.TextPart),
+             (chat.ChatCompletionMessageToolCallParam, schemas.ToolCall), (call.Function, schemas.ToolCallFunction),
+             (chat.ChatCompletionFunctionToolParam, schemas.Tool), (FunctionDefinition, schemas.FunctionDefinition),
+             (chat.ChatCompletionNamedToolChoiceParam, schemas.NamedToolChoice), (named.Function, schemas.NamedFunction),
+             (ResponseFormatJSONSchema, schemas.ResponseFormat), (JSONSchema, schemas.JSONSchemaFormat),
+             (chat.ChatCompletionStreamOptionsParam, schemas.StreamOptions)]
+    for sdk_type, ours in pairs:
+        sent = set(typing.get_type_hints(sdk_type))
+        assert sent <= ours.known_fields(), (sdk_type.__name__, sorted(sent - ours.known_fields()))
+
+
+def test_nested_fields_are_named_when_ignored_and_refused_when_unknown(sdk):
+    tools = [{"type": "function", "function": {"name": "get_date", "description": "today", "strict": True,
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    first = sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "say hello"}], max_tokens=2)
+    echoed = first.choices[0].message.model_dump()  # content, refusal, role, annotations, audio, function_call, tool_calls
+    echoed["refusal"] = "none"  # a non-null OpenAI field we do not act on
+    messages = [{"role": "user", "content": "say hello"}, echoed, {"role": "user", "content": "again"}]
+    raw = sdk.chat.completions.with_raw_response.create(model="base", messages=messages, max_tokens=2, user="u")
+    assert raw.headers["x-ignored-fields"] == "messages.1.refusal, user"
+    assert raw.parse().usage.completion_tokens == 2
+    # (this tiny model's template has no tools: the request object itself names them)
+    from mlx_lora.serve.schemas import ChatCompletionRequest
+
+    body = ChatCompletionRequest.model_validate({
+        "messages": messages, "tools": tools, "stream": True,
+        "stream_options": {"include_usage": True, "include_obfuscation": False},
+        "response_format": {"type": "json_schema", "json_schema": {"name": "d", "description": "x", "schema": {}}}})
+    assert body.ignored_fields() == ["messages.1.refusal", "response_format.json_schema.description",
+                                     "stream_options.include_obfuscation", "tools.0.function.strict"]
+    typo = [{**tools[0], "function": {**tools[0]["function"], "descripton": "x"}}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="base", messages=messages[:1], max_tokens=2, tools=typo)
+    assert refused.value.param == "tools.0.function.descripton" and "'description'" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "hi", "nmae": "x"}], max_tokens=2)
+    assert refused.value.param == "messages.0.nmae" and "'name'" in refused.value.message
+
+
 def test_sdk_extra_fields(sdk):
     messages = [{"role": "user", "content": "say hello"}]
     raw = sdk.chat.completions.with_raw_response.create(model="base", messages=messages, max_tokens=2, user="u",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
+import re
 import secrets
 import socket
 import threading
@@ -144,8 +145,10 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     async def _invalid(_request, err: RequestValidationError):
         first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
         kind = first.get("type", "")
-        if kind == UNRECOGNIZED:  # OpenAI's own wording, with the field as param
-            return error_response(400, first["msg"], first["ctx"]["param"], "unknown_parameter")
+        if kind == UNRECOGNIZED:  # OpenAI's own wording, with the field's path as param
+            param = _param((*first.get("loc", ()), first["ctx"]["param"]))
+            return error_response(400, f"Unrecognized request argument supplied: {param}{first['ctx']['hint']}", param,
+                                  "unknown_parameter")
         param = None if kind == "json_invalid" else _param(first.get("loc", ()))
         message = ("the body is not valid JSON" if kind == "json_invalid"
                    else f"{param or 'body'}: {first.get('msg', 'invalid value')}")
@@ -166,7 +169,8 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         """The response header naming the OpenAI fields this request gave that we do not act on; each
         field is also logged, once per server (clients such as LangChain send `user` with every request)."""
         ignored = body.ignored_fields()
-        new = [name for name in ignored if name not in logged_ignored]
+        # logged once per field whatever its list index (a chat echoes `refusal` in every assistant turn)
+        new = sorted({re.sub(r"\.\d+\.", ".N.", name) for name in ignored} - logged_ignored)
         if new:
             logged_ignored.update(new)
             log.warning("request field(s) %s: accepted (OpenAI API) but ignored by this server; responses name "

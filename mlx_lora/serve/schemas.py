@@ -1,10 +1,12 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic), as the OpenAPI schema shows them.
 
 Only the fields we honour are declared. A request field that is neither declared nor in OpenAI's
-API for that endpoint is refused (400 `Unrecognized request argument supplied: NAME`, as OpenAI
-answers), so a typo never passes silently; an OpenAI field we do not act on (`user`, `store`, ...,
-which real clients send) is accepted and named by `ignored_fields()`. An explicit JSON `null` for
-any optional field means "the default", as in OpenAI's API.
+API for that place is refused (400 `Unrecognized request argument supplied: NAME`, as OpenAI
+answers), so a typo never passes silently, at the top level or inside a message, tool, tool call,
+response format or stream options; an OpenAI field we do not act on (`user`, `store`, a tool's
+`strict`, an echoed assistant message's `refusal`, ..., which real clients send) is accepted and
+named by `ignored_fields()` with its path (`messages.2.refusal`). An explicit JSON `null` for any
+optional field means "the default", as in OpenAI's API.
 """
 
 from __future__ import annotations
@@ -46,26 +48,75 @@ class NullMeansDefault(BaseModel):
         return {key: value for key, value in data.items() if not (value is None and key in optional)}
 
 
-class TextPart(BaseModel):
+class KnownFields(NullMeansDefault):
+    """A request object whose fields are ours or OpenAI's (`openai_fields`, from the openai SDK's
+    request types). OpenAI's that we do not declare are kept as extras (a `null` one is dropped: not
+    given) and named by `ignored_fields()`; any other field is refused with the nearest known name."""
+
+    model_config = ConfigDict(extra="allow")
+    openai_fields: ClassVar[frozenset[str]] = frozenset()
+
+    @classmethod
+    def known_fields(cls) -> frozenset[str]:
+        """Every field this object may carry: ours, and OpenAI's for this place."""
+        return frozenset(info.alias or name for name, info in cls.model_fields.items()) | cls.openai_fields
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown(cls, data):
+        if not isinstance(data, dict):
+            return data
+        known = cls.known_fields()
+        for key in data:
+            if key not in known:
+                guess = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
+                hint = f" (did you mean '{guess[0]}'?)" if guess else ""
+                raise PydanticCustomError(UNRECOGNIZED, "Unrecognized request argument supplied: {param}{hint}",
+                                          {"param": str(key), "hint": hint})
+        ours = {info.alias or name for name, info in cls.model_fields.items()}
+        return {key: value for key, value in data.items() if key in ours or value is not None}
+
+    def ignored_fields(self) -> list[str]:
+        """The OpenAI fields given here or in any nested object that the server does not act on, as
+        dotted paths (`user`, `messages.2.refusal`, `tools.0.function.strict`), sorted."""
+        found: list[str] = []
+
+        def walk(value, path: str) -> None:
+            if isinstance(value, KnownFields):
+                found.extend(path + key for key in (value.model_extra or {}))
+                for name in type(value).model_fields:
+                    walk(getattr(value, name), f"{path}{name}.")
+            elif isinstance(value, list):
+                for i, item in enumerate(value):
+                    walk(item, f"{path}{i}.")
+
+        walk(self, "")
+        return sorted(found)
+
+
+class TextPart(KnownFields):
     """One part of a multi-part message content; only text parts are supported."""
 
     type: Literal["text"]
     text: str
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"prompt_cache_breakpoint"})
 
 
-class ToolCallFunction(BaseModel):
+class ToolCallFunction(KnownFields):
     name: str
     arguments: str = Field(..., description="The arguments as a JSON string.")
 
 
-class ToolCall(BaseModel):
+class ToolCall(KnownFields):
     id: str
     type: Literal["function"] = "function"
     function: ToolCallFunction
 
 
-class ChatMessage(NullMeansDefault):
-    model_config = ConfigDict(extra="allow")
+class ChatMessage(KnownFields):
+    # every message type's fields in the SDK's params, and `annotations`, which an assistant message
+    # echoed back from a response carries
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"audio", "function_call", "refusal", "annotations"})
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
@@ -104,51 +155,47 @@ def _json_or_text(text: str):
         return text
 
 
-class StreamOptions(NullMeansDefault):
+class StreamOptions(KnownFields):
     include_usage: bool = False
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"include_obfuscation"})
 
 
-class FunctionDefinition(NullMeansDefault):
+class FunctionDefinition(KnownFields):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Optional[str] = None
     parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"strict"})
 
 
-class Tool(BaseModel):
+class Tool(KnownFields):
     type: Literal["function"]
     function: FunctionDefinition
 
 
-class NamedFunction(BaseModel):
+class NamedFunction(KnownFields):
     name: str
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(KnownFields):
     type: Literal["function"]
     function: NamedFunction
 
 
-class JSONSchemaFormat(NullMeansDefault):
+class JSONSchemaFormat(KnownFields):
     name: str = "response"
     schema_: dict = Field(default_factory=dict, alias="schema")
     strict: Optional[bool] = None
-    model_config = ConfigDict(populate_by_name=True)
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"description"})
 
 
-class ResponseFormat(NullMeansDefault):
+class ResponseFormat(KnownFields):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: Optional[JSONSchemaFormat] = None
 
 
-class SamplingFields(NullMeansDefault):
-    """Fields shared by chat and text completions.
-
-    Other fields are refused unless OpenAI's API has them for this endpoint (`openai_fields`); those
-    are kept as extras (a `null` one is dropped: not given) and listed by `ignored_fields()`.
-    """
-
-    model_config = ConfigDict(extra="allow")
-    openai_fields: ClassVar[frozenset[str]] = frozenset()
+class SamplingFields(KnownFields):
+    """Fields shared by chat and text completions; `openai_fields` are OpenAI's for the endpoint."""
 
     model: Optional[str] = Field(None, description="A name from /v1/models (the base or an adapter); default: the first listed.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
@@ -171,30 +218,6 @@ class SamplingFields(NullMeansDefault):
         if self.stop is None:
             return []
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
-
-    @classmethod
-    def known_fields(cls) -> frozenset[str]:
-        """Every field a request may carry: ours, and OpenAI's for this endpoint."""
-        return frozenset(info.alias or name for name, info in cls.model_fields.items()) | cls.openai_fields
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_unknown(cls, data):
-        if not isinstance(data, dict):
-            return data
-        known = cls.known_fields()
-        for key in data:
-            if key not in known:
-                guess = difflib.get_close_matches(str(key), sorted(known), n=1, cutoff=0.6)
-                hint = f" (did you mean '{guess[0]}'?)" if guess else ""
-                raise PydanticCustomError(UNRECOGNIZED, "Unrecognized request argument supplied: {param}{hint}",
-                                          {"param": str(key), "hint": hint})
-        ours = set(cls.model_fields)
-        return {key: value for key, value in data.items() if key in ours or value is not None}
-
-    def ignored_fields(self) -> list[str]:
-        """The OpenAI fields this request gave that the server does not act on, sorted."""
-        return sorted(self.model_extra or {})
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -288,7 +311,7 @@ class Completion(BaseModel):
     usage: Usage
 
 
-class AdapterUpload(NullMeansDefault):
+class AdapterUpload(KnownFields):  # no OpenAI fields: anything else is refused
     name: str = Field(..., description="The model id the adapter will be served as.")
     path: str = Field(..., description="An adapter folder inside one of the server's `adapter_dirs`.")
 
