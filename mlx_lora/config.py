@@ -247,12 +247,17 @@ def _coerce(value: Any, tp, key: str, problems: list[str]) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        for arg in args[:-1]:  # Union[int, str]: the first type that takes the value
+        for arg in args:  # Union[int, str]: the first type that takes the value
             trial: list[str] = []
             converted = _coerce(value, arg, key, trial)
             if not trial:
                 return converted
-        return _coerce(value, args[-1], key, problems)
+        if len(args) == 1:
+            problems.extend(trial)
+            return converted
+        kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+        problems.append(f"{key}: expected {' or '.join(kinds.get(a, str(a)) for a in args)}, got {value!r}")
+        return None
     if origin is tuple:
         (item_type, _) = typing.get_args(tp)
         if isinstance(value, str):

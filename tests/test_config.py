@@ -21,6 +21,15 @@ def test_unknown_keys_get_did_you_mean_and_all_problems_reported_together():
     assert len(problems) == 4
 
 
+def test_a_value_no_member_of_a_union_takes_names_every_form():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"cpu_streams": True, "batch_size": [2]}})
+    problems = info.value.problems
+    assert "training.cpu_streams: expected an integer or a string, got True" in problems
+    assert "training.batch_size: expected an integer or a string, got [2]" in problems
+    assert len(problems) == 2
+
+
 def test_required_keys_and_choices():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"quantization": {"mode": "int3"}})
