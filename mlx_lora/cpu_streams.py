@@ -19,9 +19,12 @@ keeps one stream. Not with `grad_checkpoint`: MLX's wider evaluation order then 
 checkpointed blocks side by side (the test-shape checkpointed step peaked at 241 MB against ~200
 at the default width, measured), which is what checkpointing exists to avoid.
 
-The step's loss and gradient are the target-token weighted means of the groups' (a group's loss
-is already a mean over its target tokens), so a split step equals the unsplit one up to float32
-rounding (tests/test_cpu_streams.py). With LoRA dropout the random draws differ from the
+SFT: the step's loss and gradient are the target-token weighted means of the groups' (a group's
+loss is already a mean over its target tokens). DPO / ORPO: a group is a run of whole pairs (its
+chosen rows and their rejected rows, `split_pairs`), whose loss divides by the whole batch's pair
+and NLL target counts (`objectives.preference_loss`'s `totals`), so the groups' losses, metrics and
+gradients add up. Either way a split step equals the unsplit one up to float32 rounding
+(tests/test_cpu_streams.py). With LoRA dropout the random draws differ from the
 unsplit step's, as they would for any other batch layout, and stay reproducible.
 """
 
@@ -57,8 +60,8 @@ def interleaving() -> bool:
 
 def wants_streams(training) -> bool:
     """Whether a run with these TrainingConfig settings splits its rows over CPU streams where it
-    can: SFT, `cpu_streams` not 1, no `grad_checkpoint` (see the module doc)."""
-    return training.objective == "sft" and training.cpu_streams != 1 and not training.grad_checkpoint
+    can: `cpu_streams` not 1, no `grad_checkpoint` (see the module doc)."""
+    return training.cpu_streams != 1 and not training.grad_checkpoint
 
 
 def prepare_process(training) -> bool:
@@ -70,7 +73,7 @@ def prepare_process(training) -> bool:
 
 
 def stream_count(training, rows: int, on_cpu: bool, interleaved: bool | None = None) -> int:
-    """Row groups for a micro-batch of `rows` rows under TrainingConfig `training`: `cpu_streams`
+    """Row groups for a micro-batch of `rows` rows (pairs for DPO / ORPO) under TrainingConfig `training`: `cpu_streams`
     (auto: one per usable core, at most 8) capped at `rows`; 1 off the CPU (a GPU runs a batch's
     element-wise work in parallel already), when `wants_streams` says no, and where MLX would
     not interleave the groups (`interleaved`, default: this process's `interleaving()`)."""
@@ -80,6 +83,15 @@ def stream_count(training, rows: int, on_cpu: bool, interleaved: bool | None = N
     setting = training.cpu_streams
     wanted = min(usable_cores(), MAX_AUTO_STREAMS) if setting == "auto" else int(setting)
     return max(1, min(wanted, rows))
+
+
+def split_pairs(pairs: int, groups: int) -> list[np.ndarray]:
+    """The rows of each of `groups` runs of consecutive pairs of a preference batch of `pairs` pairs
+    (`collate_pairs`' layout: chosen rows 0..B-1, then their rejected rows B..2B-1), each group's
+    indices in the same layout (its chosen rows, then theirs rejected), int32."""
+    bounds = np.linspace(0, pairs, groups + 1).round().astype(int)
+    return [np.concatenate([np.arange(lo, hi), pairs + np.arange(lo, hi)]).astype(np.int32)
+            for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def split_rows(arrays: Sequence[np.ndarray], groups: int) -> list[list[np.ndarray]]:

@@ -91,20 +91,27 @@ def orpo_loss(policy_chosen_mean: mx.array, policy_rejected_mean: mx.array, beta
 
 
 def preference_loss(model: nn.Module, tokens: mx.array, masks: mx.array, reference: mx.array | None,
-                    config: TrainingConfig) -> tuple[mx.array, mx.array]:
+                    config: TrainingConfig, totals: mx.array | None = None) -> tuple[mx.array, mx.array]:
     """(loss, metrics (len(METRICS),)) of one batch of B pairs under `config.objective`.
 
     tokens (2B, T): chosen rows, then rejected; masks (2, 2B, T-1) from `collate_pairs`;
     reference (2B,): the reference model's completion log-probabilities (dpo; None for orpo).
+    totals (2,) float32: when this batch is one group of a larger one (pairs split over CPU streams),
+    the whole batch's pair count and chosen-answer NLL target count; every mean then divides by the
+    whole batch's, so the groups' losses, metrics and gradients add up to the whole batch's.
     """
-    loss, metrics, _ = _scores(model, tokens, masks, reference, config)
+    loss, metrics, _ = _scores(model, tokens, masks, reference, config, totals)
     return loss, metrics
 
 
-def _scores(model, tokens, masks, reference, config):
+def _scores(model, tokens, masks, reference, config, totals=None):
     """`preference_loss` plus the (2B,) summed completion log-probabilities (no gradient)."""
     completion, nll_mask = masks[0], masks[1]
     pairs = tokens.shape[0] // 2
+    if totals is None:
+        all_pairs, nll_targets = pairs, mx.maximum(nll_mask[:pairs].sum(), 1)
+    else:
+        all_pairs, nll_targets = totals[0], mx.maximum(totals[1], 1)
     token_logps = -token_losses(model, tokens)  # (2B, T-1)
     logps = (token_logps * completion).sum(axis=-1)
     counts = completion.sum(axis=-1)
@@ -112,18 +119,18 @@ def _scores(model, tokens, masks, reference, config):
         losses, chosen_rewards, rejected_rewards = dpo_loss(
             logps[:pairs], logps[pairs:], reference[:pairs], reference[pairs:], config.beta, config.loss_type,
             config.label_smoothing, counts[:pairs], counts[pairs:])
-        loss = losses.mean()
+        loss = losses.sum() / all_pairs
     elif config.objective == "orpo":
         means = logps / mx.maximum(counts, 1)
         penalties, chosen_rewards, rejected_rewards = orpo_loss(means[:pairs], means[pairs:], config.beta)
-        chosen_nll = -(token_logps[:pairs] * nll_mask[:pairs]).sum() / mx.maximum(nll_mask[:pairs].sum(), 1)
-        loss = chosen_nll + penalties.mean()
+        chosen_nll = -(token_logps[:pairs] * nll_mask[:pairs]).sum() / nll_targets
+        loss = chosen_nll + penalties.sum() / all_pairs
     else:
         raise ValueError(f"preference_loss: objective must be dpo or orpo, got {config.objective!r}")
     margins = chosen_rewards - rejected_rewards
     logps = mx.stop_gradient(logps)
-    metrics = mx.stack([margins.mean(), (margins > 0).astype(mx.float32).mean(), chosen_rewards.mean(),
-                        rejected_rewards.mean(), logps[:pairs].mean(), logps[pairs:].mean()])
+    metrics = mx.stack([margins.sum(), (margins > 0).astype(mx.float32).sum(), chosen_rewards.sum(),
+                        rejected_rewards.sum(), logps[:pairs].sum(), logps[pairs:].sum()]) / all_pairs
     return loss, metrics, logps
 
 

@@ -249,7 +249,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
             f"({kept_bytes(kept) / 1e9:.2f} GB; training.float_weights=quantized turns this off)")
     rows = cfg.training.batch_size // world.size
     if (streams := stream_count(cfg.training, rows, mx.default_device() == mx.cpu)) > 1:
-        say(f"cpu streams: each micro-batch's {rows} rows in {streams} groups side by side, one CPU stream a core "
+        unit = "rows" if cfg.training.objective == "sft" else "pairs"
+        say(f"cpu streams: each micro-batch's {rows} {unit} in {streams} groups side by side, one CPU stream a core "
             "(training.cpu_streams=1 turns this off)")
 
     extra = adapter_extra(cfg, info, quant_report)

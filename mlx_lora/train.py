@@ -26,7 +26,7 @@ from mlx.utils import tree_map
 
 from . import checkpoints
 from .config import TrainingConfig
-from .cpu_streams import blas_threads, split_rows, stream_count
+from .cpu_streams import blas_threads, split_pairs, split_rows, stream_count
 from .data import BatchPosition, Example, iterate_eval, iterate_train, make_batches
 from .distributed import LastGood, World, check_batch_size
 from .loss import batch_loss, enable_chunked_loss, target_positions
@@ -237,8 +237,9 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             raise ValueError(f"training.objective {config.objective} runs in one process for now (this run has "
                              f"{world.size} ranks); train it without -n / --hosts")
 
-        def objective(model, inputs):  # (tokens, masks) for orpo, plus the reference log-probs for dpo
-            return preference_loss(model, inputs[0], inputs[1], inputs[2] if len(inputs) > 2 else None, config)
+        def objective(model, inputs):  # tokens, masks; the reference log-probs for dpo; totals for a group
+            return preference_loss(model, inputs["tokens"], inputs["masks"], inputs.get("reference"), config,
+                                   inputs.get("totals"))
     else:
         def objective(model, inputs):  # (tokens, mask, positions, weights, this rank's share)
             return weighted_loss(model, *inputs)
@@ -277,14 +278,18 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         grad = tree_map(lambda *g: sum(x * share for x, share in zip(g, shares)), *[part[2] for part in parts])
         return update(loss, total, grad, previous_grad, do_update)
 
-    # SFT on the CPU: a micro-batch's rows in groups, each on its own stream (cpu_streams.py)
+    def summed_step_fn(parts, previous_grad, do_update):  # preference groups: (loss, metrics, grad), each a share
+        grad = tree_map(lambda *g: sum(g), *[part[2] for part in parts])
+        return update(sum(part[0] for part in parts), sum(part[1] for part in parts), grad, previous_grad, do_update)
+
+    # On the CPU: a micro-batch's rows (pairs) in groups, each on its own stream (cpu_streams.py)
     rows = config.batch_size // world.size if isinstance(config.batch_size, int) else 1
     streams = stream_count(config, rows, mx.default_device() == mx.cpu)
     group_fns = []
     for _ in range(streams if streams > 1 else 0):
         def group_fn(inputs):
-            (loss, count), grad = loss_and_grad(model, inputs)
-            return loss, count, grad
+            (loss, aux), grad = loss_and_grad(model, inputs)  # aux: SFT's target count, or the pairs' metrics
+            return loss, aux, grad
         if config.compile:  # one compiled function per stream: a trace keeps the stream it was made on
             group_fn = mx.compile(group_fn, inputs=compiled_state, outputs=compiled_state)
         group_fns.append((mx.new_stream(mx.cpu), group_fn))
@@ -292,6 +297,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     if config.compile:
         step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(step_fn)
         split_step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(split_step_fn)
+        summed_step_fn = partial(mx.compile, inputs=compiled_state, outputs=compiled_state)(summed_step_fn)
 
     def sft_inputs(tokens, mask, share):  # (tokens, mask, positions, weights, this rank's share[, segments])
         return (mx.array(tokens), mx.array(mask), *map(mx.array, target_positions(mask)), *map(mx.array, share))
@@ -307,6 +313,26 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             with mx.stream(stream):
                 parts.append(group_fn(sft_inputs(t, m, [*scalar, *seg])))
         return split_step_fn(parts, previous_grad, do_update)
+
+    def run_preference_step(tokens, masks, previous_grad, do_update):
+        """One batch of pairs (tokens (2B, T), masks (2, 2B, T-1)): whole, or runs of pairs on the CPU streams."""
+        inputs = {"tokens": mx.array(tokens), "masks": mx.array(masks)}
+        if reference_fn is not None:
+            inputs["reference"] = reference_fn(inputs["tokens"], inputs["masks"][0])
+            mx.eval(inputs["reference"])
+        pairs = tokens.shape[0] // 2
+        groups = min(len(group_fns), pairs)
+        if groups < 2:
+            return step_fn(inputs, previous_grad, do_update)
+        totals = mx.array([pairs, float(np.asarray(masks)[1, :pairs].sum())], dtype=mx.float32)
+        parts = []
+        for (stream, group_fn), rows in zip(group_fns, split_pairs(pairs, groups)):
+            group = {"tokens": mx.array(tokens[rows]), "masks": mx.array(np.asarray(masks)[:, rows]), "totals": totals}
+            if "reference" in inputs:
+                group["reference"] = inputs["reference"][mx.array(rows)]
+            with mx.stream(stream):
+                parts.append(group_fn(group))
+        return summed_step_fn(parts, previous_grad, do_update)
 
     for callback in callbacks:
         callback.on_start({"total_steps": steps, "start_step": start_step, "cpu_streams": streams})
@@ -388,12 +414,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
                     tokens, mask, n_tokens, *share = next(batches)
                     do_update = micro == accumulation - 1
                     if preference:
-                        inputs = (mx.array(tokens), mx.array(mask))
-                        if reference_fn is not None:
-                            reference = reference_fn(inputs[0], inputs[1][0])
-                            mx.eval(reference)
-                            inputs = (*inputs, reference)
-                        loss, aux, grad = step_fn(inputs, grad, do_update)
+                        loss, aux, grad = run_preference_step(tokens, mask, grad, do_update)
                     else:  # the output head only where there is loss; this rank's share
                         loss, aux, grad = run_step(tokens, mask, share, grad, do_update)
                     with blas_threads(1 if streams > 1 else None):
