@@ -238,6 +238,25 @@ def test_client_disconnect_stops_generation(server):
     assert engine.running() == 0  # the batch slot is free again
 
 
+def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_flow(server):
+    client, engine = server
+    max_tokens = 470
+    body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens,
+            "logit_bias": {str(i): -100 for i in engine.tokenizer.eos_token_ids}}  # it would run to max_tokens
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.4))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done = [h for h in engine.history if h["max_tokens"] == max_tokens]
+        if done:
+            break
+        time.sleep(0.05)
+    assert done and done[-1]["finish_reason"] == "cancelled", done
+    assert done[-1]["completion_tokens"] < max_tokens
+    assert engine.running() == 0 and time.monotonic() - started < 30
+
+
 def test_stop_matcher_holds_back_partial_stops():
     from mlx_lora.serve.text import StopMatcher
 

@@ -75,6 +75,7 @@ class Job:
     sink: Callable[[tuple], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    disconnect_check: float = 0.0  # event-loop time of the next look for a gone client (responses.wait_event)
 
     def cancel(self) -> None:
         self.cancelled.set()

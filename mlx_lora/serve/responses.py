@@ -35,14 +35,19 @@ class Collected:
 
 
 async def wait_event(events: asyncio.Queue, job, request):
-    """The next worker event, or None (and the job cancelled) when the client has disconnected."""
+    """The next worker event, or None (and the job cancelled) when the client has disconnected.
+    The client is looked for at least every DISCONNECT_POLL_S, also while tokens keep coming."""
+    loop = asyncio.get_running_loop()
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
-        except asyncio.TimeoutError:
+        if loop.time() >= job.disconnect_check:
+            job.disconnect_check = loop.time() + DISCONNECT_POLL_S
             if await request.is_disconnected():
                 job.cancel()
                 return None
+        try:
+            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
+        except asyncio.TimeoutError:
+            continue
         except asyncio.CancelledError:
             job.cancel()
             raise
