@@ -32,6 +32,13 @@ def test_chat_plain_and_streamed_agree(sdk):
     assert chunks[-1].usage.completion_tokens == 6
 
 
+def test_one_model_is_retrieved_by_name(sdk):
+    assert sdk.models.retrieve("base").id == "base"
+    with pytest.raises(openai.NotFoundError) as missing:
+        sdk.models.retrieve("nope")
+    assert "base" in missing.value.message
+
+
 def test_completions(sdk):
     result = sdk.completions.create(model="base", prompt="say hello", max_tokens=4)
     assert result.choices[0].finish_reason == "length" and result.usage.completion_tokens == 4
@@ -106,6 +113,13 @@ def test_every_nested_field_the_sdk_can_send_is_known():
     for sdk_type, ours in pairs:
         sent = set(typing.get_type_hints(sdk_type))
         assert sent <= ours.known_fields(), (sdk_type.__name__, sorted(sent - ours.known_fields()))
+    # what a client appends to `messages` from a response, the parse() / stream() helpers' included
+    from openai.types.chat import ChatCompletionMessage, ParsedChatCompletionMessage
+    from openai.types.chat.parsed_function_tool_call import ParsedFunction
+
+    for sdk_model, ours in ((ChatCompletionMessage, schemas.ChatMessage),
+                            (ParsedChatCompletionMessage, schemas.ChatMessage), (ParsedFunction, schemas.ToolCallFunction)):
+        assert set(sdk_model.model_fields) <= ours.known_fields(), sdk_model.__name__
 
 
 def test_nested_fields_are_named_when_ignored_and_refused_when_unknown(sdk):

@@ -194,6 +194,14 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         return ModelList(data=[ModelCard(id=name, created=engine.created, owned_by="mlx-lora")
                                for name in engine.model_names()])
 
+    @app.get("/v1/models/{model:path}", response_model=ModelCard, responses=ERROR_RESPONSES,
+             dependencies=[Depends(check_key)])
+    async def model_card(model: str):
+        if model not in engine.model_names():
+            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(engine.model_names())}",
+                           "model", "model_not_found")
+        return ModelCard(id=model, created=engine.created, owned_by="mlx-lora")
+
     @app.post("/v1/adapters", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=[Depends(check_key)])
     async def add_adapter(body: AdapterUpload):
         folder = allowed_adapter_folder(body.path, limits.adapter_dirs)

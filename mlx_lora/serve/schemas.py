@@ -105,6 +105,7 @@ class TextPart(KnownFields):
 class ToolCallFunction(KnownFields):
     name: str
     arguments: str = Field(..., description="The arguments as a JSON string.")
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"parsed_arguments"})  # the SDK's parse() helpers add it
 
 
 class ToolCall(KnownFields):
@@ -114,9 +115,9 @@ class ToolCall(KnownFields):
 
 
 class ChatMessage(KnownFields):
-    # every message type's fields in the SDK's params, and `annotations`, which an assistant message
-    # echoed back from a response carries
-    openai_fields: ClassVar[frozenset[str]] = frozenset({"audio", "function_call", "refusal", "annotations"})
+    # every message type's fields in the SDK's params, and what an assistant message echoed back from
+    # a response carries: `annotations`, and `parsed` from the SDK's parse() and stream() helpers
+    openai_fields: ClassVar[frozenset[str]] = frozenset({"audio", "function_call", "refusal", "annotations", "parsed"})
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[TextPart], None] = None
