@@ -257,6 +257,34 @@ def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_
     assert engine.running() == 0 and time.monotonic() - started < 30
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_end_with_the_text_a_stop_string_cut(server, stream):
+    client, _ = server
+    full = chat(client, "base", max_tokens=24, logprobs=True)["choices"][0]
+    text, all_tokens = full["message"]["content"], [t["token"] for t in full["logprobs"]["content"]]
+    assert len(text) > 12, text
+    stop = text[8:12]  # the answer cut after 8 characters; the tokens that complete the stop are generated
+    body = {"model": "base", "messages": CHAT, "max_tokens": 24, "logprobs": True, "stop": [stop]}
+    if stream:
+        content, tokens, usage = "", [], None
+        body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and line != "data: [DONE]":
+                    chunk = json.loads(line[6:])
+                    usage = chunk.get("usage") or usage
+                    for choice in chunk["choices"]:
+                        content += choice["delta"].get("content") or ""
+                        tokens += [t["token"] for t in (choice.get("logprobs") or {}).get("content") or []]
+    else:
+        reply = chat(client, "base", **{k: v for k, v in body.items() if k not in ("model", "messages")})
+        usage, choice = reply["usage"], reply["choices"][0]
+        content, tokens = choice["message"]["content"], [t["token"] for t in choice["logprobs"]["content"]]
+    assert content == text[:text.find(stop)]
+    assert tokens and tokens == all_tokens[:len(tokens)]  # the same greedy tokens, in order...
+    assert len(tokens) < usage["completion_tokens"]  # ...without those whose text the stop string cut
+
+
 def test_stop_matcher_holds_back_partial_stops():
     from mlx_lora.serve.text import StopMatcher
 

@@ -61,23 +61,41 @@ class TextStream:
         self.tool_text: Optional[str] = None  # text from the tool-call marker on, once seen
         self.held = ""  # a tail that may be the start of the tool-call marker
         self.deltas = ToolCallDeltas(tokenizer, tools) if self.tool_start else None
+        # A token's log-probabilities go out with its text: held while the stop matcher holds the
+        # text back, dropped with it when a stop string cuts it. (offset of the token's first
+        # character in the text fed to the matcher, entry)
+        self.fed = self.emitted = 0
+        self.logprobs: list[tuple[int, tuple]] = []
 
     def on_token(self, event: TokenEvent) -> bool:
         self.detokenizer.add_token(event.token)
-        text, stopped = self.matcher.feed(self.detokenizer.last_segment)
-        logprobs = None
         if event.logprob is not None:
-            logprobs = [(self._piece(event.token), event.logprob, [(self._piece(t), lp) for t, lp in event.top])]
-        self._emit(text, logprobs)
+            self.logprobs.append((self.fed, (self._piece(event.token), event.logprob,
+                                             [(self._piece(t), lp) for t, lp in event.top])))
+        text, stopped = self._feed(self.detokenizer.last_segment)
+        self._emit(text, self._released(stopped))
         return stopped
+
+    def _feed(self, segment: str) -> tuple[str, bool]:
+        self.fed += len(segment)
+        text, stopped = self.matcher.feed(segment)
+        self.emitted += len(text)
+        return text, stopped
+
+    def _released(self, stopped: bool, everything: bool = False) -> Optional[list]:
+        """The held log-probability entries whose token's text has gone out (all with `everything`);
+        after a stop, the rest are dropped: their text was cut."""
+        out = [entry for start, entry in self.logprobs if everything or start < self.emitted]
+        self.logprobs = [] if stopped or everything else [(s, e) for s, e in self.logprobs if s >= self.emitted]
+        return out or None
 
     def finish(self, reason: str, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> None:
         if reason == "cancelled":  # the client went away, or the server is shutting down
             self.sink(("error", 503, "the request was cancelled (client disconnected or server shutting down)", None))
             return
         self.detokenizer.finalize()
-        tail, stopped = self.matcher.feed(self.detokenizer.last_segment)
-        self._emit(tail + ("" if stopped else self.matcher.flush()), None)
+        tail, stopped = self._feed(self.detokenizer.last_segment)
+        self._emit(tail + ("" if stopped else self.matcher.flush()), self._released(stopped, everything=not stopped))
         if self.held:
             self.sink(("delta", self.held, None))
         if self.tool_text is not None:
