@@ -261,6 +261,12 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
 
         checkpoint = latest(out)
         start_step = int(json.loads((checkpoint / "state.json").read_text())["step"]) if checkpoint else None
+        from .train import total_steps
+
+        if start_step is not None and start_step >= (planned := total_steps(cfg.training, len(datasets["train"]))):
+            raise ValueError(f"--resume: the run in {out} already finished its {planned} steps; nothing to resume (its "
+                             f"adapters, metrics and summary are kept). To train longer pass training.iters=N (N > "
+                             f"{planned}) with --resume, or start a new output_dir")
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     if not resume:
         metrics.rows = []

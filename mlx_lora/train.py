@@ -399,6 +399,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
     with GracefulInterrupt() as interrupt, world.guard(save_kept):
         while step < steps:
             if world.any(interrupt.requested):
+                report_window(step, None)  # the steps since the last report were applied: their metrics too
                 path = save(step) if step > start_step else last_good
                 for callback in callbacks:
                     callback.on_interrupt(step, path)

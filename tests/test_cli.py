@@ -124,6 +124,19 @@ def test_eval_command_keeps_the_run_summary_in_step(trained_run, tmp_path):
     assert summary["eval"]["tuned"]["loss"] == scores["tuned"]["loss"]
 
 
+def test_resume_of_a_finished_run_says_so_and_keeps_its_files(trained_run, tmp_path):
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "finished"
+    shutil.copytree(out, copy)
+    kept = {name: (copy / name).read_bytes() for name in ("run_summary.json", "metrics.jsonl", "adapters.safetensors")}
+    result = mlx_lora("train", copy / "train_config.yaml", f"output_dir={copy}", "--resume")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "already finished its 8 steps; nothing to resume" in result.stderr and "training.iters=N" in result.stderr
+    assert {name: (copy / name).read_bytes() for name in kept} == kept
+
+
 def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
     out, _ = trained_run
     config = out / "train_config.yaml"

@@ -1,5 +1,6 @@
 """The training loop: loss goes down, resume is exact, Ctrl-C and NaN leave good checkpoints."""
 
+import dataclasses
 import os
 import signal
 
@@ -88,6 +89,33 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_model_dir, tiny_d
     straight_losses = [r.train_loss for r in straight.reports]
     resumed_losses = [r.train_loss for r in first.reports + second.reports]
     np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-5)
+
+
+def test_an_interrupt_between_reports_reports_the_steps_it_applied(tiny_model_dir, tiny_data_dir, tmp_path):
+    config = dataclasses.replace(CONFIG, steps_per_report=3)  # checkpoints at 4 and 8, reports at 3, 6, 9, 12
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    straight = Recorder()
+    train(model, data["train"], data["valid"], config, tmp_path / "straight", callbacks=[straight])
+
+    class InterruptAtCheckpoint(Recorder):
+        def on_checkpoint(self, path):
+            if path.name == "step_000004":
+                os.kill(os.getpid(), signal.SIGINT)
+
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    first = InterruptAtCheckpoint()
+    with pytest.raises(KeyboardInterrupt):
+        train(model, data["train"], data["valid"], config, tmp_path / "resumed", callbacks=[first])
+    assert [r.step for r in first.reports] == [3, 4]  # step 4 was applied and checkpointed: it is reported
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    second = Recorder()
+    train(model, data["train"], data["valid"], config, tmp_path / "resumed", resume=True, callbacks=[second])
+    resumed = first.reports + second.reports
+    assert sum(r.tokens for r in resumed) == sum(r.tokens for r in straight.reports)  # no step lost or doubled
+    window = lambda reports: [r.step - (reports[i - 1].step if i else 0) for i, r in enumerate(reports)]  # noqa: E731
+    np.testing.assert_allclose(sum(r.train_loss * n for r, n in zip(resumed, window(resumed))),
+                               sum(r.train_loss * n for r, n in zip(straight.reports, window(straight.reports))),
+                               rtol=1e-5)
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_model_dir, tiny_data_dir, tmp_path):
