@@ -285,6 +285,23 @@ def test_logprobs_end_with_the_text_a_stop_string_cut(server, stream):
     assert len(tokens) < usage["completion_tokens"]  # ...without those whose text the stop string cut
 
 
+@pytest.mark.parametrize("path,body,param,words", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "txt": "hi"}]}]},
+     "messages.0.content.0.txt", ["did you mean 'text'"]),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+     "messages.0.content.0", ["only text content parts are supported", "image_url"]),
+    ("/v1/completions", {"prompt": [1, 2, 3]}, "prompt", ["token-id prompts are not supported"]),
+])
+def test_a_bad_value_inside_a_union_is_named_by_the_member_it_was_meant_for(server, path, body, param, words):
+    client, _ = server
+    response = client.post(path, json={"model": "base", "max_tokens": 2, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param, error
+    assert all(word in error["message"] for word in words), error
+    assert "str" not in error["param"].split(".") and "[" not in error["param"]
+
+
 def test_stop_matcher_holds_back_partial_stops():
     from mlx_lora.serve.text import StopMatcher
 

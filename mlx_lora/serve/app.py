@@ -106,8 +106,13 @@ class BodyLimit:
 
 
 def _param(loc) -> str | None:
-    parts = [str(p) for p in loc if p != "body"]
+    """A validation error's location as a dotted path, without pydantic's names of the union member
+    it tried (`messages.0.content.list[TextPart].0.type` -> `messages.0.content.0.type`)."""
+    parts = [str(p) for p in loc if p != "body" and not (isinstance(p, str) and (p in UNION_TAGS or "[" in p))]
     return ".".join(parts) or None
+
+
+UNION_TAGS = {"str", "int", "float", "bool", "none", "dict", "list"}  # loc entries pydantic adds inside a Union
 
 
 def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI:
@@ -143,7 +148,10 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request, err: RequestValidationError):
-        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request"}
+        errors = err.errors() or [{"loc": (), "msg": "invalid request"}]
+        # an unknown field first; else the most specific (inside a Union, the member the value was meant for)
+        first = next((e for e in errors if e.get("type") == UNRECOGNIZED), None) or max(
+            errors, key=lambda e: (e.get("type") == "value_error", len(e.get("loc", ()))))
         kind = first.get("type", "")
         if kind == UNRECOGNIZED:  # OpenAI's own wording, with the field's path as param
             param = _param((*first.get("loc", ()), first["ctx"]["param"]))

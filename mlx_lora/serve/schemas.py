@@ -14,7 +14,7 @@ from __future__ import annotations
 import difflib
 from typing import ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's limit
@@ -100,6 +100,14 @@ class TextPart(KnownFields):
     type: Literal["text"]
     text: str
     openai_fields: ClassVar[frozenset[str]] = frozenset({"prompt_cache_breakpoint"})
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data):
+        if isinstance(data, dict) and data.get("type", "text") != "text":
+            raise ValueError(f"only text content parts are supported (got type {data.get('type')!r}); send the "
+                             "text as a string or a {\"type\": \"text\", \"text\": ...} part")
+        return data
 
 
 class ToolCallFunction(KnownFields):
@@ -234,6 +242,13 @@ class ChatCompletionRequest(SamplingFields):
 
 class CompletionRequest(SamplingFields):
     prompt: Union[str, list[str]] = Field(..., description="A string, or a list holding exactly one string.")
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_prompt(cls, value):
+        if isinstance(value, list) and any(not isinstance(item, str) for item in value):
+            raise ValueError("token-id prompts are not supported; send the prompt as text")
+        return value
     logprobs: Optional[int] = Field(None, ge=0, le=5, description="Return the log-probabilities of this many top tokens.")
     echo: Optional[bool] = Field(False, description="Only false is supported.")
     openai_fields: ClassVar[frozenset[str]] = OPENAI_COMPLETION_FIELDS
