@@ -302,6 +302,21 @@ def test_a_bad_value_inside_a_union_is_named_by_the_member_it_was_meant_for(serv
     assert "str" not in error["param"].split(".") and "[" not in error["param"]
 
 
+@pytest.mark.parametrize("field,value", [("max_tokens", "3"), ("stream", "yes"), ("temperature", "0.5"),
+                                         ("max_tokens", 2.5), ("logprobs", 1)])
+def test_a_value_of_the_wrong_json_type_is_refused_naming_its_field(server, field, value):
+    client, _ = server
+    response = client.post("/v1/chat/completions", json={"model": "base", "messages": CHAT, field: value})
+    assert response.status_code == 400 and response.json()["error"]["param"] == field, response.text
+
+
+def test_negative_seeds_are_accepted_and_reproducible(server):
+    client, _ = server
+    answers = [chat(client, "base", max_tokens=6, temperature=1.0, seed=seed)["choices"][0]["message"]["content"]
+               for seed in (-5, -5, 2**63 - 1, -2**63)]
+    assert answers[0] == answers[1]
+
+
 def test_stop_matcher_holds_back_partial_stops():
     from mlx_lora.serve.text import StopMatcher
 

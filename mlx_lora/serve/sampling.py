@@ -49,7 +49,7 @@ class RowSampler:
     def __init__(self, params: SamplingParams, prompt: list[int]):
         self.params = params
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        self.key = mx.random.key(seed)
+        self.key = mx.random.key(seed % 2**64)  # OpenAI's seeds are signed 64-bit; MLX's keys take unsigned
         self.prompt = prompt
 
     def adjust(self, logits: mx.array, generated: list[int]) -> mx.array:

@@ -53,7 +53,8 @@ class KnownFields(NullMeansDefault):
     request types). OpenAI's that we do not declare are kept as extras (a `null` one is dropped: not
     given) and named by `ignored_fields()`; any other field is refused with the nearest known name."""
 
-    model_config = ConfigDict(extra="allow")
+    # strict: "3" is not an integer nor "yes" a boolean, as OpenAI's API answers (an int is a float)
+    model_config = ConfigDict(extra="allow", strict=True)
     openai_fields: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
@@ -218,7 +219,7 @@ class SamplingFields(KnownFields):
     presence_penalty: Optional[float] = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: Optional[dict[str, float]] = Field(None, description="Token id -> bias in [-100, 100] added to its logit.")
     stop: Union[str, list[str], None] = Field(None, description="Up to 4 strings that end the answer (not included).")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    seed: Optional[int] = Field(None, ge=-MAX_SEED - 1, le=MAX_SEED, description="Any 64-bit signed integer, as OpenAI takes.")
     stream: Optional[bool] = False
     stream_options: Optional[StreamOptions] = None
     n: Optional[int] = Field(1, ge=1, le=1, description="Only 1 is supported.")
