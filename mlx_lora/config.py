@@ -30,8 +30,9 @@ class ConfigError(ValueError):
                          f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
 
 
-def _help(text: str, **kwargs) -> dict:
-    return {"metadata": {"help": text}, **kwargs}
+def _help(text: str, forms: str | None = None, **kwargs) -> dict:
+    """Field metadata: its help line, and for a Union field the forms it takes, as an error names them."""
+    return {"metadata": {"help": text, **({"forms": forms} if forms else {})}, **kwargs}
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,7 @@ class LoraConfig:
 class TrainingConfig:
     iters: int = field(default=200, **_help("Optimizer steps to run (ignored when `epochs` is set)."))
     epochs: Optional[float] = field(default=None, **_help("Train for this many passes over the training set instead of `iters`."))
-    batch_size: Union[int, str] = field(default=4, **_help("Examples per micro-batch (across all ranks when data-parallel: each of N ranks takes batch_size / N; must divide), or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
+    batch_size: Union[int, str] = field(default=4, **_help(forms="a positive integer or auto", text="Examples per micro-batch (across all ranks when data-parallel: each of N ranks takes batch_size / N; must divide), or auto: the largest the memory planner predicts to fit (see effective_batch_size)."))
     grad_accumulation: int = field(default=1, **_help("Micro-batches per optimizer step (with batch_size: auto and effective_batch_size set, derived)."))
     effective_batch_size: Optional[int] = field(default=None, **_help("With batch_size: auto: examples per optimizer step; the micro-batch is its largest divisor that fits and grad_accumulation = this / micro-batch. null: grad_accumulation stays, micro-batch up to 32."))
     memory_limit: str = field(default="auto", **_help("Stop with a resumable checkpoint when a step's peak memory passes this: auto (this machine's memory as the planner sees it), a size such as 24GB, or none."))
@@ -100,7 +101,7 @@ class TrainingConfig:
     weight_decay: float = field(default=0.0, **_help("AdamW weight decay."))
     grad_clip: Optional[float] = field(default=1.0, **_help("Clip the global gradient norm to this value; null to disable."))
     float_weights: str = field(default="auto", **_help("CPU only (MLX's CPU quantized product is slow): float keeps a float32 copy of every quantized frozen weight for the run (no dequantize per product: 1.8x faster demo steps measured; costs 4 bytes per weight), quantized dequantizes one layer at a time, auto picks float when the memory planner predicts the step with copies under half the memory limit. The GPU always multiplies the 4-bit weights directly."))
-    cpu_streams: Union[int, str] = field(default="auto", **_help("CPU only: split each micro-batch's rows (dpo / orpo: its pairs) over this many MLX CPU streams, each on its own core with the BLAS single-threaded (MLX's CPU element-wise work is single-threaded per stream: demo steps measured ~1.1x faster for sft, ~1.2x dpo, ~1.3x orpo on 2 cores); auto: one per usable core (at most 8, at most the rows); 1: off. Not with grad_checkpoint. Same loss and gradients as one stream."))
+    cpu_streams: Union[int, str] = field(default="auto", **_help(forms="auto or a positive integer", text="CPU only: split each micro-batch's rows (dpo / orpo: its pairs) over this many MLX CPU streams, each on its own core with the BLAS single-threaded (MLX's CPU element-wise work is single-threaded per stream: demo steps measured ~1.1x faster for sft, ~1.2x dpo, ~1.3x orpo on 2 cores); auto: one per usable core (at most 8, at most the rows); 1: off. Not with grad_checkpoint. Same loss and gradients as one stream."))
     grad_checkpoint: bool = field(default=False, **_help("Recompute each block's activations in the backward pass (less memory, ~30% slower)."))
     compile: bool = field(default=True, **_help("Compile the training step with mx.compile."))
     steps_per_report: int = field(default=10, **_help("Write a metrics line every N steps."))
@@ -319,7 +320,11 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
                 sub = {"path": sub}  # `data: folder` is shorthand for `data: {path: folder}`
             kwargs[name] = _build(tp, sub, f"{key}.", problems)
         elif name in data:
-            kwargs[name] = _coerce(data[name], tp, key, problems)
+            found: list[str] = []
+            kwargs[name] = _coerce(data[name], tp, key, found)
+            if found and "forms" in f.metadata:  # what this field takes, not the Union's member types
+                found = [f"{key}: must be {f.metadata['forms']}, got {data[name]!r}"]
+            problems.extend(found)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append(f"{key}: required ({f.metadata.get('help', '')})")
             kwargs[name] = ""
@@ -413,9 +418,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
             twice = keys_given_twice(yaml.compose(text, Loader=yaml.SafeLoader))
             loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-            raise ConfigError([f"invalid YAML{where}: {getattr(err, 'problem', err)}"], source) from err
+            raise ConfigError([yaml_error_line(err)], source) from err
         if twice:
             raise ConfigError(twice, source)
         if loaded is not None and not isinstance(loaded, dict):
@@ -427,8 +430,8 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         cfg = config_from_dict(data, source)
     except ConfigError as err:  # say which problems the command line's key=value gave
         given = {".".join(parse_override(text)[0]) for text in overrides}
-        problems = [f"{key} (from the command line):{rest}" if key in given else problem
-                    for problem in err.problems for key, _, rest in [problem.partition(":")]]
+        problems = [f"{key} (from the command line):{rest}" if key in given or any(g.startswith(f"{key}.") for g in given)
+                    else problem for problem in err.problems for key, _, rest in [problem.partition(":")]]
         raise ConfigError(problems, err.source) from None
     template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
@@ -467,6 +470,22 @@ def _flat(data: dict, prefix: str = "") -> dict:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def yaml_error_line(err) -> str:
+    """PyYAML's error as `invalid YAML:LINE:COLUMN: problem (context)`, 1-based. A key missing its ':'
+    is found only on the next line (PyYAML's problem mark), so the key's own line (its context mark)
+    is named instead."""
+    problem, context = getattr(err, "problem", None), getattr(err, "context", None)
+    mark, context_mark = getattr(err, "problem_mark", None), getattr(err, "context_mark", None)
+    if problem is None:
+        return f"invalid YAML: {err}"
+    if "expected ':'" in problem and context_mark is not None:
+        mark, context = context_mark, None
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+    extra = f" ({context} at line {context_mark.line + 1}, column {context_mark.column + 1})" if context and context_mark else ""
+    hint = "; check this line's indentation and the line above" if "not allowed here" in problem else ""
+    return f"invalid YAML{where}: {problem}{extra}{hint}"
 
 
 def resumed_config(cfg: Config, overrides: list[str] = ()) -> tuple[Config, list[str]]:

@@ -80,8 +80,8 @@ class DataStats:
 def read_jsonl(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) pairs of a JSONL file; errors name the file and line."""
     if not path.is_file():
-        raise DataError(f"{path}: file not found (data.path must hold train.jsonl; valid.jsonl and test.jsonl "
-                        "are optional; make them with data_transform.py)")
+        raise DataError(f"{path}: file not found (data.path must hold train.jsonl, and test.jsonl unless "
+                        "eval.enabled is false; valid.jsonl is optional; make them with data_transform.py)")
     rows = []
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, 1):
@@ -93,7 +93,7 @@ def read_jsonl(path: Path) -> list[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line.rstrip("\r\n"))  # without its newline, so an error's column is this line's
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_number}:{err.colno}: invalid JSON ({err.msg})") from err
             if not isinstance(row, dict):
@@ -324,8 +324,8 @@ def load_datasets(config: DataConfig, tokenizer, splits=SPLITS, seed: int = 0,
     """
     folder = Path(config.path)
     if not folder.is_dir():
-        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl "
-                        "(valid.jsonl and test.jsonl are optional; make them with data_transform.py)")
+        raise DataError(f"data.path: {folder} is not a folder; it must hold train.jsonl, and test.jsonl unless "
+                        "eval.enabled is false (valid.jsonl is optional; make them with data_transform.py)")
     datasets, stats = {}, {}
     rows = {split: None for split in splits}
     paths = {split: folder / f"{split}.jsonl" for split in splits}

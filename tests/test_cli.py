@@ -149,6 +149,7 @@ def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("lora.rank=0", "lora.rank (from the command line): must be a positive integer, got 0"),
     ("lora.rnak=4", "lora.rnak (from the command line): unknown key; did you mean 'lora.rank'?"),
+    ("traning.iters=3", "traning (from the command line): unknown key; did you mean 'training'?"),
     ("lora.target_modules=[q_proj,qkv_proj]", "lora.target_modules: qkv_proj not found in this model"),
     ("model=/nonexistent/model", "neither an existing path nor a hub id"),
     ("data.path=/nonexistent", "data.path: /nonexistent is not a folder"),

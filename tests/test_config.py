@@ -21,12 +21,12 @@ def test_unknown_keys_get_did_you_mean_and_all_problems_reported_together():
     assert len(problems) == 4
 
 
-def test_a_value_no_member_of_a_union_takes_names_every_form():
+def test_a_value_no_member_of_a_union_takes_names_the_forms_the_field_takes():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"cpu_streams": True, "batch_size": [2]}})
     problems = info.value.problems
-    assert "training.cpu_streams: expected an integer or a string, got True" in problems
-    assert "training.batch_size: expected an integer or a string, got [2]" in problems
+    assert "training.cpu_streams: must be auto or a positive integer, got True" in problems
+    assert "training.batch_size: must be a positive integer or auto, got [2]" in problems
     assert len(problems) == 2
 
 
@@ -57,6 +57,9 @@ def test_bad_override_and_bad_yaml_name_the_place(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="expected key.path=value"):
         load_config(None, ["training.iters"])
+    path.write_text("model: demo\ntraining:\n  iters: 5\n  beta 0.1\n  objective: dpo\n")  # a key without its ':'
+    with pytest.raises(ConfigError, match=r"c.yaml: invalid YAML:4:3: could not find expected ':'"):
+        load_config(path)
 
 
 # configs/accelerate/ holds accelerate's own config files (`accelerate launch --config_file`), tested in test_cuda_fsdp.

@@ -204,6 +204,7 @@ def read_jsonl(path: Path, encoding: str, skip_invalid: bool) -> Iterator[RawRec
         number, text = item
         if not text.strip():
             continue
+        text = text.rstrip("\r\n")  # so an error's column is this line's, not column 1 of the next
         try:
             value = json.loads(text)
         except json.JSONDecodeError as err:

@@ -51,7 +51,7 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
     """ServeConfig from an optional YAML file, `key=value` overrides, then command-line flags."""
     import yaml
 
-    from ..config import ConfigError, _build, apply_overrides, keys_given_twice
+    from ..config import ConfigError, _build, apply_overrides, keys_given_twice, yaml_error_line
 
     data: dict = {}
     source = "command line"
@@ -65,7 +65,7 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
             problems += keys_given_twice(yaml.compose(text, Loader=yaml.SafeLoader))
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as err:
-            raise ConfigError([f"invalid YAML: {err}"], source) from err
+            raise ConfigError([yaml_error_line(err)], source) from err
         if not isinstance(data, dict):
             raise ConfigError(["top level must be a mapping of keys"], source)
     data = apply_overrides(data, overrides)
