@@ -162,3 +162,57 @@ def test_an_adapter_upload_with_an_unknown_field_is_refused_naming_it(admin):
     error = response.json()["error"]
     assert error["param"] == "pth" and "'path'" in error["message"]
     assert "x" not in engine.model_names()
+
+
+def test_ctrl_c_ends_open_streams_and_exits_without_tracebacks(tiny_model_dir):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1")
+    server = subprocess.Popen([sys.executable, "-m", "mlx_lora", "serve", "--model", str(tiny_model_dir),
+                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until(lambda: server.poll() is not None or _up(url), timeout=180)
+        assert server.poll() is None, server.stderr.read()[-2000:]
+        ends, started = [], threading.Event()
+
+        def stream():  # long enough to be running when Ctrl-C comes
+            body = {"prompt": "say hello", "max_tokens": 470, "stream": True, "logit_bias": {"2": -100}}
+            lines = []
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        started.set()
+                        lines.append(line)
+            ends.append((lines[-1], "shutting down" in lines[-2] or "cancelled" in lines[-2], len(lines)))
+
+        clients = [threading.Thread(target=stream) for _ in range(2)]
+        for client in clients:
+            client.start()
+        assert started.wait(60)
+        server.send_signal(signal.SIGINT)
+        for client in clients:
+            client.join(30)
+        assert server.wait(timeout=30) in (0, 130)  # 130: the shell convention for an exit by Ctrl-C
+        err = server.stderr.read()
+        assert "Traceback" not in err and "CancelledError" not in err, err[-3000:]
+        # each stream ended at once, properly: an error chunk saying why, then [DONE] (not after its 470 tokens)
+        assert [(last, said) for last, said, _ in ends] == [("data: [DONE]", True)] * 2, ends
+        assert all(count < 470 for _, _, count in ends)
+    finally:
+        if server.poll() is None:
+            server.kill()
+
+
+def _up(url: str) -> bool:
+    try:
+        return httpx.get(url + "/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

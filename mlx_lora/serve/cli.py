@@ -203,7 +203,12 @@ def serve(cfg: ServeConfig) -> None:
     print("try:\n  curl " + url + "/chat/completions -H 'Content-Type: application/json'" + auth +
           " -d '{\"model\": \"" + engine.default_model + "\", \"messages\": [{\"role\": \"user\", "
           "\"content\": \"Hello!\"}], \"max_tokens\": 64}'", flush=True)
-    uvicorn.run(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):  # Ctrl-C: open streams end with an error event, then uvicorn closes
+            engine.cancel_all()
+            super().handle_exit(sig, frame)
+
+    Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)).run()
 
 
 def run(args) -> int:

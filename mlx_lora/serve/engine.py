@@ -226,10 +226,9 @@ class Engine:
             self._thread = threading.Thread(target=self._run, name="mlx-lora-generation", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Refuse queued work, cancel running work, and stop the worker after its current step."""
-        if self._thread is None:
-            return
+    def cancel_all(self) -> None:
+        """Refuse queued work and cancel running work (each job gets its error event at the worker's next
+        step) without waiting: what Ctrl-C does first, so open streams end before the server closes."""
         while True:
             try:
                 job = self._inbox.get_nowait()
@@ -238,6 +237,12 @@ class Engine:
             job.cancel()
             job.sink(("error", 503, "the server is shutting down", None))
         self.scheduler.cancel_all()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Refuse queued work, cancel running work, and stop the worker after its current step."""
+        if self._thread is None:
+            return
+        self.cancel_all()
         self._stopping.set()
         self._thread.join(timeout)
         self._thread = None
