@@ -308,7 +308,11 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     for key in data:
         if key not in fields:
             guess = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.6)
-            hint = f"; did you mean '{prefix}{guess[0]}'?" if guess else f"; known keys: {', '.join(fields)}"
+            # a key of a section given one level too high (`grad_checkpoint` for `training.grad_checkpoint`)
+            inner = [f"{name}.{key}" for name, f in fields.items() if dataclasses.is_dataclass(hints[name])
+                     and key in {g.name for g in dataclasses.fields(hints[name])}]
+            hint = (f"; did you mean '{prefix}{inner[0]}'?" if inner else f"; did you mean '{prefix}{guess[0]}'?"
+                    if guess else f"; known keys: {', '.join(fields)}")
             problems.append(f"{prefix}{key}: unknown key{hint}")
     kwargs = {}
     for name, f in fields.items():

@@ -30,6 +30,13 @@ def test_a_value_no_member_of_a_union_takes_names_the_forms_the_field_takes():
     assert len(problems) == 2
 
 
+def test_a_section_key_given_at_the_top_level_gets_its_full_path_suggested():
+    with pytest.raises(ConfigError) as info:
+        config_from_dict({"model": "m", "data": {"path": "d"}, "grad_checkpoint": True, "rank": 4})
+    assert "grad_checkpoint: unknown key; did you mean 'training.grad_checkpoint'?" in info.value.problems
+    assert "rank: unknown key; did you mean 'lora.rank'?" in info.value.problems
+
+
 def test_required_keys_and_choices():
     with pytest.raises(ConfigError) as info:
         config_from_dict({"quantization": {"mode": "int3"}})

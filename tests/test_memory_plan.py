@@ -61,6 +61,17 @@ def test_plan_reads_config_json_only(config_only_dir, tiny_data_dir, tmp_path):
     assert "predicted peak" in table.stdout and "frozen base" in table.stdout
 
 
+def test_target_modules_that_match_no_layer_are_refused_and_a_partial_match_is_named(config_only_dir, tiny_data_dir,
+                                                                                       tmp_path):
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    none = mlx_lora("plan", path, "lora.target_modules=[qkv_proj,foo_proj]")
+    assert none.returncode == 1 and "Traceback" not in none.stderr
+    assert "foo_proj, qkv_proj match no layer of this model" in none.stderr and "q_proj" in none.stderr
+    some = mlx_lora("plan", path, "lora.target_modules=[q_proj,foo_proj]", "--json")
+    assert some.returncode == 0, some.stderr
+    assert any("foo_proj not among this model's projections" in w for w in json.loads(some.stdout)["warnings"])
+
+
 def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data_dir, tmp_path):
     path = write_config(tmp_path, config_only_dir, tiny_data_dir)
     cfg = load_config(path, ["data.max_seq_length=4096", "training.batch_size=8", "lora.rank=16"])

@@ -184,8 +184,12 @@ class Plan:
         notes = self._notes()
         lines += [f"  {name:20s} {value / GB:8.2f} GB{notes.get(name, '')}" for name, value in self.components.items()]
         verdict = "fits" if self.fits else "does NOT fit"
+        tight = ""
+        if self.fits and self.peak > SAFETY_MARGIN * self.memory:  # what batch_size: auto and the guard keep free
+            tight = (f", with little headroom: {self.peak / self.memory:.0%} of it (batch_size: auto keeps a step "
+                     f"under {SAFETY_MARGIN:.0%})")
         lines.append(f"  {'predicted peak':20s} {self.peak / GB:8.2f} GB: {verdict} in {self.memory / GB:.1f} GB "
-                     f"({self.memory_source})")
+                     f"({self.memory_source}){tight}")
         if self.suggestions:
             lines.append("  changes that make it fit (predicted peak):")
             lines += [f"    {' '.join(o):58s} {p / GB:6.2f} GB" for o, p in self.suggestions]
@@ -281,6 +285,11 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
     if memory is None:
         memory, memory_source = machine_memory()
     shape = read_shape(cfg.model)
+    named = set(cfg.lora.target_modules) - {"all-linear"}
+    projections = [p.name for p in shape.projections()]
+    if named and not named & set(projections):
+        raise ValueError(f"lora.target_modules: {', '.join(sorted(named))} match no layer of this model "
+                         f"({shape.model_type}: {', '.join(projections)}); name some of those, or all-linear")
     settings = settings_of(cfg, dequantize_path=dequantize_path)
     settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     if cfg.training.batch_size == "auto":
@@ -291,4 +300,7 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
         plan.suggestions = suggestions(shape, settings, memory)
     if not cfg.training.compile:
         plan.warnings.append(UNCOMPILED_WARNING)
+    if unknown := sorted(named - set(projections)):
+        plan.warnings.append(f"lora.target_modules: {', '.join(unknown)} not among this model's projections "
+                             f"({', '.join(projections)}): not counted")
     return plan
