@@ -166,3 +166,51 @@ def test_bad_csv_row(tmp_path):
     source.write_text("prompt,completion\na,b\nc,d,e\n")
     err = fails_with(tmp_path, source)
     assert f"{source}:3:5: 3 fields but the header has 2 (an extra field starts here)" in err
+
+
+def test_a_misspelled_field_is_named_with_what_the_record_has(tmp_path):
+    source = write_lines(tmp_path / "d.jsonl", GOOD, json.dumps({"prompt": "p2", "completon": "c2"}))
+    err = fails_with(tmp_path, source)
+    assert "field 'completion' is missing" in err and "the record has 'completon': a misspelling?" in err
+
+
+def test_an_output_folder_that_cannot_be_written_is_named(tmp_path):
+    source = write_lines(tmp_path / "d.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(20)])
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli(source, "-o", tmp_path / "file" / "out")  # a path through a file
+    assert code == 1 and err.startswith(f"error: -o {tmp_path / 'file' / 'out'}: cannot write there"), err
+    assert err.count("\n") == 1
+
+
+def test_an_input_folder_inside_the_output_folder_says_so(tmp_path):
+    raw = tmp_path / "data" / "raw"
+    raw.mkdir(parents=True)
+    write_lines(raw / "d.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(20)])
+    code, err = run_cli(raw, "-o", tmp_path / "data", "--force")
+    assert code == 1 and "inside the output folder" in err and "another folder" in err, err
+
+
+def test_folders_name_what_they_leave_out_and_skip_an_empty_file_only_when_asked(tmp_path):
+    import codecs
+    import os
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rows = [GOOD.replace('"p"', f'"p{i}"') for i in range(20)]
+    write_lines(folder / "train.jsonl", *rows)
+    (folder / "README.md").write_text("# A dataset card\n\nNot data.\n")
+    os.symlink(tmp_path / "nowhere.jsonl", folder / "broken.jsonl")
+    (folder / "empty.jsonl").write_text("")
+    # a UTF-16 file with its byte-order mark, as Excel's "Unicode Text" saves it, read without --encoding
+    (folder / "wide.jsonl").write_bytes(codecs.BOM_UTF16_LE + "".join(
+        GOOD.replace('"p"', f'"w{i}"') + "\n" for i in range(5)).encode("utf-16-le"))
+    assert "empty.jsonl: no records" in fails_with(tmp_path, folder)
+    out = io.StringIO()
+    code = main([str(folder), "-o", str(tmp_path / "out"), "--skip-invalid"], stdout=out, stderr=io.StringIO())
+    assert code == 0
+    printed = out.getvalue()
+    assert f"ignored (a folder's README: a dataset card, not data): {folder / 'README.md'}" in printed
+    assert f"ignored (a broken link): {folder / 'broken.jsonl'}" in printed
+    assert f"skipped (no records: the file is empty or blank): {folder / 'empty.jsonl'}" in printed
+    report = json.loads((tmp_path / "out" / "transform_report.json").read_text())
+    assert report["totals"]["converted"] == 25  # the UTF-16 file's 5 rows too

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 from .formats import INPUT_FORMATS, OUTPUT_FORMATS
 from .pipeline import REPORT_NAME, PrepareOptions, prepare
-from .readers import TEXT_UNITS, TransformError
+from .readers import TEXT_UNITS, TransformError, ignored_reason
 
 DESCRIPTION = """\
 Convert raw datasets into train.jsonl / valid.jsonl / test.jsonl for training.
@@ -25,7 +25,8 @@ Inputs: files or folders of .jsonl, .json (an array, or an object holding one li
 (, ; tab |; --delimiter overrides), a byte-order mark is skipped, CRLF inside quoted cells becomes
 LF, and header names match the keys below without regard to case.
 
-Record formats are detected per record: Alpaca (instruction/input/output[/system/history/tools]),
+Record formats are detected per record (one format per file: a file mixing them is refused, naming the
+lines of each): Alpaca (instruction/input/output[/system/history/tools]),
 ShareGPT (conversations of from/value), OpenAI chat (messages of role/content, tool calls kept),
 prompt/completion (any two columns, see --prompt-key) and plain text. An Alpaca `history` ([[user, assistant], ...]) becomes earlier
 turns; a top-level `system` becomes the system message. Empty records and duplicates are dropped
@@ -118,7 +119,10 @@ def format_report(report: dict, out_dir: Path) -> str:
             named = ", ".join(f"{name} ({count} rows)" for name, count in r["dropped_fields"].items())
             lines.append(f"fields not carried into the output: {r['path']}: {named}")
     for path in report["ignored_files"]:
-        lines.append(f"ignored (not an input type): {path}")
+        lines.append(f"ignored ({ignored_reason(Path(path))}): {path}")
+    for r in report["inputs"]:
+        if r.get("empty"):
+            lines.append(f"skipped (no records: the file is empty or blank): {r['path']}")
     sizes = report["splits"]
     lines.append(f"wrote {out_dir}: " + ", ".join(f"{k}.jsonl {v}" for k, v in sizes.items() if v)
                  + f" (report: {out_dir / REPORT_NAME})")

@@ -7,6 +7,7 @@ files is `readers.py`'s job; counting, dedupe and splitting are `pipeline.py`'s.
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -158,7 +159,11 @@ def _string(record: RawRecord, value: Any, field: str, required: bool = True) ->
     if value is None and not required:
         return ""
     if value is None:
-        raise _field_error(record, field, "is missing", f"every record of this format needs '{field}'")
+        misspelled = ""
+        if isinstance(record.value, dict) and "." not in field and "[" not in field:
+            near = difflib.get_close_matches(field, [str(k) for k in record.value if k != field], n=1, cutoff=0.75)
+            misspelled = f" (the record has '{near[0]}': a misspelling?)" if near else ""
+        raise _field_error(record, field, "is missing", f"every record of this format needs '{field}'{misspelled}")
     raise _field_error(record, field, f"is a {_type_name(value)}, expected text",
                        "make it a string (quote numbers; join lists)")
 

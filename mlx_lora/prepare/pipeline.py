@@ -62,6 +62,7 @@ class FileReport:
     skipped: Counter = field(default_factory=Counter)
     skipped_examples: list[dict] = field(default_factory=list)
     dropped_fields: Counter = field(default_factory=Counter)  # field name -> rows whose field was left out
+    empty: bool = False  # no records at all (skipped whole with --skip-invalid)
     _first_lines: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def skip(self, line: int, reason: str, message: str = "") -> None:
@@ -72,7 +73,7 @@ class FileReport:
     def to_json(self) -> dict:
         return {"path": self.path, "formats": dict(self.formats), "rows_read": self.rows_read,
                 "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples,
-                "dropped_fields": dict(sorted(self.dropped_fields.items()))}
+                "dropped_fields": dict(sorted(self.dropped_fields.items())), "empty": self.empty}
 
 
 def _validate(options: PrepareOptions) -> None:
@@ -150,7 +151,10 @@ class _Run:
                     raise
                 report.skip(item.line, "invalid_record", str(err))
         if report.rows_read == 0:
-            raise TransformError(f"{path}: no records (the file is empty or blank); remove it from the inputs")
+            if not options.skip_invalid:
+                raise TransformError(f"{path}: no records (the file is empty or blank); remove it from the inputs, "
+                                     "or pass --skip-invalid to skip it (named in the report)")
+            report.empty = True
         return report
 
     def _convert(self, record: RawRecord, report: FileReport) -> None:
@@ -208,7 +212,11 @@ def prepare(options: PrepareOptions, tokenizer: Any = None) -> dict:
     out = Path(options.output_dir)
     writer.check_output_dir(out, options.force)
     files, ignored = expand_inputs([Path(p) for p in options.inputs], exclude=out)
-    spool = writer.Spool(writer.existing_parent(out))
+    try:
+        spool = writer.Spool(writer.existing_parent(out))
+    except OSError as err:
+        raise TransformError(f"-o {out}: cannot write there ({err.strerror or err}); choose a folder you can "
+                             "write to") from None
     try:
         run = _Run(options, spool, tokenizer)
         file_reports = [run.read_file(path) for path in files]
@@ -219,13 +227,17 @@ def prepare(options: PrepareOptions, tokenizer: Any = None) -> dict:
                                  f"({_skip_summary(file_reports)}); see the reasons and fix the inputs")
         sizes = writer.split_sizes(n, options.valid_fraction, options.test_fraction)
         indices = writer.assign_splits(n, sizes, options.seed)
-        out.mkdir(parents=True, exist_ok=True)
-        for split in writer.SPLITS:
-            target = out / f"{split}.jsonl"
-            if sizes[split]:
-                writer.write_atomic(target, spool.rows(indices[split]))
-            elif target.exists():
-                target.unlink()  # a fraction of 0 this time: an old file would be mistaken for this run's
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for split in writer.SPLITS:
+                target = out / f"{split}.jsonl"
+                if sizes[split]:
+                    writer.write_atomic(target, spool.rows(indices[split]))
+                elif target.exists():
+                    target.unlink()  # a fraction of 0 this time: an old file would be mistaken for this run's
+        except OSError as err:
+            raise TransformError(f"-o {out}: cannot write there ({err.strerror or err}); choose a folder you can "
+                                 "write to") from None
     finally:
         spool.close()
     report = _report(options, file_reports, ignored, sizes, indices, run.lengths if tokenizer is not None else None)

@@ -19,6 +19,9 @@ TEXT_UNITS = ("document", "paragraph", "line")
 SNIPPET_CHARS = 60  # characters of a bad line shown in an error message
 # Encodings whose bytes cannot be split on b"\n" (a newline is several bytes there).
 _WIDE_ENCODINGS = ("utf-16", "utf-32")
+# byte-order marks of the wide encodings, the 4-byte UTF-32 ones first (UTF-32 LE starts like UTF-16 LE)
+_WIDE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+              (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class TransformError(ValueError):
@@ -100,11 +103,18 @@ def expand_inputs(paths: list[Path], exclude: Path | None = None) -> tuple[list[
     ignored: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*")
-                           if p.is_file() and not (excluded and p.resolve().is_relative_to(excluded)))
-            chosen = [p for p in found if _is_input_name(p)]
-            ignored += [p for p in found if not _is_input_name(p)]
+            everything = sorted(path.rglob("*"))
+            inside_out = [p for p in everything if p.is_file() and excluded and p.resolve().is_relative_to(excluded)]
+            found = [p for p in everything if p.is_file() and p not in inside_out]
+            # a folder's README (a dataset card) is not data; links that are broken or lead to a folder
+            # (which the search does not follow) are listed, not dropped without a word
+            chosen = [p for p in found if _is_input_name(p) and not p.name.lower().startswith("readme.")]
+            ignored += [p for p in found if p not in chosen]
+            ignored += [p for p in everything if p.is_symlink() and not p.is_file()]
             if not chosen:
+                if inside_out:
+                    raise TransformError(f"{path}: its files are inside the output folder -o {exclude}, which is "
+                                         "never read back as input; write the output to another folder")
                 raise TransformError(
                     f"{path}: the folder holds no input files ({', '.join(SUFFIXES)}, optionally .gz); "
                     "point at the data files instead"
@@ -118,6 +128,19 @@ def expand_inputs(paths: list[Path], exclude: Path | None = None) -> tuple[list[
         else:
             raise FileNotFoundError(f"{path}: no such file or folder; check the path")
     return files, ignored
+
+
+def ignored_reason(path: Path) -> str:
+    """Why `expand_inputs` left a file of a folder out (for the printed report)."""
+    if path.is_symlink() and not path.exists():
+        return "a broken link"
+    if path.is_symlink() and path.is_dir():
+        return "a link to a folder (not followed)"
+    if path.name.startswith("."):
+        return "hidden"
+    if path.name.lower().startswith("readme.") and _is_input_name(path):
+        return "a folder's README: a dataset card, not data"
+    return "not a data file type"
 
 
 def open_binary(path: Path) -> IO[bytes]:
@@ -152,6 +175,9 @@ def iter_lines(path: Path, encoding: str, skip_invalid: bool) -> Iterator[tuple[
     encoding = _check_encoding(encoding)
     try:
         with open_binary(path) as handle:
+            if encoding == "utf-8":  # the default: a UTF-16 / UTF-32 byte-order mark says otherwise (Excel's "Unicode Text")
+                head = handle.peek(4)[:4]
+                encoding = next((name for bom, name in _WIDE_BOMS if head.startswith(bom)), encoding)
             if encoding.startswith(_WIDE_ENCODINGS):
                 yield from _iter_wide_lines(path, handle, encoding)
                 return
