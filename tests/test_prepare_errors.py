@@ -214,3 +214,13 @@ def test_folders_name_what_they_leave_out_and_skip_an_empty_file_only_when_asked
     assert f"skipped (no records: the file is empty or blank): {folder / 'empty.jsonl'}" in printed
     report = json.loads((tmp_path / "out" / "transform_report.json").read_text())
     assert report["totals"]["converted"] == 25  # the UTF-16 file's 5 rows too
+
+
+def test_preference_pairs_and_sft_rows_are_not_mixed_in_one_folder(tmp_path):
+    sft = write_lines(tmp_path / "sft.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(5)])
+    pairs = write_lines(tmp_path / "pairs.jsonl", *[json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"})
+                                                    for i in range(5)])
+    code, err = run_cli(sft, pairs, "-o", tmp_path / "out")
+    assert code == 1 and err.count("\n") == 1, err
+    assert f"mix preference pairs (first at {pairs}:1:1) and SFT rows (first at {sft}:1:1)" in err
+    assert "separate folders" in err and not (tmp_path / "out").exists()

@@ -134,6 +134,7 @@ class _Run:
         # fixed within it, and a collision among a million rows has odds near 1e-8.
         self.seen: set[int] = set()
         self.lengths = array("I")
+        self.first_of_kind: dict[str, str] = {}  # "preference pairs" / "SFT rows" -> where the first was read
 
     def read_file(self, path: Path) -> FileReport:
         report = FileReport(str(path))
@@ -179,6 +180,12 @@ class _Run:
         if row is None:
             report.skip(record.line, "empty", "no reply / text to learn from")
             return
+        kind = "preference pairs" if isinstance(row, dict) and "chosen" in row else "SFT rows"
+        self.first_of_kind.setdefault(kind, record.where())
+        if len(self.first_of_kind) > 1:  # training reads one kind per folder: refuse the mix here, not there
+            pairs, rows = self.first_of_kind["preference pairs"], self.first_of_kind["SFT rows"]
+            raise TransformError(f"the inputs mix preference pairs (first at {pairs}) and SFT rows (first at {rows}); "
+                                 "a training folder holds one kind: convert them into separate folders")
         if self.options.dedupe:
             try:
                 key = hash(writer.dedupe_key(row))
