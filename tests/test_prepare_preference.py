@@ -20,6 +20,10 @@ SCORED = {"instruction": "Name a fox colour.", "completions": [
 OPENAI = {"input": {"messages": [{"role": "user", "content": "Hello"}]},
           "preferred_output": [{"role": "assistant", "content": "Hi! How can I help?"}],
           "non_preferred_output": [{"role": "assistant", "content": "What."}]}
+IMPLICIT = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},  # trl-lib/hh-rlhf
+                       {"role": "user", "content": "and you?"}, {"role": "assistant", "content": "fine, thanks"}],
+            "rejected": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello!"},
+                         {"role": "user", "content": "and you?"}, {"role": "assistant", "content": "go away"}]}
 BINARIZED = {"prompt": "Say hi", "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
              "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "no"}]}
 
@@ -42,7 +46,8 @@ def convert(tmp_path, *files, **options):
     (SCORED, {"prompt": "Name a fox colour.", "chosen": "Red.", "rejected": "Blue."}),
     (OPENAI, {"messages": [{"role": "user", "content": "Hello"}], "chosen": "Hi! How can I help?", "rejected": "What."}),
     (BINARIZED, {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}),
-], ids=["hh-rlhf", "scored", "openai-preference", "binarized"])
+    (IMPLICIT, {"messages": IMPLICIT["chosen"][:3], "chosen": "fine, thanks", "rejected": "go away"}),
+], ids=["hh-rlhf", "scored", "openai-preference", "binarized", "implicit-prompt"])
 def test_each_preference_shape_becomes_a_training_row(tmp_path, tiny_model_dir, raw, expected):
     report, written = convert(tmp_path, [raw])
     assert written == [expected]

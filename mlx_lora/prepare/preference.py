@@ -9,7 +9,9 @@ Inputs, detected per record by their keys:
 - `openai-preference`: OpenAI's preference fine-tuning JSONL, `input.messages` (and `input.tools`),
   `preferred_output` and `non_preferred_output` (lists of assistant messages);
 - `preference`: rows already in the training shape (`prompt` or `messages`, `chosen`,
-  `rejected`, as strings, messages or full conversations such as UltraFeedback-binarized's).
+  `rejected`, as strings, messages or full conversations such as UltraFeedback-binarized's), or
+  TRL's implicit-prompt pairs: `chosen` and `rejected` whole conversations whose shared first turns
+  are the prompt.
 Tools (`input.tools`, or a native row's `tools`) are kept with the row as OpenAI function specs,
 and messages keep every key (`tool_calls`, `name`, ...), as for chat rows. Pairs whose answers
 are identical raise `SkipRecord("identical")`, which the pipeline counts.
@@ -172,6 +174,21 @@ def _strip_shared(prompt: Any, answer: Any) -> Any:
     return answer
 
 
+def _implicit_prompt(chosen: Any, rejected: Any) -> int:
+    """TRL's implicit-prompt pairs (e.g. trl-lib/hh-rlhf): `chosen` and `rejected` are whole conversations
+    sharing their first turns; the number of shared messages before the answers (which start at an
+    assistant turn), or 0 when they are not such a pair."""
+    if not (isinstance(chosen, list) and isinstance(rejected, list) and chosen and rejected
+            and all(isinstance(m, dict) for m in chosen + rejected)):
+        return 0
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1].get("role") == "assistant":  # the answers start at an assistant turn
+        shared -= 1
+    return shared if shared < len(chosen) and shared < len(rejected) else 0
+
+
 def _from_native(record: RawRecord) -> tuple:
     value = record.value
     chosen, rejected = _require(record, "chosen"), _require(record, "rejected")
@@ -179,6 +196,8 @@ def _from_native(record: RawRecord) -> tuple:
         prompt = value["messages"]
     else:
         key = next((k for k in PROMPT_KEYS if k in value), None)
+        if key is None and (shared := _implicit_prompt(chosen, rejected)):
+            return chosen[:shared], chosen[shared:], rejected[shared:]
         if key is None:
             hint = next((h for h in (_did_you_mean(k, value) for k in ("prompt", "messages")) if h), "")
             raise TransformError(f"{record.where()}: missing 'prompt' (or 'messages'){hint}: the conversation the "
