@@ -85,6 +85,21 @@ def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data
     assert "does NOT fit" in plan.table()
 
 
+def test_when_only_cutting_the_sequence_fits_alone_the_combined_change_is_offered_too(tmp_path, tiny_data_dir):
+    gemma = ROOT / "configs" / "models" / "hf_config" / "gemma-2-9b-it.json"
+    path = write_config(tmp_path, gemma, tiny_data_dir)
+    overrides = ["data.max_seq_length=2048", "training.batch_size=2", "training.grad_checkpoint=false", "lora.rank=16"]
+    plan = make_plan(load_config(path, overrides), parse_memory("16GB"), "test", dequantize_path=True)
+    kinds = [o[0].split("=")[0] for o, _ in plan.suggestions]
+    assert kinds[0] == "data.max_seq_length" and "training.grad_checkpoint" in kinds, plan.table()
+    combined = next(o for o, _ in plan.suggestions if o[0].startswith("training.grad_checkpoint"))
+    cut = {o.split("=")[0]: int(o.split("=")[1]) for o in combined if o.startswith("data.")}
+    assert cut.get("data.max_seq_length", 2048) > int(plan.suggestions[0][0][0].split("=")[1])  # a smaller cut
+    for overrides_more, peak in plan.suggestions:  # each, applied, fits
+        again = make_plan(load_config(path, overrides + overrides_more), parse_memory("16GB"), "test", dequantize_path=True)
+        assert again.fits and again.peak == pytest.approx(peak)
+
+
 def test_an_uncompiled_run_is_warned_that_the_plan_does_not_cover_it(config_only_dir, tiny_data_dir, tmp_path):
     path = write_config(tmp_path, config_only_dir, tiny_data_dir)
     assert make_plan(load_config(path, []), parse_memory("32GB"), "test").warnings == []

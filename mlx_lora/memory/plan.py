@@ -206,8 +206,9 @@ def _fits(shape: ModelShape, settings: StepSettings, memory: float) -> float | N
 
 def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple[list[str], float]]:
     """The cheapest single changes that make the step fit, each as `key=value` overrides with its
-    peak; when no single change does, the cheapest ones combined (checkpointing, batch 1, then
-    shorter sequences and fewer adapted blocks)."""
+    peak; when no single change does, or only ones that cut the sequence, the adapted blocks or the
+    base's bits, also the cheapest ones combined (checkpointing, batch 1, then shorter sequences
+    and fewer adapted blocks)."""
     replace = dataclasses.replace
     found: list[tuple[list[str], float]] = []
     if float_copy_bytes(shape, s) and (peak := _fits(shape, replace(s, float_weights=False), memory)):
@@ -234,10 +235,19 @@ def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple
             found.append(([f"quantization.mode={lower[0]}", f"quantization.bits={lower[1]}"], peak))
             break
         lower = ("affine", 4) if lower[1] > 4 else None
-    if found:
+    singles_keep_the_shape = any(o[0].startswith(("training.grad_checkpoint", "training.batch_size", "training.float"))
+                                 for o, _ in found)
+    if found and (singles_keep_the_shape or s.grad_checkpoint):
         return found
-    # nothing alone is enough: checkpointing and batch 1 (same effective batch), then halve the
-    # sequence length, then the adapted blocks, until it fits
+    # nothing alone is enough, or only cutting the sequence, the adapted blocks or the base's bits
+    # is: checkpointing and batch 1 (same effective batch), then halving the sequence length, then
+    # the adapted blocks, until it fits, often a far smaller cut
+    return found + _combined(shape, s, memory)
+
+
+def _combined(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple[list[str], float]]:
+    """`suggestions`' combined change, as a one-entry list (empty when even that does not fit)."""
+    replace = dataclasses.replace
     combined = replace(s, grad_checkpoint=True, batch_size=1, float_weights=False, grad_accumulation=s.grad_accumulation * s.batch_size)
     overrides = ["training.grad_checkpoint=true", "training.batch_size=1", f"training.grad_accumulation={combined.grad_accumulation}"]
     if s.float_weights and float_copy_bytes(shape, s):
