@@ -72,6 +72,17 @@ def test_target_modules_that_match_no_layer_are_refused_and_a_partial_match_is_n
     assert any("foo_proj not among this model's projections" in w for w in json.loads(some.stdout)["warnings"])
 
 
+def test_a_macs_ram_is_planned_against_its_gpu_working_set(config_only_dir, tiny_data_dir, tmp_path):
+    from mlx_lora.memory.plan import mac_working_set
+
+    assert mac_working_set(16e9) == pytest.approx(11.84e9) and mac_working_set(128 * 2**30) == pytest.approx(107.52 * 2**30)
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    mac = json.loads(mlx_lora("plan", path, "--memory", "16GB", "--mac", "--json").stdout)
+    other = json.loads(mlx_lora("plan", path, "--memory", "16GB", "--json").stdout)
+    assert mac["memory_gb"] == pytest.approx(11.84, abs=0.01) and other["memory_gb"] == pytest.approx(16.0)
+    assert "GPU working set of a 16 GB Mac" in mac["memory_source"]
+
+
 def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data_dir, tmp_path):
     path = write_config(tmp_path, config_only_dir, tiny_data_dir)
     cfg = load_config(path, ["data.max_seq_length=4096", "training.batch_size=8", "lora.rank=16"])

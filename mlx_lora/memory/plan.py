@@ -41,6 +41,17 @@ def parse_memory(text: str) -> float:
     return float(match.group(1)) * _UNITS[unit]
 
 
+# The share of a Mac's RAM that macOS lets the GPU keep resident (Metal's recommendedMaxWorkingSetSize,
+# what MLX reports as max_recommended_working_set_size), as read on Apple Silicon Macs: 11.84 of 16 GB
+# and 17.76 of 24 GiB (74%), 107.5 of 128 GiB (84%); sizes between are given the lower share.
+MAC_WORKING_SET_SHARES = ((128 * 2**30, 0.84), (0, 0.74))  # (RAM at least, share), largest first
+
+
+def mac_working_set(ram: float) -> float:
+    """Bytes of GPU working set on a Mac with `ram` bytes of RAM (see MAC_WORKING_SET_SHARES)."""
+    return ram * next(share for least, share in MAC_WORKING_SET_SHARES if ram >= least)
+
+
 def machine_memory() -> tuple[float, str]:
     """(bytes, description) of the memory a run on this machine may use."""
     import mlx.core as mx
