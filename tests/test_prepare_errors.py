@@ -224,3 +224,13 @@ def test_preference_pairs_and_sft_rows_are_not_mixed_in_one_folder(tmp_path):
     assert code == 1 and err.count("\n") == 1, err
     assert f"mix preference pairs (first at {pairs}:1:1) and SFT rows (first at {sft}:1:1)" in err
     assert "separate folders" in err and not (tmp_path / "out").exists()
+
+
+def test_a_workbook_is_told_to_export_csv_and_an_empty_system_prompt_is_refused(tmp_path):
+    book = tmp_path / "data.xlsx"
+    book.write_bytes(b"PK\x03\x04")
+    code, err = run_cli(book, "-o", tmp_path / "out")
+    assert code == 1 and "export the sheet as CSV" in err, err
+    source = write_lines(tmp_path / "d.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(20)])
+    code, err = run_cli(source, "-o", tmp_path / "out", "--system", "")
+    assert code == 1 and "--system ''" in err, err

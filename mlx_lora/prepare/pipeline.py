@@ -87,6 +87,8 @@ def _validate(options: PrepareOptions) -> None:
                         "must stay below 1 to leave training examples")
     if options.input_format != "auto" and options.input_format not in formats.INPUT_FORMATS:
         problems.append(f"--format {options.input_format!r}: expected auto or one of {', '.join(formats.INPUT_FORMATS)}")
+    if options.system is not None and not options.system.strip():
+        problems.append("--system '': an empty system prompt would be added to every example; leave --system out")
     if options.output_format not in formats.OUTPUT_FORMATS:
         problems.append(f"--output-format {options.output_format!r}: expected one of {', '.join(formats.OUTPUT_FORMATS)}")
     if options.delimiter is not None and len(options.delimiter) != 1:

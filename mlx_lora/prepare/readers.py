@@ -78,6 +78,9 @@ def input_kind(path: Path) -> str:
     for suffix in SUFFIXES:
         if name.endswith(suffix):
             return "txt" if suffix == ".md" else suffix[1:]
+    if name.endswith((".xlsx", ".xls", ".ods", ".numbers")):
+        raise TransformError(f"{path}: a spreadsheet workbook; export the sheet as CSV (File > Save As / Export > CSV) "
+                             "and pass the .csv")
     raise TransformError(
         f"{path}: unknown file type; supported: {', '.join(SUFFIXES)} (optionally .gz); rename the file to say what it holds"
     )
