@@ -227,15 +227,21 @@ def test_client_disconnect_stops_generation(server):
         for line in response.iter_lines():
             if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
                 break  # got a token; leaving the block closes the connection
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = [h for h in engine.history if h["max_tokens"] == max_tokens]
-        if done:
-            break
-        time.sleep(0.05)
+    done = finished_with(engine, max_tokens)
     assert done and done[-1]["finish_reason"] == "cancelled"
     assert done[-1]["completion_tokens"] < max_tokens
     assert engine.running() == 0  # the batch slot is free again
+
+
+def finished_with(engine, max_tokens: int, timeout: float = 30.0) -> list[dict]:
+    """The engine's history entries of requests for `max_tokens` tokens, once there is one (or [] at the timeout)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = [h for h in engine.history if h["max_tokens"] == max_tokens]
+        if done:
+            return done
+        time.sleep(0.05)
+    return []
 
 
 def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_flow(server):
@@ -246,12 +252,7 @@ def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_
     started = time.monotonic()
     with pytest.raises(httpx.ReadTimeout):
         client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.4))
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        done = [h for h in engine.history if h["max_tokens"] == max_tokens]
-        if done:
-            break
-        time.sleep(0.05)
+    done = finished_with(engine, max_tokens)
     assert done and done[-1]["finish_reason"] == "cancelled", done
     assert done[-1]["completion_tokens"] < max_tokens
     assert engine.running() == 0 and time.monotonic() - started < 30
