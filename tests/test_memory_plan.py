@@ -83,6 +83,14 @@ def test_a_macs_ram_is_planned_against_its_gpu_working_set(config_only_dir, tiny
     assert "GPU working set of a 16 GB Mac" in mac["memory_source"]
 
 
+def test_settings_the_plan_cannot_honour_are_warned(config_only_dir, tiny_data_dir, tmp_path):
+    path = write_config(tmp_path, config_only_dir, tiny_data_dir)
+    cfg = load_config(path, ["quantization.double_quant=true", "lora.num_layers=999", "training.memory_limit=8GB"])
+    warnings = " | ".join(make_plan(cfg, parse_memory("32GB"), "test").warnings)
+    assert "double_quant applies to mode nf4 only" in warnings and "num_layers 999 is above" in warnings
+    assert "training.memory_limit 8GB" in warnings
+
+
 def test_plan_that_does_not_fit_lists_changes_that_do(config_only_dir, tiny_data_dir, tmp_path):
     path = write_config(tmp_path, config_only_dir, tiny_data_dir)
     cfg = load_config(path, ["data.max_seq_length=4096", "training.batch_size=8", "lora.rank=16"])

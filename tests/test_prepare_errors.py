@@ -234,3 +234,8 @@ def test_a_workbook_is_told_to_export_csv_and_an_empty_system_prompt_is_refused(
     source = write_lines(tmp_path / "d.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(20)])
     code, err = run_cli(source, "-o", tmp_path / "out", "--system", "")
     assert code == 1 and "--system ''" in err, err
+
+
+def test_max_seq_length_without_a_model_says_it_needs_one(tmp_path):
+    source = write_lines(tmp_path / "d.jsonl", *[GOOD.replace('"p"', f'"p{i}"') for i in range(20)])
+    assert "needs a tokenizer: add --model" in fails_with(tmp_path, source, "--max-seq-length", "256")

@@ -321,6 +321,16 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
         plan.suggestions = suggestions(shape, settings, memory)
     if not cfg.training.compile:
         plan.warnings.append(UNCOMPILED_WARNING)
+    q = cfg.quantization
+    if q.double_quant and q.mode != "nf4":
+        plan.warnings.append(f"quantization.double_quant applies to mode nf4 only; with mode {q.mode} it is ignored")
+    if cfg.lora.num_layers > shape.layers:
+        plan.warnings.append(f"lora.num_layers {cfg.lora.num_layers} is above this model's {shape.layers} blocks: "
+                             f"all {shape.layers} are adapted")
+    limit = cfg.training.memory_limit
+    if limit not in ("auto", "none") and parse_memory(limit) < memory:
+        plan.warnings.append(f"training.memory_limit {limit}: the run's guard stops any step above it, below the "
+                             f"{memory / GB:.1f} GB this plan holds the step against")
     if unknown := sorted(named - set(projections)):
         plan.warnings.append(f"lora.target_modules: {', '.join(unknown)} not among this model's projections "
                              f"({', '.join(projections)}): not counted")

@@ -144,6 +144,9 @@ def main(argv: list[str] | None = None, prog: str | None = None, stdout: TextIO 
     # process-wide limit here, in the entry point, rather than inside the library.
     csv.field_size_limit(2**31 - 1)
     try:
+        if args.max_seq_length is not None and args.model is None:
+            raise TransformError("--max-seq-length counts examples over N tokens, which needs a tokenizer: add "
+                                 "--model SOURCE (e.g. --model demo), or leave --max-seq-length out")
         options = options_from_args(args)
         tokenizer = None
         if args.model is not None:
