@@ -50,6 +50,11 @@ def _answer_row(prompt: dict, answer: Any) -> dict:
     return {"messages": [{"role": "user", "content": prompt["prompt"]}] + answer, **tools}
 
 
+def _whole(x: float) -> float | int:
+    """38.0 as 38 (a median of two token counts is printed like a count when it is one)."""
+    return int(x) if float(x).is_integer() else x
+
+
 def summarise(lengths: Sequence[int], max_seq_length: int) -> dict:
     """min / median / p95 / max token lengths and how many exceed `max_seq_length`."""
     if not lengths:
@@ -59,7 +64,7 @@ def summarise(lengths: Sequence[int], max_seq_length: int) -> dict:
     return {
         "examples": n,
         "min": ordered[0],
-        "median": ordered[(n - 1) // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2,
+        "median": ordered[(n - 1) // 2] if n % 2 else _whole((ordered[n // 2 - 1] + ordered[n // 2]) / 2),
         "p95": ordered[max(0, math.ceil(0.95 * n) - 1)],  # nearest-rank percentile: a length that occurs
         "max": ordered[-1],
         "max_seq_length": max_seq_length,
