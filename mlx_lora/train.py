@@ -324,10 +324,10 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         groups = min(len(group_fns), pairs)
         if groups < 2:
             return step_fn(inputs, previous_grad, do_update)
-        totals = mx.array([pairs, float(np.asarray(masks)[1, :pairs].sum())], dtype=mx.float32)
+        totals = mx.array([pairs, float(masks[1, :pairs].sum())], dtype=mx.float32)  # masks: collate_pairs' numpy
         parts = []
         for (stream, group_fn), rows in zip(group_fns, split_pairs(pairs, groups)):
-            group = {"tokens": mx.array(tokens[rows]), "masks": mx.array(np.asarray(masks)[:, rows]), "totals": totals}
+            group = {"tokens": mx.array(tokens[rows]), "masks": mx.array(masks[:, rows]), "totals": totals}
             if "reference" in inputs:
                 group["reference"] = inputs["reference"][mx.array(rows)]
             with mx.stream(stream):

@@ -306,11 +306,7 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
     if memory is None:
         memory, memory_source = machine_memory()
     shape = read_shape(cfg.model)
-    named = set(cfg.lora.target_modules) - {"all-linear"}
-    projections = [p.name for p in shape.projections()]
-    if named and not named & set(projections):
-        raise ValueError(f"lora.target_modules: {', '.join(sorted(named))} match no layer of this model "
-                         f"({shape.model_type}: {', '.join(projections)}); name some of those, or all-linear")
+    warnings = config_warnings(cfg, shape, memory)
     settings = settings_of(cfg, dequantize_path=dequantize_path)
     settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     if cfg.training.batch_size == "auto":
@@ -319,19 +315,30 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
     plan = Plan(cfg.model, shape, settings, components(shape, settings), memory, memory_source or "given")
     if not plan.fits:
         plan.suggestions = suggestions(shape, settings, memory)
-    if not cfg.training.compile:
-        plan.warnings.append(UNCOMPILED_WARNING)
+    plan.warnings += warnings
+    return plan
+
+
+def config_warnings(cfg, shape: ModelShape, memory: float) -> list[str]:
+    """What in `cfg` the plan cannot honour, one line each; raises ValueError when `lora.target_modules`
+    match no projection of the model at all."""
+    named = set(cfg.lora.target_modules) - {"all-linear"}
+    projections = [p.name for p in shape.projections()]
+    if named and not named & set(projections):
+        raise ValueError(f"lora.target_modules: {', '.join(sorted(named))} match no layer of this model "
+                         f"({shape.model_type}: {', '.join(projections)}); name some of those, or all-linear")
+    warnings = [] if cfg.training.compile else [UNCOMPILED_WARNING]
     q = cfg.quantization
     if q.double_quant and q.mode != "nf4":
-        plan.warnings.append(f"quantization.double_quant applies to mode nf4 only; with mode {q.mode} it is ignored")
+        warnings.append(f"quantization.double_quant applies to mode nf4 only; with mode {q.mode} it is ignored")
     if cfg.lora.num_layers > shape.layers:
-        plan.warnings.append(f"lora.num_layers {cfg.lora.num_layers} is above this model's {shape.layers} blocks: "
-                             f"all {shape.layers} are adapted")
+        warnings.append(f"lora.num_layers {cfg.lora.num_layers} is above this model's {shape.layers} blocks: "
+                        f"all {shape.layers} are adapted")
     limit = cfg.training.memory_limit
     if limit not in ("auto", "none") and parse_memory(limit) < memory:
-        plan.warnings.append(f"training.memory_limit {limit}: the run's guard stops any step above it, below the "
-                             f"{memory / GB:.1f} GB this plan holds the step against")
+        warnings.append(f"training.memory_limit {limit}: the run's guard stops any step above it, below the "
+                        f"{memory / GB:.1f} GB this plan holds the step against")
     if unknown := sorted(named - set(projections)):
-        plan.warnings.append(f"lora.target_modules: {', '.join(unknown)} not among this model's projections "
-                             f"({', '.join(projections)}): not counted")
-    return plan
+        warnings.append(f"lora.target_modules: {', '.join(unknown)} not among this model's projections "
+                        f"({', '.join(projections)}): not counted")
+    return warnings

@@ -107,12 +107,13 @@ def expand_inputs(paths: list[Path], exclude: Path | None = None) -> tuple[list[
     for path in paths:
         if path.is_dir():
             everything = sorted(path.rglob("*"))
-            inside_out = [p for p in everything if p.is_file() and excluded and p.resolve().is_relative_to(excluded)]
+            inside_out = {p for p in everything if p.is_file() and excluded and p.resolve().is_relative_to(excluded)}
             found = [p for p in everything if p.is_file() and p not in inside_out]
             # a folder's README (a dataset card) is not data; links that are broken or lead to a folder
             # (which the search does not follow) are listed, not dropped without a word
-            chosen = [p for p in found if _is_input_name(p) and not p.name.lower().startswith("readme.")]
-            ignored += [p for p in found if p not in chosen]
+            chosen = [p for p in found if _is_input_name(p) and not _is_card(p)]
+            taken = set(chosen)
+            ignored += [p for p in found if p not in taken]
             ignored += [p for p in everything if p.is_symlink() and not p.is_file()]
             if not chosen:
                 if inside_out:
@@ -133,6 +134,11 @@ def expand_inputs(paths: list[Path], exclude: Path | None = None) -> tuple[list[
     return files, ignored
 
 
+def _is_card(path: Path) -> bool:
+    """A README (README.md, readme.txt, ...): in a folder, the dataset's card, not its data."""
+    return path.name.lower().startswith("readme.")
+
+
 def ignored_reason(path: Path) -> str:
     """Why `expand_inputs` left a file of a folder out (for the printed report)."""
     if path.is_symlink() and not path.exists():
@@ -141,7 +147,7 @@ def ignored_reason(path: Path) -> str:
         return "a link to a folder (not followed)"
     if path.name.startswith("."):
         return "hidden"
-    if path.name.lower().startswith("readme.") and _is_input_name(path):
+    if _is_card(path) and _is_input_name(path):
         return "a folder's README: a dataset card, not data"
     return "not a data file type"
 

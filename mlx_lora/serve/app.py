@@ -185,6 +185,10 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
                         "them in the %s header (logged once per field)", ", ".join(new), IGNORED_HEADER)
         return {IGNORED_HEADER: ", ".join(ignored)} if ignored else {}
 
+    def unknown_model(model: str) -> APIError:
+        return APIError(404, f"model {model!r} does not exist; available: {', '.join(engine.model_names())}",
+                        "model", "model_not_found")
+
     def check_key(request: Request) -> None:
         if limits.api_key is None:
             return
@@ -206,8 +210,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
              dependencies=[Depends(check_key)])
     async def model_card(model: str):
         if model not in engine.model_names():
-            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(engine.model_names())}",
-                           "model", "model_not_found")
+            raise unknown_model(model)
         return ModelCard(id=model, created=engine.created, owned_by="mlx-lora")
 
     @app.post("/v1/adapters", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=[Depends(check_key)])
@@ -235,8 +238,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     def common(body, max_tokens: int | None) -> GenerationRequest:
         model = body.model or engine.default_model
         if model not in engine.model_names():
-            raise APIError(404, f"model {model!r} does not exist; available: {', '.join(engine.model_names())}",
-                           "model", "model_not_found")
+            raise unknown_model(model)
         stops = body.stop_list()
         if len(stops) > MAX_STOP_SEQUENCES:
             raise APIError(400, f"stop: at most {MAX_STOP_SEQUENCES} sequences", "stop", "invalid_value")
