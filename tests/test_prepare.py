@@ -132,6 +132,16 @@ def test_json_array_and_object_holding_one_list(tmp_path, wrap):
     assert same_rows(rows, [{"prompt": f"I{i}", "completion": f"O{i}"} for i in range(3)])
 
 
+@pytest.mark.parametrize("record", [{"instruction": "I", "output": "O"},
+                                    {"messages": [{"role": "user", "content": "I"}, {"role": "assistant", "content": "O"}]}])
+def test_json_file_holding_one_record(tmp_path, record):
+    # one example saved on its own: the object is the record, and a chat's `messages` are its turns, not records
+    source = tmp_path / "one.json"
+    source.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    rows = convert_all(tmp_path, source, "--output-format", "completions")
+    assert same_rows(rows, [{"prompt": "I", "completion": "O"}])
+
+
 def test_text_folder_documents_and_paragraphs(tmp_path):
     folder = tmp_path / "docs"
     (folder / "sub").mkdir(parents=True)

@@ -106,3 +106,15 @@ def test_json_fields_match_the_key_options_as_spelled(tmp_path):
     code, _, err = run_cli(source, "-o", tmp_path / "o", "--prompt-key", "question", "--completion-key", "answer")
     assert code == 1
     assert "JSON field names match exactly: the record has 'Question', not 'question'" in err
+
+
+def test_an_unclosed_quote_is_named_where_it_opens_and_skipping_it_keeps_the_rows_after(tmp_path):
+    source = tmp_path / "q.csv"
+    source.write_text('question,answer\nhi,there\nsay,"a ""quoted"" word"\n"stray,quote\nok,fine\nlast,one\n')
+    code, _, err = run_cli(source, "-o", tmp_path / "out", "--prompt-key", "question", "--completion-key", "answer")
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "q.csv:4:1: a quoted field opens here and is never closed" in err  # where it opens, not the file's end
+    got = pairs(tmp_path, source, "--prompt-key", "question", "--completion-key", "answer", "--skip-invalid")
+    assert got == {("hi", "there"), ("say", 'a "quoted" word'), ("ok", "fine"), ("last", "one")}
+    report = json.loads((tmp_path / "out" / "transform_report.json").read_text())
+    assert "invalid_csv" in json.dumps(report) and "q.csv:4:1" in json.dumps(report)

@@ -201,6 +201,7 @@ def test_folders_name_what_they_leave_out_and_skip_an_empty_file_only_when_asked
     (folder / "README.md").write_text("# A dataset card\n\nNot data.\n")
     os.symlink(tmp_path / "nowhere.jsonl", folder / "broken.jsonl")
     (folder / "empty.jsonl").write_text("")
+    (folder / "header.csv").write_text("prompt,completion\n\n")  # a spreadsheet exported before any row was typed
     # a UTF-16 file with its byte-order mark, as Excel's "Unicode Text" saves it, read without --encoding
     (folder / "wide.jsonl").write_bytes(codecs.BOM_UTF16_LE + "".join(
         GOOD.replace('"p"', f'"w{i}"') + "\n" for i in range(5)).encode("utf-16-le"))
@@ -212,6 +213,7 @@ def test_folders_name_what_they_leave_out_and_skip_an_empty_file_only_when_asked
     assert f"ignored (a folder's README: a dataset card, not data): {folder / 'README.md'}" in printed
     assert f"ignored (a broken link): {folder / 'broken.jsonl'}" in printed
     assert f"skipped (no records: the file is empty or blank): {folder / 'empty.jsonl'}" in printed
+    assert f"skipped (no records: a header row (prompt,completion) and no data rows): {folder / 'header.csv'}" in printed
     report = json.loads((tmp_path / "out" / "transform_report.json").read_text())
     assert report["totals"]["converted"] == 25  # the UTF-16 file's 5 rows too
 

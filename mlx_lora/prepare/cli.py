@@ -122,7 +122,7 @@ def format_report(report: dict, out_dir: Path) -> str:
         lines.append(f"ignored ({ignored_reason(Path(path))}): {path}")
     for r in report["inputs"]:
         if r.get("empty"):
-            lines.append(f"skipped (no records: the file is empty or blank): {r['path']}")
+            lines.append(f"skipped (no records: {r.get('empty_reason') or 'the file is empty or blank'}): {r['path']}")
     sizes = report["splits"]
     lines.append(f"wrote {out_dir}: " + ", ".join(f"{k}.jsonl {v}" for k, v in sizes.items() if v)
                  + f" (report: {out_dir / REPORT_NAME})")

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 from . import formats, stats, writer
 from .preference import SkipRecord
 from .readers import RawRecord, Skipped, TransformError, expand_inputs, input_kind, read_json, read_jsonl, read_text
-from .tables import read_csv
+from .tables import header_row, read_csv
 
 REPORT_NAME = "transform_report.json"
 MAX_SKIP_EXAMPLES = 20  # skipped records quoted in the report per file; the counts cover all of them
@@ -63,6 +63,7 @@ class FileReport:
     skipped_examples: list[dict] = field(default_factory=list)
     dropped_fields: Counter = field(default_factory=Counter)  # field name -> rows whose field was left out
     empty: bool = False  # no records at all (skipped whole with --skip-invalid)
+    empty_reason: str = ""  # why: "the file is empty or blank", or a table with a header row only
     _first_lines: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def skip(self, line: int, reason: str, message: str = "") -> None:
@@ -73,7 +74,8 @@ class FileReport:
     def to_json(self) -> dict:
         return {"path": self.path, "formats": dict(self.formats), "rows_read": self.rows_read,
                 "converted": self.converted, "skipped": dict(self.skipped), "skipped_examples": self.skipped_examples,
-                "dropped_fields": dict(sorted(self.dropped_fields.items())), "empty": self.empty}
+                "dropped_fields": dict(sorted(self.dropped_fields.items())), "empty": self.empty,
+                **({"empty_reason": self.empty_reason} if self.empty else {})}
 
 
 def _validate(options: PrepareOptions) -> None:
@@ -154,10 +156,12 @@ class _Run:
                     raise
                 report.skip(item.line, "invalid_record", str(err))
         if report.rows_read == 0:
+            header = header_row(path, options.encoding) if input_kind(path) in ("csv", "tsv") else None
+            reason = f"a header row ({header}) and no data rows" if header else "the file is empty or blank"
             if not options.skip_invalid:
-                raise TransformError(f"{path}: no records (the file is empty or blank); remove it from the inputs, "
+                raise TransformError(f"{path}: no records ({reason}); remove it from the inputs, "
                                      "or pass --skip-invalid to skip it (named in the report)")
-            report.empty = True
+            report.empty, report.empty_reason = True, reason
         return report
 
     def _convert(self, record: RawRecord, report: FileReport) -> None:

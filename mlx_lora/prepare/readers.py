@@ -309,8 +309,13 @@ def _array_items(path: Path, text: str, pos: int, decoder: json.JSONDecoder) -> 
         raise _json_error(path, text, err)
 
 
+# Lists that belong to one record (a chat's turns, a pair's answers, its tools), not a list of records.
+RECORD_LISTS = frozenset({"messages", "conversations", "chosen", "rejected", "tools"})
+
+
 def read_json(path: Path, encoding: str, skip_invalid: bool) -> Iterator[RawRecord | Skipped]:
-    """The elements of a top-level array, or of the one list inside a top-level object.
+    """The elements of a top-level array, or of the one list inside a top-level object, or the
+    object itself when it is one record (it holds no list, or a list of `RECORD_LISTS`).
 
     A .json file is parsed whole (it is one value); JSONL is the format for huge datasets.
     """
@@ -334,6 +339,10 @@ def read_json(path: Path, encoding: str, skip_invalid: bool) -> Iterator[RawReco
                 raise TransformError(f"{path}:1:{start + 1}: the file holds a single {type(whole).__name__}; "
                                      "expected an array of records or an object holding one list of records")
             lists = [key for key, value in whole.items() if isinstance(value, list)]
+            if not lists or RECORD_LISTS.intersection(lists):
+                # one record saved on its own: {"prompt": ..., "completion": ...} or {"messages": [...]}
+                yield RawRecord(path, *_position(text, start, [0]), whole)
+                return
             if len(lists) != 1:
                 found = f"{len(lists)} lists ({', '.join(map(repr, lists))})" if lists else "no list"
                 raise TransformError(f"{path}: the top-level object holds {found}; it must hold exactly one list "

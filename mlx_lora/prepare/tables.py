@@ -92,6 +92,15 @@ def _sample(path: Path, encoding: str) -> str:
     return "".join(parts)
 
 
+def header_row(path: Path, encoding: str, limit: int = 80) -> str | None:
+    """The first non-blank line of a table file, cut to `limit` characters, or None (for messages)."""
+    for item in iter_lines(path, encoding, skip_invalid=True):
+        if not isinstance(item, Skipped) and item[1].strip():
+            text = item[1].strip()
+            return text if len(text) <= limit else text[: limit - 3] + "..."
+    return None
+
+
 def _field_position(lines: list[tuple[int, str]], delimiter: str, index: int) -> tuple[int, int]:
     """(line, column) where field `index` (0-based) of a CSV record spread over `lines` starts;
     the record's end when it has fewer fields."""
@@ -106,6 +115,24 @@ def _field_position(lines: list[tuple[int, str]], delimiter: str, index: int) ->
                     return number, col + 1
     number, text = lines[-1] if lines else (1, "")
     return number, len(text.rstrip("\r\n")) + 1
+
+
+def _unclosed_quote(lines: list[tuple[int, str]], delimiter: str) -> tuple[int, int] | None:
+    """(line, column) of the quote that opens a quoted field and is still open at the end of `lines`
+    (one CSV record as the reader consumed it), or None when every quoted field is closed."""
+    opened, quoted, field_start, just_closed = None, False, True, False
+    for number, text in lines:
+        for col, char in enumerate(text, 1):
+            if quoted:
+                if char == '"':
+                    quoted, just_closed = False, True
+            elif char == '"' and (field_start or just_closed):  # a field's opening quote, or a doubled ""
+                if field_start:
+                    opened = (number, col)
+                quoted, field_start, just_closed = True, False, False
+            else:
+                field_start, just_closed = char in (delimiter, "\n", "\r"), False
+    return opened if quoted else None
 
 
 def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | None = None,
@@ -124,9 +151,14 @@ def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | Non
     dialect += ", quote '\"'"
     fix_dialect = "pass --delimiter to read it otherwise" if "detected" in dialect else "check --delimiter"
     numbered: list[tuple[int, str]] = []
+    replay: list[tuple[int, str]] = []  # lines to read again after an unclosed quote (--skip-invalid)
+    source = iter(iter_lines(path, encoding, skip_invalid))
 
     def lines() -> Iterator[str]:
-        for item in iter_lines(path, encoding, skip_invalid):
+        while True:
+            item = replay.pop(0) if replay else next(source, None)
+            if item is None:
+                return
             if isinstance(item, Skipped):
                 skipped.append(item)
                 continue
@@ -144,9 +176,23 @@ def read_csv(path: Path, encoding: str, skip_invalid: bool, delimiter: str | Non
         except StopIteration:
             break
         except csv.Error as err:
-            line = numbered[-1][0] if numbered else 1
-            message = (f"{path}:{line}:1: bad CSV ({err}) reading it with {dialect}; fields holding quotes, the "
-                       f"delimiter or newlines must be quoted; {fix_dialect}")
+            record_lines = numbered[consumed:]
+            opened = _unclosed_quote(record_lines, delimiter) if "end of data" in str(err) else None
+            if opened is not None:
+                # The reader ran to the end of the file inside a quoted field: name where it opened,
+                # and when skipping, skip that record's first line only and read on after it.
+                line, col = opened
+                message = (f"{path}:{line}:{col}: a quoted field opens here and is never closed (the rest of the file, "
+                           f"{len(record_lines)} line(s), would be one field), reading it with {dialect}; close the "
+                           "quote, double a quote inside a quoted field (\"\"), or drop the stray quote")
+                if skip_invalid and header is not None:
+                    replay[:0] = record_lines[1:]
+                    del numbered[consumed:]
+                    reader = csv.reader(lines(), delimiter=delimiter, strict=True)
+            else:
+                line, col = (numbered[-1][0] if numbered else 1), 1
+                message = (f"{path}:{line}:{col}: bad CSV ({err}) reading it with {dialect}; fields holding quotes, the "
+                           f"delimiter or newlines must be quoted; {fix_dialect}")
             if not skip_invalid or header is None:
                 raise TransformError(message) from None
             yield Skipped(path, line, "invalid_csv", message)
