@@ -12,6 +12,9 @@ hits all of them alike, and prints the median seconds per step and the ratio to 
                  head and loss (current minus this is the LoRA products' cost)
   packed         the same examples per step packed into fewer rows (`packing.pack_batch`, rows of
                  up to data.max_seq_length tokens, block-diagonal causal attention)
+  fused          kept-float with each block's q/k/v and gate/up frozen products as one product
+                 each (their float copies concatenated; the outputs sliced apart), the lever
+                 "larger effective matmuls" of issue 11: compare it with kept-float
 
     python bench/profile_step.py [--steps 6] [--rounds 3]
 """
@@ -27,6 +30,68 @@ from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+class FusedProducts:
+    """One frozen product for layers that read the same input (q/k/v, gate/up), sliced apart.
+
+    The first layer of the group computes x @ [W_1; W_2; ...].T and keeps it with x; the others,
+    called next with the same x (as mlx-lm's attention and MLP call them), take their columns.
+    Any other call falls back to the layer's own product.
+    """
+
+    def __init__(self, layers, kept_key):
+        import mlx.core as mx
+
+        weights = [layer.__dict__[kept_key] for layer in layers]
+        self.weight = mx.concatenate(weights)
+        self.bounds = [0]
+        for weight in weights:
+            self.bounds.append(self.bounds[-1] + weight.shape[0])
+        self.last = None
+        self.shared = 0  # products served from the group's one product (the check counts them)
+        mx.eval(self.weight)
+
+    def product(self, index, x, fallback):
+        import mlx.core as mx
+
+        if index == 0:
+            self.last = (x, x.astype(mx.float32) @ self.weight.T)
+        elif self.last is None or self.last[0] is not x:
+            return fallback()
+        self.shared += index > 0
+        out = self.last[1][..., self.bounds[index]:self.bounds[index + 1]]
+        if index == len(self.bounds) - 2:
+            self.last = None
+        return out.astype(x.dtype)
+
+
+def fuse_frozen_products(model):
+    """Give each block's q/k/v and gate/up bases (float copies kept, no biases) a FusedProducts; returns a switch."""
+    from mlx_lora import lora
+    from mlx_lora.frozen_matmul import KEPT
+
+    groups = []
+    for block in model.layers:
+        for parent, names in ((block.self_attn, ("q_proj", "k_proj", "v_proj")), (block.mlp, ("gate_proj", "up_proj"))):
+            bases = [getattr(getattr(parent, name), "linear", getattr(parent, name)) for name in names]
+            if all(KEPT in base.__dict__ and "bias" not in base for base in bases):
+                group = FusedProducts(bases, KEPT)
+                groups.append(group)
+                for index, base in enumerate(bases):
+                    object.__setattr__(base, "_fused", (group, index))
+    plain = lora.frozen_linear
+
+    def fused(layer, x):
+        entry = layer.__dict__.get("_fused")
+        if entry is None:
+            return plain(layer, x)
+        return entry[0].product(entry[1], x, lambda: plain(layer, x))
+
+    def switch(on):
+        lora.frozen_linear = fused if on else plain
+    switch.groups = groups
+    return switch
 
 
 def main() -> None:
@@ -98,19 +163,35 @@ def main() -> None:
 
     variants = {"current": make_step(batch_loss), "full-head": make_step(full_head),
                 "kept-float": make_step(batch_loss), "no-lora": make_step(frozen_only),
-                "packed": make_step(batch_loss)}
+                "packed": make_step(batch_loss), "fused": make_step(batch_loss)}
     variants = {name: variants[name] for name in args.variants.split(",")}
     batches = make_batches(train, cfg.training.batch_size)
     chosen = [batches[i] for i in epoch_order(len(batches), 0, 0)[: args.steps]]
     unpacked = [collate(train, indices)[:2] for indices in chosen]
     packed = [pack_batch(train, indices, cfg.data.max_seq_length)[:3] for indices in chosen]
     print(f"rows x width per step: unpacked {[t.shape for t, _ in unpacked]}, packed {[t.shape for t, _, _ in packed]}")
+    switch_fused = None
+    if "fused" in variants:
+        with float_weights_kept(model):
+            switch_fused = fuse_frozen_products(model)  # groups hold their own concatenated copies
+            tokens, mask = unpacked[0]
+            tokens, mask, positions, weights = map(mx.array, (tokens, mask, *target_positions(mask)))
+            losses = []
+            for on in (False, True):  # the same loss both ways, or the variant measures something else
+                switch_fused(on)
+                losses.append(batch_loss(model, tokens, mask, positions, weights)[0].item())
+            switch_fused(False)
+            shared = sum(group.shared for group in switch_fused.groups)
+            print(f"fused check: loss {losses[0]:.6f} plain, {losses[1]:.6f} fused ({len(switch_fused.groups)} groups, "
+                  f"{shared} products taken from a shared one)")
     times = {name: [] for name in variants}
     for round_index in range(args.rounds + 1):  # the first round compiles and is not counted
         for name, step in variants.items():
-            kept = float_weights_kept(model) if name == "kept-float" else None
+            kept = float_weights_kept(model) if name in ("kept-float", "fused") else None
             if kept:
                 kept.__enter__()
+            if switch_fused:
+                switch_fused(name == "fused")
             start = time.perf_counter()
             for tokens, mask, *segments in (packed if name == "packed" else unpacked):
                 positions, weights = target_positions(mask)
@@ -121,11 +202,12 @@ def main() -> None:
             if round_index:
                 times[name].append(seconds)
             print(f"round {round_index} {name}: {seconds:.2f} s/step", flush=True)
-    base = statistics.median(times["current"])
+    reference = "current" if "current" in times else next(iter(times))
+    base = statistics.median(times[reference])
     print(f"demo step, batch {cfg.training.batch_size}, {args.steps} steps x {args.rounds} rounds (median s/step):")
     for name, values in times.items():
         median = statistics.median(values)
-        print(f"  {name:12s} {median:6.2f} s/step  {median / base:5.2f}x current  (min {min(values):.2f}, max {max(values):.2f})")
+        print(f"  {name:12s} {median:6.2f} s/step  {median / base:5.2f}x {reference}  (min {min(values):.2f}, max {max(values):.2f})")
 
 
 if __name__ == "__main__":

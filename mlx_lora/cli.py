@@ -118,15 +118,18 @@ def cmd_plan(args) -> int:
     import json
 
     from .config import load_config
-    from .memory.plan import mac_working_set, make_plan, parse_memory
+    from .memory.plan import mac_ram, mac_working_set, make_plan, parse_memory
 
     memory = parse_memory(args.memory) if args.memory is not None else None
+    if args.mac and memory is None and sys.platform != "darwin":
+        raise ValueError("--mac plans for a Mac of the size --memory gives (its RAM, e.g. --memory 32GB); add it")
     path, overrides = _split_config_and_overrides(args.items)
-    cfg = load_config(path or _default_config(), overrides)
+    cfg = load_config(path or _default_config(), overrides, need_data=False)
     source = f"--memory {args.memory}" if memory else None
     if memory and args.mac:  # a Mac of that much RAM: its GPU may keep only part of it resident
-        ram, memory = memory, mac_working_set(memory)
-        source = f"the GPU working set of a {ram / 1e9:.0f} GB Mac, {memory / ram:.0%} of its RAM: --memory {args.memory} --mac"
+        ram, memory = mac_ram(memory), mac_working_set(mac_ram(memory))
+        source = (f"the GPU working set of a {ram / 2**30:.3g} GB Mac, {memory / ram:.0%} of its RAM: "
+                  f"--memory {args.memory} --mac")
     if memory is None:  # a training.memory_limit below this machine's memory is what the run may use
         from .run import planned_memory
 

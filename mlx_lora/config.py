@@ -301,7 +301,7 @@ def _build(cls, data: Any, prefix: str, problems: list[str]):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        problems.append(f"{prefix or 'top level'}: expected a mapping of keys, got {data!r}")
+        problems.append(f"{prefix.rstrip('.') or 'top level'}: expected a mapping of keys, got {data!r}")
         data = {}
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -342,6 +342,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError([f"override {text!r}: expected key.path=value, e.g. training.iters=50"], "command line")
     key, raw = text.split("=", 1)
+    if not key.strip() or any(not part.strip() for part in key.split(".")):
+        raise ConfigError([f"override {text!r}: the key {key.strip()!r} is empty or has an empty part; expected "
+                           "key.path=value, e.g. training.iters=50"], "command line")
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
@@ -407,8 +410,10 @@ def _where(node) -> str:
     return f"{text} (line {node.start_mark.line + 1})"
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML config, apply `key.path=value` overrides, resolve data.path, validate."""
+def load_config(path: str | Path | None, overrides: list[str] = (), need_data: bool = True) -> Config:
+    """Load a YAML config, apply `key.path=value` overrides, resolve data.path, validate.
+
+    `need_data=False` (for commands that read no data, such as `plan`) lets data.path be left out."""
     data: dict = {}
     base_dir = Path.cwd()
     source = "command line"
@@ -430,6 +435,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
         data = loaded or {}
         base_dir = path.resolve().parent
     data = apply_overrides(data, list(overrides))
+    section = data.get("data")
+    if not need_data and (section is None or (isinstance(section, dict) and section.get("path") is None)):
+        data["data"] = {**(section or {}), "path": "."}  # never read
     try:
         cfg = config_from_dict(data, source)
     except ConfigError as err:  # say which problems the command line's key=value gave

@@ -25,14 +25,14 @@ MARKER = "# Memory (tools/plan_configs.py):"
 
 def figure(config_path: Path) -> str:
     from mlx_lora.config import load_config
-    from mlx_lora.memory.plan import mac_working_set, make_plan, parse_memory
+    from mlx_lora.memory.plan import mac_ram, mac_working_set, make_plan, parse_memory
 
     named = re.search(r"hf_config/(\S+\.json)", config_path.read_text())  # the config's own comment names it
     shape_file = config_path.parent / "hf_config" / (named.group(1) if named else f"{config_path.stem}.json")
     if not shape_file.is_file():
         raise FileNotFoundError(f"{config_path}: no {shape_file} to size the model from")
     cfg = load_config(config_path, [f"model={shape_file}"])
-    plan = make_plan(cfg, mac_working_set(parse_memory("32GB")), "a 32 GB Mac's GPU working set", dequantize_path=False)
+    plan = make_plan(cfg, mac_working_set(mac_ram(parse_memory("32GB"))), "a 32 GB Mac's GPU working set", dequantize_path=False)
     s = plan.settings
     verdict = "fits" if plan.fits else "does NOT fit"
     return (f"{MARKER} predicted peak {plan.peak / 1e9:.1f} GB on a 32 GB Mac ({verdict}; batch {s.batch_size} x "

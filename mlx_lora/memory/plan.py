@@ -42,9 +42,19 @@ def parse_memory(text: str) -> float:
 
 
 # The share of a Mac's RAM that macOS lets the GPU keep resident (Metal's recommendedMaxWorkingSetSize,
-# what MLX reports as max_recommended_working_set_size), as read on Apple Silicon Macs: 11.84 of 16 GB
-# and 17.76 of 24 GiB (74%), 107.5 of 128 GiB (84%); sizes between are given the lower share.
-MAC_WORKING_SET_SHARES = ((128 * 2**30, 0.84), (0, 0.74))  # (RAM at least, share), largest first
+# what MLX reports as max_recommended_working_set_size). Readings published with the chip and RAM:
+# 10.67 of 16 GiB (M4, macOS 15.6) and 21.33 of 32 GiB (M2 Max), 2/3; 24 of 32 GiB (M4, 2026), 3/4;
+# 107.52 of 128 GiB (M5 Max, two machines), 0.84; 208 of 256 GiB (M3 Ultra), 0.81. Each class gets
+# the lowest share read for it, so a plan that fits there fits on every Mac of that size; on a Mac
+# itself `machine_memory` reads the real value.
+MAC_WORKING_SET_SHARES = ((128 * 2**30, 0.81), (0, 2 / 3))  # (RAM at least, share), largest first
+
+
+def mac_ram(size: float) -> float:
+    """Bytes of RAM of the Mac sold as `size` (from `parse_memory`): Macs are sold in GiB called GB,
+    so a whole number of decimal GB (32GB: 32e9) means that many GiB; other sizes are taken as given."""
+    gigabytes = size / 1e9
+    return round(gigabytes) * 2**30 if gigabytes >= 1 and abs(gigabytes - round(gigabytes)) < 1e-9 else size
 
 
 def mac_working_set(ram: float) -> float:
@@ -130,6 +140,7 @@ class Plan:
     memory_source: str
     suggestions: list[tuple[list[str], float]] = field(default_factory=list)  # (overrides, predicted peak)
     warnings: list[str] = field(default_factory=list)  # settings the prediction does not cover
+    notes: list[str] = field(default_factory=list)  # what the plan chose or assumed, and why
 
     @property
     def peak(self) -> float:
@@ -150,6 +161,7 @@ class Plan:
             "trainable_parameters": lora_parameters(self.shape, s),
             "suggestions": [{"overrides": o, "peak_gb": round(p / GB, 3)} for o, p in self.suggestions],
             "warnings": list(self.warnings),
+            "notes": list(self.notes),
         }
 
     def _path(self) -> str:
@@ -202,79 +214,114 @@ class Plan:
         lines.append(f"  {'predicted peak':20s} {self.peak / GB:8.2f} GB: {verdict} in {self.memory / GB:.1f} GB "
                      f"({self.memory_source}){tight}")
         if self.suggestions:
-            lines.append("  changes that make it fit (predicted peak):")
+            lines.append(f"  changes that bring it under {SAFETY_MARGIN:.0%} of the memory (predicted peak):")
             lines += [f"    {' '.join(o):58s} {p / GB:6.2f} GB" for o, p in self.suggestions]
         elif not self.fits:
             lines.append("  no change tried here makes it fit; use a smaller model or a machine with more memory")
+        lines += [f"  note: {n}" for n in self.notes]
         lines += [f"  warning: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
-def _fits(shape: ModelShape, settings: StepSettings, memory: float) -> float | None:
-    peak = predict(shape, settings)
-    return peak if peak <= memory else None
+def _shorter_lengths(length: int, lowest: int = 128) -> list[int]:
+    """Round sequence lengths below `length`, longest first: the powers of two from `lowest` up."""
+    found, value = [], lowest
+    while value < length:
+        found.append(value)
+        value *= 2
+    return found[::-1]
 
 
-def suggestions(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple[list[str], float]]:
-    """The cheapest single changes that make the step fit, each as `key=value` overrides with its
-    peak; when no single change does, or only ones that cut the sequence, the adapted blocks or the
-    base's bits, also the cheapest ones combined (checkpointing, batch 1, then shorter sequences
-    and fewer adapted blocks)."""
-    replace = dataclasses.replace
+def suggestions(cfg, shape: ModelShape, s: StepSettings, memory: float,
+                dequantize_path: bool | None = None) -> list[tuple[list[str], float]]:
+    """The cheapest single changes that bring the step under SAFETY_MARGIN x `memory` (the share
+    `batch_size: auto` and the guard keep), each as `key=value` overrides with its peak; when no
+    single change does, or only ones that cut the sequence, the adapted blocks or the base's bits,
+    also the cheapest ones combined (float copies dropped, checkpointing, batch 1 with the same
+    examples per optimizer step, a 4-bit base, then shorter sequences and fewer adapted blocks).
+
+    Each peak is the plan of `cfg` with those overrides (`planned_settings`), so applying a
+    suggestion and planning again prints the same figure.
+    """
+    from ..config import ConfigError, apply_overrides, config_from_dict, config_to_dict
+
+    target = SAFETY_MARGIN * memory
+    data = config_to_dict(cfg)
+
+    def fitting(overrides: list[str]) -> float | None:
+        try:
+            changed = config_from_dict(apply_overrides(data, overrides))
+        except ConfigError:
+            return None
+        peak = predict(shape, planned_settings(changed, shape, memory, dequantize_path))
+        return peak if peak <= target else None
+
     found: list[tuple[list[str], float]] = []
-    if float_copy_bytes(shape, s) and (peak := _fits(shape, replace(s, float_weights=False), memory)):
-        found.append((["training.float_weights=quantized"], peak))
-    if not s.grad_checkpoint and (peak := _fits(shape, replace(s, grad_checkpoint=True), memory)):
-        found.append((["training.grad_checkpoint=true"], peak))
+
+    def offer(overrides: list[str]) -> bool:
+        peak = fitting(overrides)
+        if peak is not None:
+            found.append((overrides, peak))
+        return peak is not None
+
+    copies = bool(float_copy_bytes(shape, s))
+    if copies:
+        offer(["training.float_weights=quantized"])
+    if not s.grad_checkpoint:
+        offer(["training.grad_checkpoint=true"])
     batch = s.batch_size // 2
     while batch >= 1:  # smaller micro-batch, same examples per optimizer step
-        accumulation = s.grad_accumulation * s.batch_size // batch
-        if peak := _fits(shape, replace(s, batch_size=batch, grad_accumulation=accumulation), memory):
-            found.append(([f"training.batch_size={batch}", f"training.grad_accumulation={accumulation}"], peak))
+        if offer(_smaller_batch(s, batch)):
             break
         batch //= 2
-    for key, field_name, lowest in (("data.max_seq_length", "seq_length", 128), ("lora.num_layers", "num_layers", 1)):
-        value = (s.seq_length if field_name == "seq_length" else adapted_blocks(shape, s)) // 2
-        while value >= lowest:
-            if peak := _fits(shape, replace(s, **{field_name: value}), memory):
-                found.append(([f"{key}={value}"], peak))
-                break
-            value //= 2
-    lower = {"none": ("affine", 8), "affine": ("affine", 4) if s.bits > 4 else None, "nf4": None}.get(s.mode)
-    while lower:
-        if peak := _fits(shape, replace(s, mode=lower[0], bits=lower[1]), memory):
-            found.append(([f"quantization.mode={lower[0]}", f"quantization.bits={lower[1]}"], peak))
+    for length in _shorter_lengths(s.seq_length):
+        if offer([f"data.max_seq_length={length}"]):
             break
-        lower = ("affine", 4) if lower[1] > 4 else None
+    blocks = adapted_blocks(shape, s) // 2
+    while blocks >= 1:
+        if offer([f"lora.num_layers={blocks}"]):
+            break
+        blocks //= 2
+    for overrides in _lower_bits(shape, s):
+        if offer(overrides):
+            break
     singles_keep_the_shape = any(o[0].startswith(("training.grad_checkpoint", "training.batch_size", "training.float"))
                                  for o, _ in found)
     if found and (singles_keep_the_shape or s.grad_checkpoint):
         return found
     # nothing alone is enough, or only cutting the sequence, the adapted blocks or the base's bits
-    # is: checkpointing and batch 1 (same effective batch), then halving the sequence length, then
-    # the adapted blocks, until it fits, often a far smaller cut
-    return found + _combined(shape, s, memory)
+    # is: the changes that keep the data and the model first, then shorter sequences, then fewer
+    # adapted blocks, until it fits (often a far smaller cut than any alone)
+    combined = (["training.float_weights=quantized"] if copies else []) \
+        + ([] if s.grad_checkpoint else ["training.grad_checkpoint=true"]) \
+        + (_smaller_batch(s, 1) if s.batch_size > 1 else [])
+    steps = [[]] + _lower_bits(shape, s)[-1:]  # then a 4-bit base, when the base is held wider
+    steps += [[f"data.max_seq_length={length}"] for length in _shorter_lengths(s.seq_length)]
+    blocks = adapted_blocks(shape, s) // 2
+    while blocks >= 1:
+        steps.append([f"lora.num_layers={blocks}"])
+        blocks //= 2
+    for step in steps:
+        combined = [o for o in combined if o.split("=")[0] not in {k.split("=")[0] for k in step}] + step
+        if (peak := fitting(combined)) is not None:
+            if combined not in [o for o, _ in found]:
+                found.append((combined, peak))
+            break
+    return found
 
 
-def _combined(shape: ModelShape, s: StepSettings, memory: float) -> list[tuple[list[str], float]]:
-    """`suggestions`' combined change, as a one-entry list (empty when even that does not fit)."""
-    replace = dataclasses.replace
-    combined = replace(s, grad_checkpoint=True, batch_size=1, float_weights=False, grad_accumulation=s.grad_accumulation * s.batch_size)
-    overrides = ["training.grad_checkpoint=true", "training.batch_size=1", f"training.grad_accumulation={combined.grad_accumulation}"]
-    if s.float_weights and float_copy_bytes(shape, s):
-        overrides.append("training.float_weights=quantized")
-    for field_name, key, lowest in (("seq_length", "data.max_seq_length", 128), ("num_layers", "lora.num_layers", 1)):
-        value = combined.seq_length if field_name == "seq_length" else adapted_blocks(shape, combined)
-        changed = False
-        while predict(shape, combined) > memory and value // 2 >= lowest:
-            value //= 2
-            combined = replace(combined, **{field_name: value})
-            changed = True
-        if changed:
-            overrides.append(f"{key}={value}")
-        if predict(shape, combined) <= memory:
-            return [(overrides, predict(shape, combined))]
-    return []
+def _smaller_batch(s: StepSettings, batch: int) -> list[str]:
+    """Overrides for micro-batch `batch` with the same examples (pairs) per optimizer step."""
+    return [f"training.batch_size={batch}", f"training.grad_accumulation={s.grad_accumulation * s.batch_size // batch}"]
+
+
+def _lower_bits(shape: ModelShape, s: StepSettings) -> list[list[str]]:
+    """Overrides for a narrower base than the run's, widest first (8-bit, then 4-bit): none for
+    nf4, a 4-bit base, or a checkpoint that holds its own quantized weights (GGUF, MLX-quantized)."""
+    if shape.gguf_tensors is not None or shape.source_bits or s.mode == "nf4" or (s.mode == "affine" and s.bits == 4):
+        return []
+    options = [] if s.mode == "affine" else [["quantization.mode=affine", "quantization.bits=8"]]
+    return options + [["quantization.mode=affine", "quantization.bits=4"]]
 
 
 def auto_batch(shape: ModelShape, s: StepSettings, memory: float, effective: int | None,
@@ -307,16 +354,45 @@ def make_plan(cfg, memory: float | None = None, memory_source: str | None = None
         memory, memory_source = machine_memory()
     shape = read_shape(cfg.model)
     warnings = config_warnings(cfg, shape, memory)
+    settings = planned_settings(cfg, shape, memory, dequantize_path)
+    plan = Plan(cfg.model, shape, settings, components(shape, settings), memory, memory_source or "given")
+    if not plan.fits:
+        plan.suggestions = suggestions(cfg, shape, settings, memory, dequantize_path)
+    plan.warnings += warnings
+    plan.notes = plan_notes(cfg, shape, settings, memory)
+    return plan
+
+
+def plan_notes(cfg, shape: ModelShape, s: StepSettings, memory: float) -> list[str]:
+    """What the plan decided for `auto` settings, and assumptions that move its figures, one line each."""
+    notes = []
+    t = cfg.training
+    if t.batch_size == "auto":
+        chosen = f"{s.batch_size}" + (f" x {s.grad_accumulation} accumulated" if s.grad_accumulation > 1 else "")
+        if predict(shape, s) <= SAFETY_MARGIN * memory:
+            notes.append(f"training.batch_size auto: {chosen}, the largest micro-batch under {SAFETY_MARGIN:.0%} of the memory")
+        else:
+            notes.append(f"training.batch_size auto: {chosen}, and even batch 1 is over {SAFETY_MARGIN:.0%} of the memory")
+    with_copies = dataclasses.replace(s, float_weights=True)
+    if t.float_weights == "auto" and s.dequantize_path and not s.float_weights and float_copy_bytes(shape, with_copies):
+        notes.append(f"training.float_weights auto: no float32 copies of the quantized weights (with them the step would "
+                     f"peak at {predict(shape, with_copies) / GB:.2f} GB, over {AUTO_FLOAT_FRACTION:.0%} of the memory), so "
+                     "each product dequantizes its layer: slower steps (the demo's ran 1.8x faster with copies)")
+    if shape.gguf_tensors is not None and shape.dtype_bytes == 4 and not s.dequantize_path:
+        notes.append("activations counted in float32: this GGUF holds no 16-bit float tensors, so its model computes "
+                     "in float32 (a 16-bit Hugging Face checkpoint of the same model halves the activations)")
+    return notes
+
+
+def planned_settings(cfg, shape: ModelShape, memory: float, dequantize_path: bool | None = None) -> StepSettings:
+    """The StepSettings a run of `cfg` would have in `memory` bytes: float copies decided
+    (`choose_float_weights`) and an `auto` micro-batch picked (`auto_batch`)."""
     settings = settings_of(cfg, dequantize_path=dequantize_path)
     settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     if cfg.training.batch_size == "auto":
         batch, accumulation = auto_batch(shape, settings, memory, cfg.training.effective_batch_size)
         settings = dataclasses.replace(settings, batch_size=batch, grad_accumulation=accumulation)
-    plan = Plan(cfg.model, shape, settings, components(shape, settings), memory, memory_source or "given")
-    if not plan.fits:
-        plan.suggestions = suggestions(shape, settings, memory)
-    plan.warnings += warnings
-    return plan
+    return settings
 
 
 def config_warnings(cfg, shape: ModelShape, memory: float) -> list[str]:
@@ -338,6 +414,17 @@ def config_warnings(cfg, shape: ModelShape, memory: float) -> list[str]:
     if limit not in ("auto", "none") and parse_memory(limit) < memory:
         warnings.append(f"training.memory_limit {limit}: the run's guard stops any step above it, below the "
                         f"{memory / GB:.1f} GB this plan holds the step against")
+    length = cfg.data.max_seq_length
+    if shape.max_positions and length > shape.max_positions:
+        warnings.append(f"data.max_seq_length {length} is past this model's context of {shape.max_positions} tokens "
+                        "(max_position_embeddings): positions beyond it were never trained; keep it at or below")
+    elif shape.sliding_window and length > shape.sliding_window:
+        warnings.append(f"data.max_seq_length {length} is past gemma2's sliding window of {shape.sliding_window} tokens, "
+                        "which mlx-lm's model does not apply: longer sequences compute differently from the original; "
+                        f"keep it at or below {shape.sliding_window}")
+    if cfg.backend == "cuda":
+        warnings.append("backend: cuda trains with transformers + PEFT + bitsandbytes, which this plan does not model "
+                        "(it predicts the MLX backend's step): take its figures as rough")
     if unknown := sorted(named - set(projections)):
         warnings.append(f"lora.target_modules: {', '.join(unknown)} not among this model's projections "
                         f"({', '.join(projections)}): not counted")

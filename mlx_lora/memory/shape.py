@@ -56,6 +56,8 @@ class ModelShape:
     # an MLX-quantized folder (mlx-community 4-bit): every linear and embedding at these settings
     source_bits: int | None = None
     source_group: int | None = None
+    max_positions: int | None = None  # max_position_embeddings: the context the model was trained for
+    sliding_window: int | None = None  # gemma2: its window, which mlx-lm's model does not apply
 
     @property
     def q_dim(self) -> int:
@@ -84,10 +86,22 @@ class ModelShape:
         return self.vocab * self.hidden + head + self.layers * self.block_linear_params()
 
 
-def _need(config: dict, key: str, where: str):
-    if key not in config:
-        raise ValueError(f"{where}: config.json has no '{key}'; the planner cannot size this model")
-    return config[key]
+# Fields a family's published config.json may leave out, with the values its transformers config
+# class (and mlx-lm's model) default to: google/gemma-3-4b-it and up give only a few `text_config` fields.
+TYPE_DEFAULTS = {
+    "gemma3": {"num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "vocab_size": 262208},
+}
+
+
+def _need(config: dict, key: str, where: str, default: int | None = None) -> int:
+    """config[key] as a positive integer (or `default` when absent); ValueError naming the field."""
+    value = config.get(key, default)
+    if value is None:
+        state = "sets 'null' for" if key in config else "has no"
+        raise ValueError(f"{where}: config.json {state} {key!r}; the planner cannot size this model")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value <= 0:
+        raise ValueError(f"{where}: {key!r} must be a positive integer, got {value!r}; fix config.json")
+    return int(value)
 
 
 def shape_from_config(config: dict, where: str = "config.json") -> ModelShape:
@@ -95,29 +109,49 @@ def shape_from_config(config: dict, where: str = "config.json") -> ModelShape:
 
     Raises ValueError naming the missing field, or the unknown `model_type`.
     """
-    if "text_config" in config and "hidden_size" not in config:
-        config = {**config["text_config"], "model_type": config["text_config"].get("model_type", config.get("model_type"))}
-    model_type = str(config.get("model_type", "?"))
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: config.json holds a {type(config).__name__}, not an object of model settings")
+    defaults = dict(TYPE_DEFAULTS.get(str(config.get("model_type")), {}))
+    if isinstance(config.get("text_config"), dict) and "hidden_size" not in config:
+        text = config["text_config"]
+        defaults.update({k: v for k, v in config.items() if k in ("vocab_size", "torch_dtype", "dtype")})
+        config = {**text, "model_type": text.get("model_type", config.get("model_type"))}
+    if "model_type" not in config:
+        raise ValueError(f"{where}: config.json has no 'model_type'; the planner cannot tell the architecture")
+    model_type = str(config["model_type"])
     if model_type not in KNOWN_TYPES:
         raise ValueError(f"{where}: model_type '{model_type}' is not one the planner knows "
                          f"({', '.join(sorted(KNOWN_TYPES))})")
-    hidden = int(_need(config, "hidden_size", where))
-    heads = int(_need(config, "num_attention_heads", where))
+    config = {**defaults, **{k: v for k, v in config.items() if v is not None or k not in defaults}}
+    hidden = _need(config, "hidden_size", where)
+    heads = _need(config, "num_attention_heads", where)
+    kv_heads = _need(config, "num_key_value_heads", where, default=heads)
+    head_dim = _need(config, "head_dim", where, default=hidden // heads or None)
+    if heads % kv_heads:
+        raise ValueError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}; "
+                         "fix config.json")
+    # transformers 4.56+ and 5 write `dtype` where older versions wrote `torch_dtype`
+    dtype = config.get("torch_dtype") or config.get("dtype") or "bfloat16"
     return ModelShape(
         model_type=model_type, hidden=hidden,
-        layers=int(_need(config, "num_hidden_layers", where)),
-        intermediate=int(_need(config, "intermediate_size", where)),
-        heads=heads, kv_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or hidden // heads),
-        vocab=int(_need(config, "vocab_size", where)),
+        layers=_need(config, "num_hidden_layers", where),
+        intermediate=_need(config, "intermediate_size", where),
+        heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+        vocab=_need(config, "vocab_size", where),
         tied=bool(config.get("tie_word_embeddings", model_type.startswith("gemma"))),
-        dtype_bytes=DTYPE_BYTES.get(str(config.get("torch_dtype", "bfloat16")), 2),
+        dtype_bytes=DTYPE_BYTES.get(str(dtype), 2),
         qkv_bias=bool(config.get("attention_bias", QKV_BIAS_BY_TYPE.get(model_type, False))),
         fused=model_type in FUSED_PROJECTIONS,
         norms_per_block=NORMS_PER_BLOCK.get(model_type, 2),
         logit_softcap=bool(config.get("final_logit_softcapping")),
         attention_softcap=bool(config.get("attn_logit_softcapping")),
+        max_positions=_optional_int(config.get("max_position_embeddings")),
+        sliding_window=_optional_int(config.get("sliding_window")) if model_type == "gemma2" else None,
     )
+
+
+def _optional_int(value) -> int | None:
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 else None
 
 
 def gguf_tensor_bytes(type_name: str, elements: int) -> float | None:
@@ -175,6 +209,9 @@ def read_shape(source: str) -> ModelShape:
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
                 return shape_from_gguf(ggufs[0])
+            if ggufs:
+                raise FileNotFoundError(f"{path}: no config.json and {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:4])}"
+                                        f"{', ...' if len(ggufs) > 4 else ''}); set model: to the one to train")
             raise FileNotFoundError(f"{path}: no config.json, so no memory prediction can be made")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
         config_file = _hub_config(source)
