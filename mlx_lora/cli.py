@@ -285,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
     evaluate.set_defaults(func=cmd_eval)
     plan = sub.add_parser("plan", help="predict a training step's peak memory and whether it fits (reads config.json only)")
-    plan.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
+    plan.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]",
+                      help="the run's config (default: configs/demo.yaml) and overrides; data.path may be left out")
     plan.add_argument("--memory", help="memory to fit in: 16GB, 32GB, 64GB, ... (default: this machine's; "
                                        "on a Mac the GPU working set)")
     plan.add_argument("--json", action="store_true", help="print one JSON object (peak_gb, fits, components, ...)")
