@@ -446,12 +446,15 @@ def load_config(path: str | Path | None, overrides: list[str] = (), need_data: b
                     else problem for problem in err.problems for key, _, rest in [problem.partition(":")]]
         raise ConfigError(problems, err.source) from None
     template = cfg.data.chat_template and resolve_data_path(cfg.data.chat_template, base_dir)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=resolve_data_path(cfg.data.path, base_dir),
-                                                             chat_template=template or None))
+    # a relative model folder or .gguf is found as data is (a hub id or `demo` exists nowhere and stays)
+    model = cfg.model if cfg.model == "demo" else resolve_data_path(cfg.model, base_dir)
+    return dataclasses.replace(cfg, model=model, data=dataclasses.replace(
+        cfg.data, path=resolve_data_path(cfg.data.path, base_dir), chat_template=template or None))
 
 
 def resolve_data_path(path: str, base_dir: Path) -> str:
-    """A relative data path means the config's folder if it exists there, else the working directory."""
+    """A relative path (data, chat template, model) means the config's folder if it exists there, else
+    that folder's parent, else the working directory; returned as given when it exists in none."""
     candidate = Path(path).expanduser()
     if candidate.is_absolute():
         return str(candidate)

@@ -172,3 +172,18 @@ def test_dpo_only_loss_type_is_refused_for_other_objectives(objective):
     with pytest.raises(ConfigError, match=rf"training.loss_type: 'ipo' applies only to training.objective: dpo \(this run: {objective}\)"):
         config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"objective": objective, "loss_type": "ipo"}})
     assert config_from_dict({"model": "m", "data": {"path": "d"}, "training": {"objective": "dpo", "loss_type": "ipo"}})
+
+
+def test_relative_model_and_data_paths_are_found_from_the_configs_folder(tmp_path, monkeypatch):
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "models" / "mine").mkdir(parents=True)
+    (project / "data").mkdir()
+    config = project / "configs" / "my.yaml"
+    config.write_text("model: ../models/mine\ndata: ../data\n")
+    monkeypatch.chdir(tmp_path)  # run from elsewhere: the paths are the config's, as data's always were
+    cfg = load_config(config)
+    assert cfg.model == str((project / "models" / "mine").resolve()) and cfg.data.path == str((project / "data").resolve())
+    config.write_text("model: Qwen/Qwen2.5-0.5B-Instruct\ndata: ../data\n")  # a hub id exists nowhere: kept
+    assert load_config(config).model == "Qwen/Qwen2.5-0.5B-Instruct"
+    assert load_config(config, ["model=demo"]).model == "demo"
