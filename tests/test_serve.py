@@ -398,3 +398,27 @@ def test_openai_fields_we_do_not_act_on_are_accepted_and_named(server, caplog):
     streamed = client.post("/v1/completions", json={"prompt": "say hello", "max_tokens": 2, "stream": True,
                                                    "best_of": 1, "suffix": "!"})
     assert streamed.status_code == 200 and streamed.headers["x-ignored-fields"] == "best_of, suffix"
+
+
+def test_a_failing_generation_step_answers_500_and_the_server_goes_on(tiny_model_dir):
+    # a model that raises inside a step (a broken export, an out-of-range cache index) must not leave
+    # every later request waiting forever behind a dead worker
+    with start_server(tiny_model_dir, {}) as (url, engine):
+        forward, calls = engine.scheduler.forward, []
+
+        def failing_once(*args):
+            calls.append(1)
+            if len(calls) == 1:
+                raise IndexError("list index out of range")
+            return forward(*args)
+
+        engine.scheduler.forward = failing_once
+        with httpx.Client(base_url=url, timeout=60) as client:
+            body = {"model": "base", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+            failed = client.post("/v1/chat/completions", json=body)
+            assert failed.status_code == 500 and "IndexError" in failed.json()["error"]["message"]
+            health = client.get("/health").json()
+            assert health["status"] == "degraded" and health["failed_steps"] == 1 and "IndexError" in health["last_error"]
+            assert client.post("/v1/chat/completions", json=body).status_code == 200  # the worker went on
+            streamed = client.post("/v1/chat/completions", json={**body, "stream": True})
+            assert streamed.status_code == 200 and "[DONE]" in streamed.text

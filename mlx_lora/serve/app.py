@@ -199,7 +199,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
 
     @app.get("/health", response_model=Health)
     async def health():
-        return Health(models=engine.model_names(), queued=engine.queued(), running=engine.running())
+        return Health(status="degraded" if engine.failed_steps else "ok", models=engine.model_names(),
+                      queued=engine.queued(), running=engine.running(), failed_steps=engine.failed_steps,
+                      last_error=engine.last_error)
 
     @app.get("/v1/models", response_model=ModelList, responses=ERROR_RESPONSES, dependencies=[Depends(check_key)])
     async def models():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import queue
 import re
+import sys
 import threading
 import time
 from collections import deque
@@ -129,6 +130,8 @@ class Engine:
         self._wake = threading.Event()  # set when a job arrives
         self.history: deque = deque(maxlen=HISTORY)
         self.created = int(time.time())
+        self.failed_steps = 0  # generation steps that raised (their requests got 500s; the worker went on)
+        self.last_error: str | None = None
         self._grammar = None
         self._grammar_lock = threading.Lock()
 
@@ -271,11 +274,28 @@ class Engine:
                 self._wake.wait(IDLE_WAIT_S)
                 self._wake.clear()
                 continue
-            with self._model_lock:
-                self.scheduler.step()
+            try:
+                with self._model_lock:
+                    self.scheduler.step()
+            except Exception as err:  # noqa: BLE001 - a failed step must not leave every later request hanging
+                self._fail_step(err)
         self.scheduler.cancel_all()
         with self._model_lock:
             self.scheduler.step()  # finishes the cancelled sequences
+
+    def _fail_step(self, err: Exception) -> None:
+        """Answer every sequence the failed step held with a 500 naming the error, log it once with
+        its traceback, and go on: waiting requests are tried next, each failing alike if the fault stays."""
+        import traceback
+
+        message = f"generation failed: {type(err).__name__}: {err}"
+        self.failed_steps += 1
+        self.last_error = message
+        print(f"error: {message} (the requests in this step got a 500; the server goes on)", file=sys.stderr)
+        traceback.print_exception(err, file=sys.stderr)
+        for seq in self.scheduler.abandon():
+            if seq.on_error is not None:
+                seq.on_error(message)
 
     def _take_new_jobs(self) -> None:
         while True:
@@ -311,7 +331,11 @@ class Engine:
             stream.finish(reason, len(tokens), len(seq.generated), seq.cached_tokens)
             self._record(job, len(seq.generated), reason, max_tokens)
 
-        seq.on_finish = on_finish
+        def on_error(message: str) -> None:
+            job.sink(("error", 500, message, None))
+            self._record(job, len(seq.generated), "error", max_tokens)
+
+        seq.on_finish, seq.on_error = on_finish, on_error
         job.sink(("start", len(tokens), 0))
         return seq
 

@@ -92,6 +92,7 @@ class Sequence:
     kv_tokens: int = 0  # how many of prompt + generated the KV cache holds
     sampler: Optional[RowSampler] = None
     admitted: float = 0.0
+    on_error: Optional[Callable[[str], None]] = None  # called instead of on_finish when its step failed
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -156,6 +157,13 @@ class Scheduler:
             everyone = [*self._inbox, *self.waiting, *self.running, *self.prefilling]
         for seq in everyone:
             seq.cancel()
+
+    def abandon(self) -> list[Sequence]:
+        """After a step raised: drop the running and prefilling sequences with the batch's KV caches and
+        the step in flight (their state is unknown), and return them; waiting ones stay queued."""
+        dropped = self.running + self.prefilling
+        self.running, self.prefilling, self._caches, self._prefill, self._ahead = [], [], [], None, None
+        return dropped
 
     # --- the step ---
 

@@ -357,7 +357,9 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "degraded"] = "ok"  # degraded: a generation step failed (last_error says how)
     models: list[str]
     queued: int
     running: int = 0
+    failed_steps: int = 0
+    last_error: Optional[str] = None
