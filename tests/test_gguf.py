@@ -269,6 +269,24 @@ def test_not_a_gguf_file(tmp_path):
         load_gguf(tmp_path / "missing.gguf")
 
 
+def test_an_ollama_blob_without_a_gguf_suffix_is_read_by_its_magic(tmp_path):
+    from mlx_lora.memory.shape import read_shape
+    from mlx_lora.models.sources import resolve_source
+
+    path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
+    blob = tmp_path / "blobs" / "sha256-6a0746a1ec1aef3e7ec53868f220ff6e389f6f8ef87a01d77c96807de94ca2aa"
+    blob.parent.mkdir()
+    blob.write_bytes(path.read_bytes())  # how Ollama keeps a model: named by its digest
+    assert resolve_source(str(blob)) == ("gguf", blob)
+    assert read_shape(str(blob)) == read_shape(str(path))
+    other = tmp_path / "notes"
+    other.write_text("not a model")
+    with pytest.raises(ValueError, match="does not start with the GGUF magic"):
+        resolve_source(str(other))
+    with pytest.raises(ValueError, match="neither a GGUF nor a config.json"):
+        read_shape(str(other))
+
+
 def test_truncated_gguf(tmp_path):
     path, _, _ = write_tiny_gguf(tmp_path, {"linear": T.F32, "embed": T.F32, "output": T.F32})
     cut = tmp_path / "cut.gguf"

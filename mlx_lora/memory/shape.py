@@ -198,8 +198,10 @@ def read_shape(source: str) -> ModelShape:
 
     if source == DEMO_MODEL:
         return shape_from_gguf(demo_model_path())
+    from ..models.gguf_file import is_gguf_file
+
     path = Path(source).expanduser()
-    if path.suffix.lower() == ".gguf":
+    if path.suffix.lower() == ".gguf" or (path.is_file() and is_gguf_file(path)):  # Ollama blobs have no suffix
         return shape_from_gguf(path)
     if path.suffix.lower() == ".json" and path.is_file():  # a config.json on its own (configs/models/hf_config/)
         config_file = path
@@ -213,6 +215,9 @@ def read_shape(source: str) -> ModelShape:
                 raise FileNotFoundError(f"{path}: no config.json and {len(ggufs)} .gguf files ({', '.join(g.name for g in ggufs[:4])}"
                                         f"{', ...' if len(ggufs) > 4 else ''}); set model: to the one to train")
             raise FileNotFoundError(f"{path}: no config.json, so no memory prediction can be made")
+    elif path.is_file():
+        raise ValueError(f"model: {path} is a file but neither a GGUF nor a config.json; pass a GGUF file, a Hugging "
+                         "Face model folder or its config.json")
     elif source.count("/") == 1 and not source.startswith((".", "/", "~")):
         config_file = _hub_config(source)
     else:

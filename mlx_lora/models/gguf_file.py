@@ -34,6 +34,16 @@ class GGUFHeader:
     data_start: int = 0
 
 
+def is_gguf_file(path: str | Path) -> bool:
+    """Whether `path` is a file starting with the GGUF magic, whatever its name: Ollama keeps its models
+    as blobs named by digest (~/.ollama/models/blobs/sha256-...), with no .gguf suffix."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def read_header(path: str | Path) -> GGUFHeader:
     """Parse a GGUF header: metadata (strings, numbers, lists) and the tensor directory.
 

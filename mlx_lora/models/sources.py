@@ -79,7 +79,12 @@ def resolve_source(source: str) -> tuple[str, Path]:
         return "gguf", path
     if path.exists():
         if path.is_file():
-            raise ValueError(f"model: {path} is a file but not a .gguf; pass a GGUF file or a Hugging Face model folder")
+            from .gguf_file import is_gguf_file
+
+            if is_gguf_file(path):  # an Ollama blob (sha256-...) or a GGUF saved under another name
+                return "gguf", path
+            raise ValueError(f"model: {path} is a file but not a GGUF (it does not start with the GGUF magic); "
+                             "pass a GGUF file or a Hugging Face model folder")
         if not (path / "config.json").is_file():
             ggufs = sorted(path.glob("*.gguf"))
             if len(ggufs) == 1:
