@@ -191,7 +191,7 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
     Args:
         dtype: float type of the written weights (the base is dequantized first).
         quantize_bits: 4 or 8 to affine-quantize the fused weights again (then checked).
-        gguf: also write `model-f16.gguf` (llama family).
+        gguf: also write `model-f16.gguf` (see `models/gguf_export.py` for the architectures and tokenizers).
         check_prompts: a JSONL test split whose answers the check compares on.
         objective: the run's `training.objective`, which says how to read `check_prompts`
             (default: as recorded in `adapter_dir/train_config.yaml`, else sft).
@@ -204,13 +204,15 @@ def fuse_adapters(model_source: str, adapter_dir: str | Path, out_dir: str | Pat
     from .checkpoints import atomic_folder
     from .evaluate import adapters_disabled
     from .frozen_matmul import use_fast_frozen_layers
-    from .models.gguf_export import export_gguf
+    from .models.gguf_export import export_gguf, tokenizer_spec
     from .lora import fuse_lora
     from .models import load_model
 
     target_dtype = _mx_dtype(dtype)
     out_dir = Path(out_dir)
     model, tokenizer, info = load_model(model_source)
+    if gguf and info.kind not in ("gguf", "demo"):
+        tokenizer_spec(tokenizer)  # a tokenizer the GGUF cannot carry is refused before any work
     use_fast_frozen_layers(model)
     adapter_raw = load_adapters(model, adapter_dir)
 
@@ -293,7 +295,9 @@ def build_parser(prog: str = "mlx-lora fuse") -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float16", choices=DTYPES, help="float type of the fused weights")
     parser.add_argument("--quantize", type=int, choices=(4, 8), metavar="BITS", help="re-quantize (affine 4 or 8 bit) and check")
     parser.add_argument("--group-size", type=int, default=64, choices=(32, 64, 128))
-    parser.add_argument("--gguf", action="store_true", help=f"also write {GGUF_NAME} (llama family)")
+    parser.add_argument("--gguf", action="store_true",
+                        help=f"also write {GGUF_NAME} for llama.cpp / Ollama (llama, mistral, qwen2/3, gemma2/3, phi3; "
+                             "byte-level BPE tokenizers, or any tokenizer of a GGUF source)")
     parser.add_argument("--prompts", help="JSONL test split for the check (default: the config's test split; a "
                         "dpo / orpo run's pairs are compared on the prompt and the chosen answer)")
     parser.add_argument("--check-limit", type=int, default=CHECK_LIMIT, help="test rows the check compares on")

@@ -249,3 +249,66 @@ def test_an_sft_check_is_unchanged_by_the_objective_record(tiny_model_dir, tiny_
     expected = [(e.tokens, e.mask) for e in load_split(test_file, tokenizer, DataConfig(path=str(tiny_data_dir)))
                 if any(e.mask)][:8]
     assert check_sequences(tokenizer, test_file) == check_sequences(tokenizer, test_file, objective="sft") == expected
+
+
+GGUF_CORPUS = ["Hello world! It's 2024-12-02: 12 + 27 = 39.", "café naïve 東京 🙂 don't WE'LL", "x=1234567;y=0.5",
+               "\n\n    indented\ttab  two  spaces\n"] * 50
+
+
+def bpe_tokenizer(pre_tokenizer, normalizer=None):
+    """A small BPE tokenizer with the given pre-tokenizer, as transformers loads one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizer
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(GGUF_CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                             initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
+
+
+def write_tokenizer_gguf(path, tokenizer):
+    from gguf import GGUFWriter
+
+    from mlx_lora.models.gguf_export import _write_bpe_tokenizer
+
+    writer = GGUFWriter(str(path), "llama")
+    _write_bpe_tokenizer(writer, tokenizer)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_export_names_the_pre_tokenizer_so_the_file_splits_text_as_training_did(tmp_path, monkeypatch):
+    from tokenizers import Regex, normalizers, pre_tokenizers
+
+    from mlx_lora.models import gguf_export
+    from mlx_lora.models.gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX
+
+    def split(regex):
+        return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    cases = {"qwen2": split(QWEN2_REGEX), "llama-bpe": split(LLAMA3_REGEX),
+             "smollm": pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+             "gpt-2": pre_tokenizers.ByteLevel(add_prefix_space=False)}
+    for pre, pre_tokenizer in cases.items():
+        tokenizer = bpe_tokenizer(pre_tokenizer)
+        spec = json.loads(tokenizer.backend_tokenizer.to_str())
+        assert gguf_export.llama_cpp_pre(spec) == pre
+        gguf_export.check_round_trip(write_tokenizer_gguf(tmp_path / f"{pre}.gguf", tokenizer), tokenizer)
+    # SentencePiece-style ('▁' for spaces: Mistral, Llama 2, Gemma, Phi-3) is refused in one line
+    spm = bpe_tokenizer(pre_tokenizers.Metaspace(), normalizers.Replace(" ", "▁"))
+    with pytest.raises(ValueError, match="SentencePiece-style"):
+        gguf_export.llama_cpp_pre(json.loads(spm.backend_tokenizer.to_str()))
+    # had the export named Qwen2's pre-tokenizer gpt-2 (as it did), the round trip catches the digits
+    qwen = bpe_tokenizer(cases["qwen2"])
+    monkeypatch.setattr(gguf_export, "llama_cpp_pre", lambda spec: "gpt-2")
+    with pytest.raises(ValueError, match="splits .* into"):
+        gguf_export.check_round_trip(write_tokenizer_gguf(tmp_path / "wrong.gguf", qwen), qwen)

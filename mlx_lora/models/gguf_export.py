@@ -134,15 +134,24 @@ def _copy_tokenizer_fields(writer, source_gguf: Path) -> None:
             writer.add_key_value(key, value, fld.types[0])
 
 
+def tokenizer_spec(tokenizer) -> dict:
+    """The tokenizer.json of a Hugging Face fast tokenizer (or mlx-lm's wrapper of one), checked to be
+    one this export writes (byte-level BPE with a pre-tokenizer llama.cpp can name); ValueError otherwise.
+    `fuse --gguf` calls it before any work."""
+    hf = getattr(tokenizer, "_tokenizer", tokenizer)  # mlx-lm's TokenizerWrapper holds the transformers one
+    spec = json.loads((hf if hasattr(hf, "backend_tokenizer") else tokenizer).backend_tokenizer.to_str())
+    if spec.get("model", {}).get("type") != "BPE":
+        raise ValueError(f"--gguf: tokenizer model {spec.get('model', {}).get('type')!r} cannot be exported; "
+                         "only byte-level BPE tokenizers (or a GGUF source model) are supported")
+    llama_cpp_pre(spec)
+    return spec
+
+
 def _write_bpe_tokenizer(writer, tokenizer) -> None:
     """Byte-level BPE vocabulary and merges from a Hugging Face tokenizer.json (the gpt2 model of llama.cpp)."""
     from gguf import TokenType
 
-    hf = getattr(tokenizer, "_tokenizer", tokenizer)
-    spec = json.loads(hf.backend_tokenizer.to_str())
-    if spec.get("model", {}).get("type") != "BPE":
-        raise ValueError(f"--gguf: tokenizer model {spec.get('model', {}).get('type')!r} cannot be exported; "
-                         "only byte-level BPE tokenizers (or a GGUF source model) are supported")
+    spec = tokenizer_spec(tokenizer)
     vocab = dict(spec["model"]["vocab"])
     added = {t["content"]: t for t in spec.get("added_tokens", [])}
     for content, token in added.items():
@@ -156,7 +165,7 @@ def _write_bpe_tokenizer(writer, tokenizer) -> None:
         types[index] = TokenType.CONTROL if special else TokenType.USER_DEFINED if content in added else TokenType.NORMAL
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt-2")
+    writer.add_tokenizer_pre(llama_cpp_pre(spec))
     writer.add_token_list(tokens)
     writer.add_token_types([int(t) for t in types])
     writer.add_token_merges(merges)
@@ -166,9 +175,57 @@ def _write_bpe_tokenizer(writer, tokenizer) -> None:
         writer.add_bos_token_id(int(tokenizer.bos_token_id))
     if getattr(tokenizer, "pad_token_id", None) is not None:
         writer.add_pad_token_id(int(tokenizer.pad_token_id))
-    writer.add_add_bos_token(False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    writer.add_add_bos_token(bos is not None and list(tokenizer.encode("a"))[:1] == [bos])  # as the tokenizer does
     if getattr(tokenizer, "chat_template", None):
         writer.add_chat_template(tokenizer.chat_template)
+
+
+# Texts whose tokens must come back the same from the written GGUF: digits, contractions, spaces,
+# newlines and tabs, accents, CJK and an emoji, where pre-tokenizers differ.
+ROUND_TRIP_TEXTS = ("Hello world! It's 2024-12-02: 12 + 27 = 39.", "\n\n    indented\ttab  two  spaces\n",
+                    "café naïve 東京 🙂 don't WE'LL", "x=1234567;y=0.5")
+
+
+def llama_cpp_pre(spec: dict) -> str:
+    """llama.cpp's `tokenizer.ggml.pre` for the pre-tokenizer of a tokenizer.json (`spec`), as
+    `gguf_tokenizer.PRE_TOKENIZERS` reads it back: gpt-2, smollm (digits apart), llama-bpe, qwen2.
+    Raises ValueError (one line) for a SentencePiece-style tokenizer or a pre-tokenizer without a name."""
+    from .gguf_tokenizer import LLAMA3_REGEX, QWEN2_REGEX
+
+    pre = spec.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
+    kinds = [part.get("type") for part in parts]
+    if "ByteLevel" not in kinds:
+        raise ValueError("--gguf: this tokenizer is SentencePiece-style ('▁' for spaces, as Mistral, Llama 2, Gemma "
+                         "and Phi-3 have), which this export cannot write; convert the fused folder with llama.cpp's "
+                         "convert_hf_to_gguf.py instead")
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["Split", "ByteLevel"]:
+        regex = (parts[0].get("pattern") or {}).get("Regex")
+        if regex == LLAMA3_REGEX:
+            return "llama-bpe"
+        if regex == QWEN2_REGEX:
+            return "qwen2"
+    raise ValueError(f"--gguf: this tokenizer's pre-tokenizer ({', '.join(map(str, kinds))}) has no llama.cpp name this "
+                     "export knows (gpt-2, smollm, llama-bpe, qwen2), so llama.cpp would split text differently; "
+                     "convert the fused folder with llama.cpp's convert_hf_to_gguf.py instead")
+
+
+def check_round_trip(path: Path, tokenizer) -> None:
+    """Raise ValueError when the GGUF at `path` tokenizes ROUND_TRIP_TEXTS unlike `tokenizer`."""
+    from .gguf_tokenizer import load_gguf_tokenizer
+
+    written = load_gguf_tokenizer(path)
+    for text in ROUND_TRIP_TEXTS:
+        want = list(tokenizer.encode(text, add_special_tokens=False))
+        got = list(written.encode(text, add_special_tokens=False))
+        if got != want:
+            raise ValueError(f"--gguf: the written tokenizer splits {text!r} into {len(got)} tokens where the model's "
+                             f"splits it into {len(want)}; no GGUF was kept")
 
 
 def export_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | None = None,
@@ -205,4 +262,10 @@ def export_gguf(path: Path, model, config: dict, tokenizer, source_gguf: Path | 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+    if source_gguf is None:
+        try:
+            check_round_trip(path, tokenizer)
+        except Exception:
+            path.unlink(missing_ok=True)
+            raise
     return path

@@ -15,9 +15,9 @@ from pathlib import Path
 from .gguf_file import GGUFHeader, read_header, required_key
 
 # llama.cpp's pre-tokenizer (llama-vocab.cpp) for each `tokenizer.ggml.pre` of a byte-level BPE vocabulary.
-_LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+QWEN2_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 PRE_TOKENIZERS = {
     # "\p{N}" first, then the GPT-2 regex: every digit is a token of its own (SmolLM2, StarCoder...)
@@ -42,7 +42,7 @@ def _pre_tokenizer_for(pre: str, header: GGUFHeader):
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if family == "gpt2":
         return byte_level
-    regex = _LLAMA3_REGEX if family == "llama3" else _QWEN2_REGEX
+    regex = LLAMA3_REGEX if family == "llama3" else QWEN2_REGEX
     return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False), byte_level])
 
 
