@@ -194,7 +194,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     import mlx.core as mx
 
     from . import distributed
-    from .adapters import adapter_config, save_adapters
+    from .adapters import ADAPTER_CONFIG, adapter_config, save_adapters
+    from .checkpoints import write_json
     from .preference_data import load_datasets_for
     from .launch import check_same_inputs
     from .cpu_streams import stream_count
@@ -264,8 +265,8 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
         from .train import total_steps
 
         if start_step is not None and start_step >= (planned := total_steps(cfg.training, len(datasets["train"]))):
-            raise ValueError(f"--resume: the run in {out} already finished its {planned} steps; nothing to resume (its "
-                             f"adapters, metrics and summary are kept). To train longer pass training.iters=N (N > "
+            raise ValueError(f"--resume: the run in {out} already reached its {planned} steps; nothing to resume (its "
+                             f"files are kept as they are). To train longer pass training.iters=N (N > "
                              f"{planned}) with --resume, or start a new output_dir")
     metrics = MetricsWriter(out / "metrics.jsonl", resume_from_step=start_step if resume else None)
     if not resume:
@@ -274,10 +275,25 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
         say(kernel_preamble.finish(timeout=30))
     phases["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
-                    resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
-                    memory_limit=memory_limit, world=world,
-                    pack_capacity=cfg.data.max_seq_length if cfg.data.pack else None)
+    from .train import MemoryLimitExceeded
+
+    if world.is_main:  # a checkpoint folder reads its adapters' config from here (eval, fuse, serve)
+        write_json(out / ADAPTER_CONFIG, config)
+    try:
+        summary = train(model, datasets["train"], datasets["valid"], cfg.training, out, seed=cfg.seed,
+                        resume=resume, callbacks=[metrics, ProgressBar()] if world.is_main else [],
+                        memory_limit=memory_limit, world=world,
+                        pack_capacity=cfg.data.max_seq_length if cfg.data.pack else None)
+    except (KeyboardInterrupt, MemoryLimitExceeded):
+        # Stopped at a step boundary with a checkpoint: the adapters as they are now (that checkpoint's)
+        # go where a finished run's go, so eval, fuse and serve take them; --resume carries on.
+        from .checkpoints import latest
+
+        if world.is_main and latest(out) is not None:
+            save_adapters(out, model, config)
+            print(f"adapters as of the last checkpoint written to {out} (eval, fuse and serve take them; "
+                  "--resume continues the run)", file=sys.stderr, flush=True)
+        raise
     if not world.is_main:
         return summary
     save_adapters(out, model, config)

@@ -133,8 +133,26 @@ def test_resume_of_a_finished_run_says_so_and_keeps_its_files(trained_run, tmp_p
     kept = {name: (copy / name).read_bytes() for name in ("run_summary.json", "metrics.jsonl", "adapters.safetensors")}
     result = mlx_lora("train", copy / "train_config.yaml", f"output_dir={copy}", "--resume")
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "already finished its 8 steps; nothing to resume" in result.stderr and "training.iters=N" in result.stderr
+    assert "already reached its 8 steps; nothing to resume" in result.stderr and "training.iters=N" in result.stderr
     assert {name: (copy / name).read_bytes() for name in kept} == kept
+
+
+def test_a_run_stopped_early_leaves_adapters_that_eval_fuse_and_serve_take(tiny_model_dir, tiny_data_dir, tmp_path):
+    # stopped by the memory guard at step 1 (Ctrl-C goes the same way): a checkpoint, and the adapters
+    # as of that checkpoint where a finished run's go, so the user can try what they have so far
+    config = write_config(tmp_path, tiny_model_dir, tiny_data_dir)
+    stopped = mlx_lora("train", config, "training.memory_limit=1MB", "eval.enabled=false")
+    assert stopped.returncode == 1 and "over the memory limit" in stopped.stderr, stopped.stderr[-2000:]
+    out = tmp_path / "run"
+    assert (out / "adapters.safetensors").is_file() and (out / "adapter_config.json").is_file()
+    assert "adapters as of the last checkpoint written to" in stopped.stderr
+    checkpoint = out / "checkpoints" / "step_000001"
+    for adapter in (out, checkpoint):  # the run folder, or one of its checkpoints (the run's config is read)
+        scored = mlx_lora("eval", config, "eval.limit=2", "--adapter", adapter)
+        assert scored.returncode == 0 and "Traceback" not in scored.stderr, scored.stderr[-2000:]
+    resumed = mlx_lora("train", config, "eval.enabled=false", "training.memory_limit=none", "--resume")  # it carries on
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "run_summary.json").read_text())["steps"] == 6
 
 
 def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):

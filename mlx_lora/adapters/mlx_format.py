@@ -48,8 +48,11 @@ def read_adapter_config(folder: str | Path) -> tuple[dict, LoraConfig]:
     """Read an MLX adapter config (ours or mlx_lm.lora's) as (raw dict, LoraConfig)."""
     folder = Path(folder)
     path = folder / ADAPTER_CONFIG
+    if not path.is_file() and folder.parent.name == "checkpoints":  # a run's checkpoint: the run's config
+        path = folder.parent.parent / ADAPTER_CONFIG
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG}; pass the run's output_dir or an adapter folder")
+        raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG}; pass the run's output_dir, one of its "
+                                "checkpoints/step_N folders, or an adapter folder")
     raw = json.loads(path.read_text(encoding="utf-8"))
     if raw.get("fine_tune_type", "lora") != "lora":
         raise ValueError(f"{path}: fine_tune_type {raw.get('fine_tune_type')!r} is not supported (only lora)")
