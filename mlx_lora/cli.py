@@ -152,7 +152,7 @@ def _setup_seconds() -> float | None:
 
 def cmd_eval(args) -> int:
     from .adapters import load_adapters
-    from .config import load_config
+    from .config import load_config, run_differences
     from .kernel_cache import start_preamble_pch
     from .preference_data import load_datasets_for
     from .run import load_base, run_eval
@@ -172,8 +172,18 @@ def cmd_eval(args) -> int:
         recorded = adapter_dir / "train_config.yaml"
         batch = yaml.safe_load(recorded.read_text())["training"]["batch_size"] if recorded.is_file() else 1
         cfg = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, batch_size=int(batch)))
-    scores = run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir)
+    differences = run_differences(cfg, adapter_dir)
+    name = "eval.json"
+    if differences:  # scoring another way than the run trained: its own scores stay where they are
+        name = f"eval_{Path(path).stem if path else 'other'}.json"
+        print(f"warning: the adapters in {adapter_dir} were trained otherwise ({'; '.join(differences)}); scored as "
+              f"the config says, into {name} (the run's eval.json is kept; pass {adapter_dir / 'train_config.yaml'} "
+              "to score them as trained)", file=sys.stderr, flush=True)
+    scores = run_eval(model, tokenizer, datasets["test"], cfg, adapter_dir, name)
     summary_file = adapter_dir / "run_summary.json"
+    if differences:
+        print(f"wrote {adapter_dir / name}")
+        return 0
     if summary_file.is_file():  # keep the run's summary in step with the eval.json just written
         import json
 

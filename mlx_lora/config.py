@@ -538,6 +538,29 @@ def resumed_config(cfg: Config, overrides: list[str] = ()) -> tuple[Config, list
     return merged, lines
 
 
+# Settings that decide what a trained adapter is scored or checked on, and against which base.
+RUN_DEFINING_KEYS = ("model", "data.path", "data.max_seq_length", "quantization.mode", "quantization.bits",
+                     "quantization.group_size", "training.objective")
+
+
+def run_differences(cfg: Config, adapter_dir: str | Path) -> list[str]:
+    """One line per RUN_DEFINING_KEYS setting where `cfg` differs from the run that trained the
+    adapters in `adapter_dir` (its `train_config.yaml`, or its run's for a checkpoints/step_N
+    folder); empty when there is no record or nothing differs."""
+    folder = Path(adapter_dir)
+    recorded_file = folder / "train_config.yaml"
+    if not recorded_file.is_file() and folder.parent.name == "checkpoints":
+        recorded_file = folder.parent.parent / "train_config.yaml"
+    if not recorded_file.is_file():
+        return []
+    try:
+        recorded = load_config(recorded_file)
+    except ConfigError:
+        return []
+    return [f"{key}: {get_key(cfg, key)!r} here, {get_key(recorded, key)!r} in the run" for key in RUN_DEFINING_KEYS
+            if get_key(cfg, key) != get_key(recorded, key)]
+
+
 def get_key(cfg: Config, key: str) -> Any:
     value: Any = cfg
     for part in key.split("."):

@@ -277,6 +277,14 @@ def resolve_inputs(config_path: str | None, model: str | None, adapter: str | No
         model = cfg.model if cfg else read_adapter_config(adapter_dir)[0].get("model")
         if not model:
             raise ValueError(f"{adapter_dir}/adapter_config.json does not name its base model; pass --model SOURCE")
+    if cfg is not None:
+        from .config import run_differences
+
+        differences = run_differences(cfg, adapter_dir)
+        if differences:  # the check then compares on other data, or the adapters go on another base
+            print(f"warning: the adapters in {adapter_dir} were trained otherwise ({'; '.join(differences)}); fusing "
+                  f"and checking as the config says (pass {adapter_dir / 'train_config.yaml'} to use the run's own)",
+                  file=sys.stderr, flush=True)
     if prompts is None and cfg is not None:
         prompts = str(Path(cfg.data.path) / "test.jsonl")
     return (model, adapter_dir, Path(out) if out else adapter_dir / FUSED_DIRNAME, Path(prompts) if prompts else None,

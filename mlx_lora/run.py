@@ -353,8 +353,8 @@ def base_scores_cached(model, tokenizer, examples, cfg: Config) -> tuple[str | N
     return key, cached
 
 
-def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
-    """Score base and tuned on the test split, print the table, write eval.json."""
+def run_eval(model, tokenizer, test_set, cfg: Config, out: Path, name: str = "eval.json") -> dict:
+    """Score base and tuned on the test split, print the table, write `out / name`."""
     from .evaluate import evaluate_model, evaluate_preference_model, results_table
 
     examples = test_set if cfg.eval.limit is None else test_set[: cfg.eval.limit]
@@ -370,6 +370,6 @@ def run_eval(model, tokenizer, test_set, cfg: Config, out: Path) -> dict:
             from .eval_cache import store_base_scores
 
             store_base_scores(key, results["base"])
-    write_json(out / "eval.json", results)
+    write_json(out / name, results)
     print_table("held-out test set:", results_table(results))
     return {name: {k: v for k, v in r.items() if k != "samples"} for name, r in results.items()}

@@ -124,6 +124,26 @@ def test_eval_command_keeps_the_run_summary_in_step(trained_run, tmp_path):
     assert summary["eval"]["tuned"]["loss"] == scores["tuned"]["loss"]
 
 
+def test_eval_on_other_data_than_the_run_trained_on_warns_and_keeps_the_runs_scores(trained_run, tmp_path,
+                                                                                      tiny_data_dir):
+    import shutil
+
+    out, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("checkpoints"))
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_data_dir, other)
+    kept = {name: (copy / name).read_bytes() for name in ("eval.json", "run_summary.json")}
+    result = mlx_lora("eval", out / "train_config.yaml", f"data.path={other}", "eval.limit=2", "--adapter", copy)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "were trained otherwise (data.path:" in result.stderr and "the run's eval.json is kept" in result.stderr
+    assert {name: (copy / name).read_bytes() for name in kept} == kept
+    assert json.loads((copy / "eval_train_config.json").read_text())["tuned"]["n"] == 2
+    fused = mlx_lora("fuse", out / "train_config.yaml", f"data.path={other}", "--adapter", copy, "--out",
+                     tmp_path / "fused", "--check-limit", "2")
+    assert fused.returncode == 0 and "were trained otherwise (data.path:" in fused.stderr, fused.stderr[-2000:]
+
+
 def test_resume_of_a_finished_run_says_so_and_keeps_its_files(trained_run, tmp_path):
     import shutil
 
