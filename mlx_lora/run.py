@@ -62,6 +62,35 @@ def data_splits(cfg: Config) -> tuple[str, ...]:
     return ("train", "valid", "test") if cfg.eval.enabled else ("train", "valid")
 
 
+DATA_RECORD = "data_fingerprint.json"
+
+
+def data_fingerprint(data_path: str) -> dict[str, str]:
+    """sha256 of each split file in `data_path` (train/valid/test .jsonl), for `--resume` to tell a
+    changed dataset (the batch order continues by position, so new rows change what follows)."""
+    import hashlib
+
+    found = {}
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl"):
+        path = Path(data_path) / name
+        if path.is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+            found[name] = digest.hexdigest()
+    return found
+
+
+def changed_data(out: Path, data_path: str) -> list[str]:
+    """The split files whose content differs from when the run in `out` started (none when unrecorded)."""
+    record = out / DATA_RECORD
+    if not record.is_file():
+        return []
+    then, now = json.loads(record.read_text()), data_fingerprint(data_path)
+    return sorted(name for name in set(then) | set(now) if then.get(name) != now.get(name))
+
+
 def describe_data(data_stats: dict, objective: str = "sft") -> list[str]:
     """One log line per split: where it came from, its size (pairs for dpo / orpo), and what was changed."""
     lines = []
@@ -195,7 +224,6 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
 
     from . import distributed
     from .adapters import ADAPTER_CONFIG, adapter_config, save_adapters
-    from .checkpoints import write_json
     from .preference_data import load_datasets_for
     from .launch import check_same_inputs
     from .cpu_streams import stream_count
@@ -221,6 +249,11 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / "train_config.yaml", yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+        if resume and (changed := changed_data(out, cfg.data.path)):
+            log(f"warning: --resume: {', '.join(changed)} in {cfg.data.path} changed since the run started; it goes on "
+                "from its batch position over the data as it is now, so it will not equal an uninterrupted run")
+        elif not resume or not (out / DATA_RECORD).is_file():
+            write_json(out / DATA_RECORD, data_fingerprint(cfg.data.path))
 
     ranks = f" | {world.size} ranks ({cfg.distributed.backend})" if world.size > 1 else ""
     say(f"mlx-lora {__version__} | device {mx.default_device()}{ranks} | model {cfg.model}")

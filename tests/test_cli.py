@@ -175,6 +175,24 @@ def test_a_run_stopped_early_leaves_adapters_that_eval_fuse_and_serve_take(tiny_
     assert json.loads((out / "run_summary.json").read_text())["steps"] == 6
 
 
+def test_resume_says_when_the_training_data_changed_since_the_run_started(tiny_model_dir, tiny_data_dir, tmp_path):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data_dir, data)
+    config = write_config(tmp_path, tiny_model_dir, data, training={"iters": 4}, eval={"enabled": False})
+    stopped = mlx_lora("train", config, "training.memory_limit=1MB")
+    assert stopped.returncode == 1 and (tmp_path / "run" / "data_fingerprint.json").is_file(), stopped.stderr[-2000:]
+    same = mlx_lora("train", config, "training.memory_limit=1MB", "--resume")  # nothing changed: no word of it
+    assert "changed since the run started" not in same.stderr + same.stdout
+    rows = (data / "train.jsonl").read_text().splitlines()
+    (data / "train.jsonl").write_text("\n".join(rows[: len(rows) // 2]) + "\n")  # the user cut the data
+    resumed = mlx_lora("train", config, "training.memory_limit=none", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "warning: --resume: train.jsonl in" in resumed.stdout + resumed.stderr
+    assert "changed since the run started" in resumed.stdout + resumed.stderr
+
+
 def test_resume_continues_to_the_requested_steps(trained_run, tmp_path):
     out, _ = trained_run
     config = out / "train_config.yaml"
