@@ -250,3 +250,27 @@ def test_mlx_quantized_folder_keeps_its_layers(family_dirs, family, bits, group_
     assert report.source_quantized
     ids = tokenizer.encode(PROMPT)
     assert relative_error(mlx_logits(ours, ids), mlx_logits(model, ids)) < 1e-5
+
+
+def test_gemma3_layer_types_of_transformers_5_set_the_sliding_pattern(tmp_path):
+    # transformers 5 spells the layers out (`layer_types`); mlx-lm reads `sliding_window_pattern`, default 6
+    import json
+
+    from mlx_lora.models.gguf_export import export_architecture
+
+    pattern = ["sliding_attention", "full_attention"] * 2
+    folder = make_family_dir(tmp_path / "alternating", "gemma3_text", overrides={"num_hidden_layers": 4,
+                                                                                 "layer_types": pattern})
+    config = json.loads((folder / "config.json").read_text())
+    assert config["layer_types"] == pattern and "sliding_window_pattern" not in config
+    model, tokenizer, info = load_model(str(folder))
+    ids = tokenizer.encode(PROMPT)
+    assert relative_error(mlx_logits(model, ids), torch_logits(torch_model(folder), ids)) < TOLERANCE
+    assert info.hf_config["sliding_window_pattern"] == 2
+    with pytest.raises(ValueError, match="pattern of 6 only"):  # llama.cpp would compute it differently
+        export_architecture(info.hf_config)
+    # layers with no full-attention one: one line, not mlx-lm's IndexError
+    folder = make_family_dir(tmp_path / "sliding-only", "gemma3_text", overrides={
+        "num_hidden_layers": 2, "layer_types": ["sliding_attention"] * 2})
+    with pytest.raises(ValueError, match="config.json: Gemma 3 layer_types .* follow no repeating pattern"):
+        load_model(str(folder))

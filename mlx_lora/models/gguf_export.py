@@ -36,6 +36,17 @@ def export_architecture(config: dict) -> str:
     if arch is None:
         raise ValueError(f"--gguf: model_type {config.get('model_type')!r} has no GGUF export here (exportable: "
                          f"{', '.join(sorted(EXPORT_ARCHITECTURES))}); keep the Hugging Face folder")
+    if arch == "gemma3":  # llama.cpp's gemma3 fixes the pattern (llama-model.cpp: set_swa_pattern(6))
+        from .sources import sliding_window_pattern
+
+        text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+        pattern = text.get("sliding_window_pattern") or (
+            sliding_window_pattern(text["layer_types"], int(text.get("num_hidden_layers") or 0))
+            if isinstance(text.get("layer_types"), list) else 6)
+        if pattern != 6:
+            raise ValueError(f"--gguf: this Gemma 3 alternates sliding and full attention every {pattern} layers; "
+                             "llama.cpp runs Gemma 3 with a pattern of 6 only, so its GGUF would compute differently; "
+                             "keep the Hugging Face folder")
     return arch
 
 

@@ -162,10 +162,10 @@ def config_overrides(config: dict) -> dict:
     while mlx-lm reads `rope_theta` / `rope_scaling` (and `rope_local_base_freq`), falling back to
     its own defaults, which differ from transformers' (Qwen2: 1e6 against 1e4).
     """
+    out: dict = _sliding_pattern_override(config)
     params = config.get("rope_parameters")
     if not isinstance(params, dict):
-        return {}
-    out: dict = {}
+        return out
     if "full_attention" in params or "sliding_attention" in params:
         local = params.get("sliding_attention") or {}
         if "rope_theta" in local and "rope_local_base_freq" not in config:
@@ -176,6 +176,40 @@ def config_overrides(config: dict) -> dict:
     if params.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
         out["rope_scaling"] = {k: v for k, v in params.items() if k != "rope_theta"}
     return out
+
+
+def sliding_window_pattern(layer_types: list, layers: int) -> int | None:
+    """mlx-lm's Gemma 3 `sliding_window_pattern` p (every p-th layer full attention, the rest sliding)
+    that transformers 5's `layer_types` spell out, or None when they follow no such pattern."""
+    full = [i for i, kind in enumerate(layer_types) if kind == "full_attention"]
+    if not full or len(layer_types) != layers:
+        return None
+    period = full[0] + 1
+    if all((kind == "full_attention") == ((i + 1) % period == 0) for i, kind in enumerate(layer_types)):
+        return period
+    return None
+
+
+def _sliding_pattern_override(config: dict) -> dict:
+    """For Gemma 3 configs that give `layer_types` (transformers 5) but no `sliding_window_pattern`, the
+    pattern mlx-lm reads (its default, 6, would be wrong); ValueError when mlx-lm's model cannot run them."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    if text.get("model_type", config.get("model_type")) not in ("gemma3", "gemma3_text"):
+        return {}
+    layers = int(text.get("num_hidden_layers") or 0)
+    pattern = text.get("sliding_window_pattern")
+    if pattern is None and isinstance(text.get("layer_types"), list):
+        pattern = sliding_window_pattern(text["layer_types"], layers)
+        if pattern is None:
+            raise ValueError(f"config.json: Gemma 3 layer_types {text['layer_types'][:8]} follow no repeating pattern "
+                             "of sliding layers closed by one full-attention layer, which is all mlx-lm's model runs")
+    if pattern is not None and layers < int(pattern):
+        raise ValueError(f"config.json: Gemma 3 with {layers} layers and a sliding-window pattern of {pattern} has no "
+                         "full-attention layer, which mlx-lm's model needs (it reads layer pattern - 1)")
+    if pattern is None or "sliding_window_pattern" in text:
+        return {}
+    return {"text_config": {**text, "sliding_window_pattern": pattern}} if text is not config else \
+        {"sliding_window_pattern": pattern}
 
 
 def check_architecture(config: dict, where: str) -> None:
@@ -214,8 +248,11 @@ def load_model(source: str):
             raise ValueError(f"model: {path}/config.json cannot be read ({err}); download the model again") from err
         check_architecture(config, str(path))
         try:
-            model, tokenizer, hf_config = mlx_lm_load(str(path), model_config=config_overrides(config),
-                                                      return_config=True)
+            overrides = config_overrides(config)
+        except ValueError as err:
+            raise ValueError(f"model: {path}/{err}") from None
+        try:
+            model, tokenizer, hf_config = mlx_lm_load(str(path), model_config=overrides, return_config=True)
         except ValueError as err:
             raise ValueError(f"model: {path}: {str(err).splitlines()[0] if str(err) else err!r}") from err
         except FileNotFoundError as err:
