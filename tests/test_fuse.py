@@ -227,9 +227,14 @@ def test_a_dpo_run_fuses_and_serves_from_its_run_folder(tiny_model_dir, pairs_di
     from mlx_lora.run import run_training
     from mlx_lora.serve.cli import from_run
 
-    config = preference_config(tmp_path, tiny_model_dir, pairs_dir, tmp_path / "run", "dpo")
-    run_training(load_config(config))
-    settings = from_run(str(config), fuse=True, report=lambda line: None)
+    config = preference_config(tmp_path, tiny_model_dir, pairs_dir, tmp_path / "elsewhere", "dpo")
+    run_training(load_config(config, [f"output_dir={tmp_path / 'run'}"]))
+    # the training run's key=value items, as train and fuse take them (`serve --from-run CONFIG output_dir=...`)
+    from mlx_lora.serve.cli import split_run_overrides
+
+    serve_items, training = split_run_overrides(["port=9000", f"output_dir={tmp_path / 'run'}"])
+    assert serve_items == ["port=9000"] and training == [f"output_dir={tmp_path / 'run'}"]
+    settings = from_run(str(config), fuse=True, report=lambda line: None, overrides=training)
     assert settings["model"] == str(tmp_path / "run" / "fused")
     check = json.loads((tmp_path / "run" / "fused" / "fuse_report.json").read_text())["check"]
     assert check["objective"] == "dpo" and check["source"] == str(pairs_dir / "test.jsonl")

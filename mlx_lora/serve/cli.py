@@ -118,12 +118,13 @@ def parse_adapters(items, problems: list[str] | None = None) -> dict[str, str]:
     return adapters
 
 
-def from_run(train_config: str, fuse: bool, report=print) -> dict:
-    """Serve settings for a training run: its fused model (fused first when stale), or base + adapters."""
+def from_run(train_config: str, fuse: bool, report=print, overrides: list[str] = ()) -> dict:
+    """Serve settings for a training run: its fused model (fused first when stale), or base + adapters.
+    `overrides` are the training config's `key=value`s, as `train` and `fuse` take them."""
     from ..adapters import ADAPTER_WEIGHTS
     from ..config import load_config
 
-    cfg = load_config(train_config)
+    cfg = load_config(train_config, list(overrides))
     run_dir = Path(cfg.output_dir)
     weights = run_dir / ADAPTER_WEIGHTS
     if not weights.is_file():
@@ -211,6 +212,14 @@ def serve(cfg: ServeConfig) -> None:
     Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)).run()
 
 
+def split_run_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """With --from-run: (serve settings' key=value items, the training config's): a key the serve
+    settings lack (output_dir=runs/b, data.path=...) is the training run's, as `train` and `fuse` take it."""
+    serve_keys = {f.name for f in dataclasses.fields(ServeConfig)}
+    training = [item for item in items if item.split("=", 1)[0].split(".")[0] not in serve_keys]
+    return [item for item in items if item not in training], training
+
+
 def run(args) -> int:
     path = args.items[0] if args.items and "=" not in args.items[0] else None
     overrides = args.items[1:] if path else args.items
@@ -221,7 +230,8 @@ def run(args) -> int:
     if args.from_run is not None:
         from ..cli import _default_config
 
-        flags.update(from_run(args.from_run or _default_config(), fuse=not args.no_fuse))
+        overrides, training = split_run_overrides(overrides)
+        flags.update(from_run(args.from_run or _default_config(), fuse=not args.no_fuse, overrides=training))
         flags["adapters"] = tuple(flags.get("adapters") or ()) + tuple(args.adapter)
     elif args.no_fuse:
         raise ValueError("--no-fuse only applies with --from-run")
