@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="JSONL of chat messages or prompts with optional references "
                                           "(default: the test split of --config)")
     parser.add_argument("--config", help="training config whose test split is the default prompts (default: configs/demo.yaml)")
-    parser.add_argument("--model", help="model id (default: the first one the server lists)")
+    parser.add_argument("--model", help="model id (default: the server's default, the first it lists; the others "
+                                         "are named when there are several)")
     parser.add_argument("--stream", action="store_true", help="stream answers (measures time to first token)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--limit", type=int, help="send only the first N prompts")
@@ -274,9 +275,13 @@ def main(argv: list[str] | None = None) -> int:
             prompts_file = default_prompts_file()
         cases = read_prompts(prompts_file, args.limit)
         client = Client(args.base_url, args.api_key or os.environ.get("MLX_LORA_API_KEY"))
-        model = args.model or client.models()[0]
+        listed = [] if args.model else client.models()
+        model = args.model or listed[0]
         print(f"{len(cases)} prompts from {prompts_file} -> {model} at {args.base_url}"
               f"{' (streaming)' if args.stream else ''}, concurrency {args.concurrency}")
+        if len(listed) > 1:  # the server's default (listed first); say so, as the others may be what was meant
+            print(f"note: {model} is the server's default model; it also serves {', '.join(listed[1:])} "
+                  "(pass --model NAME to score one of those)")
         results, wall = run_all(client, cases, model, args.max_tokens, args.stream, args.concurrency,
                                 None if args.quiet else _show)
     except ServerDown as err:
