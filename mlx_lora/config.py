@@ -226,7 +226,7 @@ def _check_ranges(cfg: Config) -> list[str]:
 
 
 def _is_memory_size(text: str) -> bool:
-    from .memory.plan import parse_memory
+    from .memory.sizes import parse_memory
 
     try:
         parse_memory(text)

@@ -1,7 +1,8 @@
 """A whole training run from a Config: load, quantize, add adapters, train, save, evaluate.
 
 Writes the documented output folder: adapters.safetensors, adapter_config.json,
-train_config.yaml, metrics.jsonl, loss.png, checkpoints/, eval.json, run_summary.json.
+train_config.yaml, data_fingerprint.json, metrics.jsonl, loss.png, checkpoints/, eval.json,
+run_summary.json, peft/.
 """
 
 from __future__ import annotations

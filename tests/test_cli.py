@@ -49,7 +49,7 @@ def test_train_writes_the_documented_output_folder(trained_run):
     out, result = trained_run
     names = {p.name for p in out.iterdir()}
     expected = {"adapters.safetensors", "adapter_config.json", "train_config.yaml", "metrics.jsonl", "loss.png",
-                "checkpoints", "eval.json", "run_summary.json"}
+                "checkpoints", "eval.json", "run_summary.json", "data_fingerprint.json"}
     assert expected <= names, f"missing {expected - names}"
     assert names - expected <= {"peft"}, f"unexpected files {names - expected}"
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

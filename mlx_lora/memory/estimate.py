@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .shape import ModelShape, gguf_tensor_bytes
+from .sizes import GB
 
-GB = 1e9
 FIXED_OVERHEAD_BYTES = 10e6  # MLX's own allocations during a step (measured: 7-10 MB on tiny models)
 HEAD_CHUNK_LOGITS_BYTES = 2 * 1024 * 1024  # loss.CHUNK_LOGITS_BYTES: a chunk's float32 logits
 HEAD_CHUNK_LIVE = 10  # a chunk's backward holds ~10 logits-sized arrays (loss.py)

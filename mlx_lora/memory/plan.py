@@ -10,19 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from dataclasses import dataclass, field
 
 from ..cpu_streams import stream_count
 from .estimate import GB, REFERENCE_COMPONENT, StepSettings, adapted_blocks, components, float_copy_bytes, \
     lora_parameters, sequences
 from .shape import ModelShape, read_shape
+from .sizes import MEMORY_FORMS, parse_memory  # noqa: F401 - part of this module's interface
 
 SAFETY_MARGIN = 0.9  # batch_size: auto and the guard's default keep the prediction under 90% of memory
 AUTO_BATCH_CAP = 32  # batch_size: auto without effective_batch_size: the largest micro-batch tried
-MEMORY_FORMS = "a size such as 16GB, 32GB, 64GB, 24GiB or 512MB"
-_UNITS = {"": GB, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": GB, "gb": GB, "t": 1e12, "tb": 1e12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 # Measured: uncompiled, MLX keeps most of each checkpointed block's activations (24 of 33 MB per
@@ -30,15 +27,6 @@ _UNITS = {"": GB, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": GB, "gb
 # path where the compiled step is predicted at 15.5 GB (README, "Will it fit?").
 UNCOMPILED_WARNING = ("training.compile=false: this plan is for the compiled step; uncompiled, MLX keeps most "
                       "activations even with grad_checkpoint, so the peak can be far higher (keep training.compile=true)")
-
-
-def parse_memory(text: str) -> float:
-    """'32GB', '24 GiB', '512MB', '16' (GB) -> bytes. ValueError with the accepted forms otherwise."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    unit = match.group(2).lower() if match else None
-    if not match or unit not in _UNITS or float(match.group(1)) <= 0:
-        raise ValueError(f"memory size {text!r} is not understood; expected {MEMORY_FORMS}")
-    return float(match.group(1)) * _UNITS[unit]
 
 
 # The share of a Mac's RAM that macOS lets the GPU keep resident (Metal's recommendedMaxWorkingSetSize,

@@ -95,7 +95,9 @@ TYPE_DEFAULTS = {
 
 def _need(config: dict, key: str, where: str, default: int | None = None) -> int:
     """config[key] as a positive integer (or `default` when absent); ValueError naming the field."""
-    value = config.get(key, default)
+    value = config.get(key)
+    if value is None:  # absent or null (mlx-lm's model args hold None for fields the config left out)
+        value = default
     if value is None:
         state = "sets 'null' for" if key in config else "has no"
         raise ValueError(f"{where}: config.json {state} {key!r}; the planner cannot size this model")
