@@ -26,6 +26,8 @@ IMPLICIT = {"chosen": [{"role": "user", "content": "hi"}, {"role": "assistant", 
                          {"role": "user", "content": "and you?"}, {"role": "assistant", "content": "go away"}]}
 BINARIZED = {"prompt": "Say hi", "chosen": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}],
              "rejected": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "no"}]}
+# HuggingFaceH4/ultrafeedback_binarized as published: `messages` is the whole chosen conversation, not the prompt
+PUBLISHED = {**BINARIZED, "prompt_id": "0f3a", "messages": BINARIZED["chosen"], "score_chosen": 9.0, "score_rejected": 2.0}
 
 
 def convert(tmp_path, *files, **options):
@@ -46,8 +48,9 @@ def convert(tmp_path, *files, **options):
     (SCORED, {"prompt": "Name a fox colour.", "chosen": "Red.", "rejected": "Blue."}),
     (OPENAI, {"messages": [{"role": "user", "content": "Hello"}], "chosen": "Hi! How can I help?", "rejected": "What."}),
     (BINARIZED, {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}),
+    (PUBLISHED, {"prompt": "Say hi", "chosen": "hi", "rejected": "no"}),
     (IMPLICIT, {"messages": IMPLICIT["chosen"][:3], "chosen": "fine, thanks", "rejected": "go away"}),
-], ids=["hh-rlhf", "scored", "openai-preference", "binarized", "implicit-prompt"])
+], ids=["hh-rlhf", "scored", "openai-preference", "binarized", "binarized-published", "implicit-prompt"])
 def test_each_preference_shape_becomes_a_training_row(tmp_path, tiny_model_dir, raw, expected):
     report, written = convert(tmp_path, [raw])
     assert written == [expected]
@@ -81,6 +84,20 @@ def test_bad_preference_records_name_file_and_line(tmp_path, good, raw, message)
     with pytest.raises(TransformError) as err:
         convert(tmp_path, [good, raw])
     assert message in str(err.value)
+
+
+def test_skipping_sft_rows_mixed_into_a_pair_file_keeps_every_pair(tmp_path):
+    # a stray SFT row skips itself with --skip-invalid, not every pair after it
+    pairs = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(6)]
+    report, written = convert(tmp_path, pairs[:2] + [{"prompt": "x", "completion": "y"}] + pairs[2:], skip_invalid=True)
+    assert len(written) == 6 and report["totals"]["skipped"] == {"invalid_record": 1}
+
+
+def test_scored_format_on_a_record_without_scored_answers_is_one_line(tmp_path):
+    no_prompt = {"completions": SCORED["completions"]}
+    for raw, missing in ((HH, "no 'completions'"), (no_prompt, "no prompt")):
+        with pytest.raises(TransformError, match=f"--format scored reads .* {missing}"):
+            convert(tmp_path, [raw], input_format="scored")
 
 
 def test_openai_preference_tools_are_kept_and_other_input_fields_named(tmp_path, tiny_model_dir):

@@ -173,7 +173,8 @@ class _Run:
             lines = report._first_lines.setdefault(fmt, [])
             if len(lines) < MIXED_EXAMPLE_LINES:
                 lines.append(record.line)
-            if len(report._first_lines) > 1:
+            if len(report._first_lines) > 1 and fmt != next(iter(report._first_lines)):
+                # with --skip-invalid only the rows unlike the file's first are skipped, not all after them
                 raise _mixed_error(record.path, report._first_lines)
         try:
             row = self.converter.convert(record, fmt)

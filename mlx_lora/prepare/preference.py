@@ -125,8 +125,13 @@ def _from_hh(record: RawRecord) -> tuple:
 
 def _from_scored(record: RawRecord) -> tuple:
     value = record.value
-    prompt_key = next(k for k in PROMPT_KEYS if k in value)
-    list_key = next(k for k in ANSWER_LIST_KEYS if isinstance(value.get(k), list))
+    prompt_key = next((k for k in PROMPT_KEYS if k in value), None)
+    list_key = next((k for k in ANSWER_LIST_KEYS if isinstance(value.get(k), list)), None)
+    if list_key is None or prompt_key is None:
+        missing = "'completions' / 'responses' list" if list_key is None else "prompt (prompt, instruction, question)"
+        raise TransformError(f"{record.where()}: --format scored reads a prompt and a 'completions' (or 'responses') "
+                             f"list of answers with scores; this record has no {missing}: pass the format it has, or "
+                             "leave --format out")
     scored = []
     for i, answer in enumerate(value[list_key]):
         where = f"{record.where(list_key)}: {list_key}[{i}]"
@@ -192,7 +197,12 @@ def _implicit_prompt(chosen: Any, rejected: Any) -> int:
 def _from_native(record: RawRecord) -> tuple:
     value = record.value
     chosen, rejected = _require(record, "chosen"), _require(record, "rejected")
-    if "messages" in value:
+    messages = value.get("messages")
+    # UltraFeedback-binarized also carries `messages`, the whole chosen conversation (ending with the
+    # answer): not the prompt when a prompt field is there
+    whole = isinstance(messages, list) and messages and isinstance(messages[-1], dict) \
+        and messages[-1].get("role") == "assistant"
+    if "messages" in value and not (whole and any(k in value for k in PROMPT_KEYS)):
         prompt = value["messages"]
     else:
         key = next((k for k in PROMPT_KEYS if k in value), None)
