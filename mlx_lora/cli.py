@@ -158,6 +158,8 @@ def cmd_eval(args) -> int:
     from .run import load_base, run_eval
 
     path, overrides = _split_config_and_overrides(args.items)
+    if path is None and args.adapter and (Path(args.adapter) / "train_config.yaml").is_file():
+        path = str(Path(args.adapter) / "train_config.yaml")  # --adapter RUN alone: the run's own settings
     cfg = load_config(path or _default_config(), overrides)
     start_preamble_pch()  # in the background: MLX's CPU kernels build faster once it is there
     adapter_dir = Path(args.adapter or cfg.output_dir)
@@ -290,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("-n", "--processes", type=int, metavar="N",
                        help="data-parallel over N local processes (mlx.launch -n N)")
     train.set_defaults(func=cmd_train)
-    evaluate = sub.add_parser("eval", help="score a trained run on its test split (base vs tuned)")
+    evaluate = sub.add_parser("eval", help="score a trained run on its test split (base vs tuned)",
+                              description="Score base and tuned on the test split and write eval.json into the run. "
+                                          "Pass the run's CONFIG (or runs/X/train_config.yaml), or --adapter RUN alone "
+                                          "to use the run's own recorded settings.")
     evaluate.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
     evaluate.set_defaults(func=cmd_eval)

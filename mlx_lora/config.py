@@ -216,7 +216,8 @@ def _check_ranges(cfg: Config) -> list[str]:
     need(0 <= t.label_smoothing < 0.5, "training.label_smoothing", f"must be in [0, 0.5), got {t.label_smoothing}")
     need(t.label_smoothing == 0 or (t.objective == "dpo" and t.loss_type == "sigmoid"), "training.label_smoothing",
          "applies only to training.objective: dpo with loss_type: sigmoid; set it to 0")
-    need(t.loss_type == "sigmoid" or t.objective == "dpo", "training.loss_type",
+    need(t.loss_type == "sigmoid" or t.objective == "dpo" or t.objective not in CHOICES["training.objective"],
+         "training.loss_type",
          f"{t.loss_type!r} applies only to training.objective: dpo (this run: {t.objective}); remove it")
     need(cfg.distributed.timeout_s > 0, "distributed.timeout_s", f"must be positive, got {cfg.distributed.timeout_s}")
     need(cfg.eval.max_new_tokens > 0, "eval.max_new_tokens", f"must be positive, got {cfg.eval.max_new_tokens}")

@@ -133,7 +133,9 @@ class ProgressBar:
     def on_interrupt(self, step, path):
         self.close()
         where = f"checkpoint saved to {path}" if path else "no checkpoint yet"
-        print(f"\ninterrupted at step {step}: {where}; continue with --resume", file=self.stream)
+        run = f" (the run in {Path(path).parent.parent}: keep any output_dir=... you gave)" if path else ""
+        print(f"\ninterrupted at step {step}: {where}; continue with the same command and --resume{run}",
+              file=self.stream)
 
     def on_end(self, summary):
         self.close()

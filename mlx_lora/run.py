@@ -355,15 +355,23 @@ def run_training(cfg: Config, resume: bool = False, setup_s: float | None = None
             "over the last evaluations); more training may help: raise training.epochs (or training.iters)")
     phases["train"] = time.perf_counter() - clock
     clock = time.perf_counter()
+    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
+        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
 
+    def write_summary() -> None:
+        summary["phases_s"] = phases
+        write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
+
+    write_summary()  # the training's summary stands even if the evaluation is interrupted
+    if summary.pop("interrupted", False):  # Ctrl-C came during the last step: trained, but no evaluation
+        log(f"interrupted during the last step: training is complete, evaluation skipped (mlx-lora eval "
+            f"{cfg.output_dir}/train_config.yaml scores it)")
+        raise KeyboardInterrupt
     if cfg.eval.enabled:
         summary["eval"] = run_eval(model, tokenizer, datasets["test"], cfg, out)
         phases["eval"] = time.perf_counter() - clock
-    if info.gguf_report is not None:  # how each GGUF tensor type is held, with its measured weight error
-        summary["gguf_tensor_types"] = info.gguf_report.as_dict()
-    summary["phases_s"] = phases
     log(phases_line(phases))
-    write_json(out / "run_summary.json", {**summary, "platform": platform.platform(), "python": sys.version.split()[0]})
+    write_summary()
     return summary
 
 

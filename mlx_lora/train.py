@@ -475,6 +475,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
             stopped_early = world.any(stopped_early)  # validation runs on rank 0 only: all stop together
             if stopped_early:
                 break
+        interrupted = world.any(interrupt.requested)  # Ctrl-C during the last step: the run is done, say so
     final = save(step)
     summary = {
         "steps": step, "final_checkpoint": str(final),
@@ -482,6 +483,7 @@ def train(model: nn.Module, train_set: list[Example], valid_set: list[Example], 
         "peak_memory_gb": mx.get_peak_memory() / 1e9, "val_loss": val_loss,
         "planned_steps": steps, "stopped_early": stopped_early,
         "val_history": [{"step": s, "val_loss": v} for s, v in val_history],
+        **({"interrupted": True} if interrupted else {}),
     }
     for callback in callbacks:
         callback.on_end(summary)

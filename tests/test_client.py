@@ -73,3 +73,15 @@ def test_read_prompts_formats(tmp_path):
     path.write_text("{oops\n")
     with pytest.raises(ValueError, match=":1: invalid JSON"):
         read_prompts(path)
+
+
+def test_preference_pairs_are_scored_against_the_chosen_answer(tmp_path):
+    from mlx_lora.serve.client import read_prompts
+
+    path = tmp_path / "test.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in (
+        {"prompt": "2+2?", "chosen": "4", "rejected": "5"},
+        {"messages": [{"role": "user", "content": "3+3?"}], "chosen": [{"role": "assistant", "content": "6"}],
+         "rejected": [{"role": "assistant", "content": "7"}]})) + "\n")
+    cases = read_prompts(path)
+    assert [(c.reference, c.from_pair) for c in cases] == [("4", True), ("6", True)]

@@ -671,3 +671,16 @@ def test_float_weights_auto_keeps_copies_only_when_they_fit_easily(config_only_d
     forced = load_config(path, ["training.float_weights=float"])
     too_small = make_plan(forced, memory=tight.peak / SAFETY_MARGIN * 1.01, dequantize_path=True)
     assert not too_small.fits and ["training.float_weights=quantized"] in [o for o, _ in too_small.suggestions]
+
+
+def test_an_auto_batch_plans_as_the_same_batch_given(config_only_dir, tiny_data_dir, tmp_path):
+    # the batch auto picks, planned as if given: same float-copy decision, same CPU streams, same peak
+    path = write_config(tmp_path, ROOT / "configs" / "models" / "hf_config" / "Qwen2.5-0.5B-Instruct.json", tiny_data_dir)
+    for memory in ("4GB", "8GB", "16GB"):
+        auto = make_plan(load_config(path, ["training.batch_size=auto", "training.effective_batch_size=8"]),
+                         parse_memory(memory), "test", dequantize_path=True)
+        s = auto.settings
+        given = make_plan(load_config(path, [f"training.batch_size={s.batch_size}",
+                                             f"training.grad_accumulation={s.grad_accumulation}"]),
+                          parse_memory(memory), "test", dequantize_path=True)
+        assert given.settings == s and given.peak == pytest.approx(auto.peak), memory

@@ -151,3 +151,16 @@ def test_misspelled_preference_keys_get_a_did_you_mean(tmp_path, raw, message):
     with pytest.raises(TransformError) as err:
         convert(tmp_path, [raw])
     assert message in str(err.value)
+
+
+def test_a_pairs_own_system_prompt_is_kept_and_system_fills_only_rows_without(tmp_path):
+    orca = {"system": "You are an AI assistant.", "question": "Compute 1*1.", "chosen": "1", "rejected": "2"}
+    plain = {"question": "Compute 2*1.", "chosen": "2", "rejected": "3"}
+    report, written = convert(tmp_path, [orca, plain], system="Default system.")
+    assert [row["messages"][0]["content"] for row in written] == ["You are an AI assistant.", "Default system."]
+    assert not report["inputs"][0]["dropped_fields"]
+
+
+def test_an_sft_output_format_for_preference_pairs_is_refused(tmp_path):
+    with pytest.raises(TransformError, match="--output-format completions is for SFT rows"):
+        convert(tmp_path, [BINARIZED], output_format="completions")

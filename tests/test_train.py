@@ -91,6 +91,17 @@ def test_interrupted_and_resumed_run_equals_uninterrupted(tiny_model_dir, tiny_d
     np.testing.assert_allclose(resumed_losses, straight_losses, rtol=1e-5)
 
 
+def test_ctrl_c_during_the_last_step_is_not_lost(tiny_model_dir, tiny_data_dir, tmp_path):
+    # the loop ends with the step, so the request is read after it: the run is complete and says so
+    # (the CLI then skips evaluation and exits as interrupted)
+    model, data = setup(tiny_model_dir, tiny_data_dir)
+    config = dataclasses.replace(CONFIG, iters=4, steps_per_eval=0)
+    summary = train(model, data["train"], data["valid"], config, tmp_path, callbacks=[Recorder(interrupt_at=4)])
+    assert summary["steps"] == 4 and summary.get("interrupted") is True
+    quiet = train(*setup(tiny_model_dir, tiny_data_dir)[:1], data["train"], data["valid"], config, tmp_path / "quiet")
+    assert "interrupted" not in quiet
+
+
 def test_an_interrupt_between_reports_reports_the_steps_it_applied(tiny_model_dir, tiny_data_dir, tmp_path):
     config = dataclasses.replace(CONFIG, steps_per_report=3)  # checkpoints at 4 and 8, reports at 3, 6, 9, 12
     model, data = setup(tiny_model_dir, tiny_data_dir)

@@ -379,7 +379,11 @@ def planned_settings(cfg, shape: ModelShape, memory: float, dequantize_path: boo
     settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     if cfg.training.batch_size == "auto":
         batch, accumulation = auto_batch(shape, settings, memory, cfg.training.effective_batch_size)
-        settings = dataclasses.replace(settings, batch_size=batch, grad_accumulation=accumulation)
+        # as a run with that batch given would be planned: its CPU streams, and float copies decided
+        # at that batch (dropping them only lowers the peak, so the pick still fits)
+        settings = dataclasses.replace(settings_of(cfg, batch_size=batch, dequantize_path=dequantize_path),
+                                       grad_accumulation=accumulation)
+        settings = choose_float_weights(shape, settings, cfg.training.float_weights, memory)
     return settings
 
 

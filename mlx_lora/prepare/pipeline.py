@@ -188,6 +188,10 @@ class _Run:
             report.skip(record.line, "empty", "no reply / text to learn from")
             return
         kind = "preference pairs" if isinstance(row, dict) and "chosen" in row else "SFT rows"
+        if kind == "preference pairs" and self.options.output_format != "chat":
+            raise TransformError(f"{record.where()}: --output-format {self.options.output_format} is for SFT rows; "
+                                 "preference pairs are written as {prompt or messages, chosen, rejected}: leave "
+                                 "--output-format out")
         self.first_of_kind.setdefault(kind, record.where())
         if len(self.first_of_kind) > 1:  # training reads one kind per folder: refuse the mix here, not there
             pairs, rows = self.first_of_kind["preference pairs"], self.first_of_kind["SFT rows"]

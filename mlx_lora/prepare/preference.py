@@ -35,7 +35,7 @@ READS = {
     "hh-rlhf": ("chosen", "rejected"),
     "scored": PROMPT_KEYS + ANSWER_LIST_KEYS,
     "openai-preference": ("input", "preferred_output", "non_preferred_output"),
-    "preference": ("messages", "chosen", "rejected", "tools") + PROMPT_KEYS,
+    "preference": ("messages", "chosen", "rejected", "tools", "system") + PROMPT_KEYS,
 }
 # The fields read inside OpenAI's `input` (`parallel_tool_calls` is a request setting with no
 # place in a training row: it is named as dropped, like any other field left out).
@@ -244,6 +244,9 @@ def convert(record: RawRecord, fmt: str, system: str | None = None) -> dict:
     answers (or no preference at all).
     """
     prompt, chosen, rejected = CONVERTERS[fmt](record)
+    own = record.value.get("system") if fmt == "preference" else None
+    if isinstance(own, str) and own.strip():  # the row's own system prompt (Intel/orca_dpo_pairs): --system is for rows without
+        system = own
     chosen, rejected = _one_answer(chosen), _one_answer(rejected)
     if not chosen or not rejected:
         raise SkipRecord("empty", f"{record.where()}: an empty answer")

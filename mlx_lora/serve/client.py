@@ -29,6 +29,16 @@ class PromptCase:
     messages: Optional[list[dict]] = None
     prompt: Optional[str] = None
     reference: Optional[str] = None
+    from_pair: bool = False  # a preference pair's prompt, its reference the chosen answer
+
+
+def _chosen_text(row: dict) -> Optional[str]:
+    """A preference pair's chosen answer as text (a string, or the last assistant message's content)."""
+    chosen = row.get("chosen")
+    if isinstance(chosen, list):
+        chosen = next((m.get("content") for m in reversed(chosen) if isinstance(m, dict) and m.get("role") == "assistant"),
+                      None)
+    return chosen if isinstance(chosen, str) else None
 
 
 @dataclass
@@ -51,7 +61,8 @@ def normalize(text: str) -> str:
 
 def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptCase]:
     """Prompts from JSONL rows: {"messages": [...]} (a final assistant turn is the reference),
-    {"prompt": ..., "completion"|"reference": ...}, or a bare JSON string."""
+    {"prompt": ..., "completion"|"reference": ...}, a preference pair (its chosen answer is the
+    reference), or a bare JSON string."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompts file not found: {path}")
@@ -67,13 +78,14 @@ def read_prompts(path: str | Path, limit: int | None = None) -> list[PromptCase]
             cases.append(PromptCase(prompt=row))
         elif isinstance(row, dict) and isinstance(row.get("messages"), list) and row["messages"]:
             messages = row["messages"]
-            reference = row.get("reference")
+            reference = row.get("reference", _chosen_text(row) if "chosen" in row else None)
             if messages[-1].get("role") == "assistant":
                 reference = reference if reference is not None else messages[-1].get("content")
                 messages = messages[:-1]
-            cases.append(PromptCase(messages=messages, reference=reference))
+            cases.append(PromptCase(messages=messages, reference=reference, from_pair="chosen" in row))
         elif isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            cases.append(PromptCase(prompt=row["prompt"], reference=row.get("reference", row.get("completion"))))
+            reference = row.get("reference", row.get("completion", _chosen_text(row)))
+            cases.append(PromptCase(prompt=row["prompt"], reference=reference, from_pair="chosen" in row))
         else:
             raise ValueError(f"{path}:{number}: expected {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}")
         if limit is not None and len(cases) >= limit:
@@ -279,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         model = args.model or listed[0]
         print(f"{len(cases)} prompts from {prompts_file} -> {model} at {args.base_url}"
               f"{' (streaming)' if args.stream else ''}, concurrency {args.concurrency}")
+        if any(case.from_pair for case in cases):
+            print("note: preference pairs: each answer is compared with its pair's chosen answer (exact match)")
         if len(listed) > 1:  # the server's default (listed first); say so, as the others may be what was meant
             print(f"note: {model} is the server's default model; it also serves {', '.join(listed[1:])} "
                   "(pass --model NAME to score one of those)")
