@@ -249,10 +249,20 @@ def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_
     max_tokens = 470
     body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens,
             "logit_bias": {str(i): -100 for i in engine.tokenizer.eos_token_ids}}  # it would run to max_tokens
+    forward = engine.scheduler.forward
+
+    def paced(*args):  # >= 2.3 s for the 470 tokens on any machine: the tiny model alone can finish in 0.4 s
+        time.sleep(0.005)
+        return forward(*args)
+
+    engine.scheduler.forward = paced
     started = time.monotonic()
-    with pytest.raises(httpx.ReadTimeout):
-        client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.4))
-    done = finished_with(engine, max_tokens)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.4))
+        done = finished_with(engine, max_tokens)
+    finally:
+        engine.scheduler.forward = forward
     assert done and done[-1]["finish_reason"] == "cancelled", done
     assert done[-1]["completion_tokens"] < max_tokens
     assert engine.running() == 0 and time.monotonic() - started < 30
