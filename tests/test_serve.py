@@ -222,15 +222,34 @@ def test_concurrent_clients_all_get_their_answers(server):
 def test_client_disconnect_stops_generation(server):
     client, engine = server
     max_tokens = 480  # within the tiny model's 512-token context
-    body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as response:
-        for line in response.iter_lines():
-            if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
-                break  # got a token; leaving the block closes the connection
-    done = finished_with(engine, max_tokens)
+    body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens, "stream": True,
+            "logit_bias": {str(i): -100 for i in engine.tokenizer.eos_token_ids}}  # it would run to max_tokens
+    with paced(engine):
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["text"]:
+                    break  # got a token; leaving the block closes the connection
+        done = finished_with(engine, max_tokens)
     assert done and done[-1]["finish_reason"] == "cancelled"
     assert done[-1]["completion_tokens"] < max_tokens
     assert engine.running() == 0  # the batch slot is free again
+
+
+@contextmanager
+def paced(engine, seconds: float = 0.005):
+    """Each model step takes at least `seconds` longer: ~470 tokens then need > 2 s on any machine,
+    where the tiny model alone can finish them before a client's disconnect is seen."""
+    forward = engine.scheduler.forward
+
+    def slower(*args):
+        time.sleep(seconds)
+        return forward(*args)
+
+    engine.scheduler.forward = slower
+    try:
+        yield
+    finally:
+        engine.scheduler.forward = forward
 
 
 def finished_with(engine, max_tokens: int, timeout: float = 30.0) -> list[dict]:
@@ -249,20 +268,11 @@ def test_a_non_streamed_client_that_goes_away_stops_its_generation_while_tokens_
     max_tokens = 470
     body = {"model": "base", "prompt": "say hello", "max_tokens": max_tokens,
             "logit_bias": {str(i): -100 for i in engine.tokenizer.eos_token_ids}}  # it would run to max_tokens
-    forward = engine.scheduler.forward
-
-    def paced(*args):  # >= 2.3 s for the 470 tokens on any machine: the tiny model alone can finish in 0.4 s
-        time.sleep(0.005)
-        return forward(*args)
-
-    engine.scheduler.forward = paced
     started = time.monotonic()
-    try:
+    with paced(engine):
         with pytest.raises(httpx.ReadTimeout):
             client.post("/v1/completions", json=body, timeout=httpx.Timeout(60, read=0.4))
         done = finished_with(engine, max_tokens)
-    finally:
-        engine.scheduler.forward = forward
     assert done and done[-1]["finish_reason"] == "cancelled", done
     assert done[-1]["completion_tokens"] < max_tokens
     assert engine.running() == 0 and time.monotonic() - started < 30
