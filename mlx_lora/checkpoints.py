@@ -121,8 +121,21 @@ def unreadable_safetensors(folder: Path) -> list[str]:
     return bad
 
 
+CHECKPOINT_DIRNAME = "checkpoints"  # <output_dir>/checkpoints/step_NNNNNN
+
+
+def run_file(folder: str | Path, name: str) -> Path:
+    """`folder / name`, or for a run's checkpoint folder (checkpoints/step_N) lacking it, the run's own
+    (adapter_config.json, train_config.yaml live in the run folder)."""
+    folder = Path(folder)
+    path = folder / name
+    if not path.is_file() and folder.parent.name == CHECKPOINT_DIRNAME:
+        return folder.parent.parent / name
+    return path
+
+
 def checkpoint_root(output_dir: Path) -> Path:
-    return Path(output_dir) / "checkpoints"
+    return Path(output_dir) / CHECKPOINT_DIRNAME
 
 
 def write_checkpoint(output_dir: Path, step: int, position, elapsed_s: float, keep: int,

@@ -548,10 +548,9 @@ def run_differences(cfg: Config, adapter_dir: str | Path) -> list[str]:
     """One line per RUN_DEFINING_KEYS setting where `cfg` differs from the run that trained the
     adapters in `adapter_dir` (its `train_config.yaml`, or its run's for a checkpoints/step_N
     folder); empty when there is no record or nothing differs."""
-    folder = Path(adapter_dir)
-    recorded_file = folder / "train_config.yaml"
-    if not recorded_file.is_file() and folder.parent.name == "checkpoints":
-        recorded_file = folder.parent.parent / "train_config.yaml"
+    from .checkpoints import run_file
+
+    recorded_file = run_file(adapter_dir, "train_config.yaml")
     if not recorded_file.is_file():
         return []
     try:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..checkpoints import save_safetensors, write_json
+from ..checkpoints import run_file, save_safetensors, write_json
 from ..config import LoraConfig
 
 ADAPTER_WEIGHTS = "adapters.safetensors"
@@ -47,9 +47,7 @@ def save_adapters(folder: str | Path, model, config: dict) -> None:
 def read_adapter_config(folder: str | Path) -> tuple[dict, LoraConfig]:
     """Read an MLX adapter config (ours or mlx_lm.lora's) as (raw dict, LoraConfig)."""
     folder = Path(folder)
-    path = folder / ADAPTER_CONFIG
-    if not path.is_file() and folder.parent.name == "checkpoints":  # a run's checkpoint: the run's config
-        path = folder.parent.parent / ADAPTER_CONFIG
+    path = run_file(folder, ADAPTER_CONFIG)  # a run's checkpoint folder reads the run's config
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG}; pass the run's output_dir, one of its "
                                 "checkpoints/step_N folders, or an adapter folder")
