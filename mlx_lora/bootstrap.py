@@ -36,8 +36,20 @@ def has_modules(python: str, modules) -> bool:
 
 
 def install_stamp(extras: list[str]) -> str:
-    text = (ROOT / "pyproject.toml").read_text() + ",".join(sorted(extras))
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    """What `.venv/.mlx-lora-installed` records: the pyproject.toml it was installed from (a digest)
+    and the extras installed, e.g. "3f2a9c0d1e2b4a5c test". Extras accumulate: a venv set up for the
+    tests serves train_by_mlx.sh too, without reinstalling back and forth."""
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()[:16]
+    return " ".join([digest, *sorted(set(extras))])
+
+
+def installed_extras(stamp_file: Path) -> set[str] | None:
+    """The extras recorded in the stamp file when it matches this pyproject.toml, else None."""
+    try:
+        digest, *extras = stamp_file.read_text().split()
+    except (OSError, ValueError):
+        return None
+    return set(extras) if digest == install_stamp([]) else None
 
 
 def ensure_environment(extras: list[str]) -> str:
@@ -50,9 +62,10 @@ def ensure_environment(extras: list[str]) -> str:
         return sys.executable  # an activated environment that already has everything
     python = VENV / "bin" / "python"
     stamp_file = VENV / ".mlx-lora-installed"
-    stamp = install_stamp(extras)
-    if python.exists() and stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+    installed = installed_extras(stamp_file) if python.exists() else None
+    if installed is not None and set(extras) <= installed:
         return str(python)
+    extras = sorted(set(extras) | (installed or set()))  # keep what an earlier set-up installed
     target = "." + (f"[{','.join(extras)}]" if extras else "")
     uv = shutil.which("uv")
     if uv is None and not set(extras) & TORCH_EXTRAS:
@@ -67,7 +80,7 @@ def ensure_environment(extras: list[str]) -> str:
         say("uv could not install them (a package index only pip is configured for?): trying pip")
         for command in install_commands(python, target, None):
             subprocess.run(command, check=True, cwd=ROOT, stdout=sys.stderr)
-    stamp_file.write_text(stamp + "\n")
+    stamp_file.write_text(install_stamp(extras) + "\n")
     return str(python)
 
 

@@ -68,3 +68,27 @@ def test_no_uv_where_pip_uses_another_index(monkeypatch, tmp_path):
     monkeypatch.setenv("PIP_INDEX_URL", "https://mirror.example/simple")
     assert bootstrap.pip_index_configured(python)
     assert bootstrap.venv_uv(python) is None
+
+
+def test_a_venv_set_up_for_the_tests_serves_the_scripts_without_reinstalling(monkeypatch, tmp_path):
+    # tests/run.sh installs the test extras, train_by_mlx.sh asks for none: the second must not
+    # reinstall (it did, and the next tests/run.sh reinstalled again, back and forth)
+    venv, ran = _record_installs(monkeypatch, tmp_path)
+    bootstrap.ensure_environment(["test"])
+    assert ran and ran[-1][-1] == ".[test]"
+    ran.clear()
+    assert bootstrap.ensure_environment([]) == str(venv / "bin" / "python") and ran == []
+    assert bootstrap.ensure_environment(["test"]) == str(venv / "bin" / "python") and ran == []
+    bootstrap.ensure_environment(["mkl"])  # a new extra installs the union, so the tests' stay
+    assert ran[-1][-1] == ".[mkl,test]"
+    ran.clear()
+    assert bootstrap.ensure_environment(["test"]) and ran == []
+
+
+def test_a_changed_pyproject_reinstalls(monkeypatch, tmp_path):
+    venv, ran = _record_installs(monkeypatch, tmp_path)
+    bootstrap.ensure_environment([])
+    (venv / ".mlx-lora-installed").write_text("0000000000000000 test\n")  # another pyproject.toml's
+    ran.clear()
+    bootstrap.ensure_environment([])
+    assert ran and ran[-1][-1] == "."
