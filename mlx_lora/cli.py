@@ -114,6 +114,9 @@ def launch_ranks(cfg, items: list[str], args) -> int:
     return run_launcher(command)
 
 
+PLAN_DOES_NOT_FIT = 3  # plan's exit status when the run would not fit: `mlx-lora plan my.yaml && ./train_by_mlx.sh my.yaml`
+
+
 def cmd_plan(args) -> int:
     import json
 
@@ -136,7 +139,7 @@ def cmd_plan(args) -> int:
         memory, source = planned_memory(cfg)
     plan = make_plan(cfg, memory, source, dequantize_path=False if args.mac else None)
     print(json.dumps(plan.to_json(), indent=2) if args.json else plan.table())
-    return 0
+    return 0 if plan.fits else PLAN_DOES_NOT_FIT
 
 
 def _setup_seconds() -> float | None:
@@ -299,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]")
     evaluate.add_argument("--adapter", help="adapter folder (default: the config's output_dir)")
     evaluate.set_defaults(func=cmd_eval)
-    plan = sub.add_parser("plan", help="predict a training step's peak memory and whether it fits (reads config.json only)")
+    plan = sub.add_parser("plan", help="predict a training step's peak memory and whether it fits (reads config.json only)",
+                          epilog=f"exit status: 0 fits, {PLAN_DOES_NOT_FIT} does not fit, 1 an error in the config or model")
     plan.add_argument("items", nargs="*", metavar="CONFIG.yaml [key.path=value ...]",
                       help="the run's config (default: configs/demo.yaml) and overrides; data.path may be left out")
     plan.add_argument("--memory", help="memory to fit in: 16GB, 32GB, 64GB, ... (default: this machine's; "
