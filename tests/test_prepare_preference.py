@@ -164,3 +164,28 @@ def test_a_pairs_own_system_prompt_is_kept_and_system_fills_only_rows_without(tm
 def test_an_sft_output_format_for_preference_pairs_is_refused(tmp_path):
     with pytest.raises(TransformError, match="--output-format completions is for SFT rows"):
         convert(tmp_path, [BINARIZED], output_format="completions")
+
+
+def test_pair_columns_of_other_names_are_read_with_chosen_and_rejected_keys(tmp_path):
+    # A spreadsheet of pairs under the user's own headers, in any case, and the same in JSONL
+    table = tmp_path / "pairs.csv"
+    table.write_text("Frage,Good,Bad,id\nWhat is 2+2?,4,5,a\nCapital of France?,Paris,Rome,b\n")
+    report = prepare(PrepareOptions(inputs=(table,), output_dir=tmp_path / "out", valid_fraction=0, test_fraction=0,
+                                    prompt_key="frage", chosen_key="good", rejected_key="bad"))
+    written = [json.loads(line) for line in (tmp_path / "out" / "train.jsonl").read_text().splitlines()]
+    assert sorted(written, key=str) == [{"prompt": "Capital of France?", "chosen": "Paris", "rejected": "Rome"},
+                                        {"prompt": "What is 2+2?", "chosen": "4", "rejected": "5"}]
+    assert report["totals"]["dropped_fields"] == {"id": 2}  # the column not read is named, as ever
+    (tmp_path / "j").mkdir()
+    _, rows = convert(tmp_path / "j", [{"question": "Hi?", "good": "Hello!", "bad": "Go."}],
+                      chosen_key="good", rejected_key="bad")
+    assert rows == [{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go."}]
+
+
+def test_pair_keys_that_match_nothing_are_named(tmp_path):
+    with pytest.raises(TransformError, match=r"no field 'gud' \(--chosen-key\) in this record, which has 'question', "
+                                             r"'good', 'bad'"):
+        convert(tmp_path, [{"question": "Hi?", "good": "Hello!", "bad": "Go."}], chosen_key="gud", rejected_key="bad")
+    with pytest.raises(TransformError, match=r"--chosen-key good and --rejected-key bad: no record has that field"):
+        (tmp_path / "sft").mkdir()
+        convert(tmp_path / "sft", [{"prompt": "Hi?", "completion": "Hello!"}], chosen_key="good", rejected_key="bad")

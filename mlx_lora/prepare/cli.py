@@ -85,6 +85,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--prompt-key", metavar="NAME", help=_help("prompt_key"))
     parser.add_argument("--completion-key", metavar="NAME", help=_help("completion_key"))
     parser.add_argument("--text-key", metavar="NAME", help=_help("text_key"))
+    parser.add_argument("--chosen-key", metavar="NAME", help=_help("chosen_key"))
+    parser.add_argument("--rejected-key", metavar="NAME", help=_help("rejected_key"))
     parser.add_argument("--delimiter", type=_delimiter, metavar="CHAR", help=_help("delimiter"))
     parser.add_argument("--text-unit", choices=TEXT_UNITS, help=_help("text_unit"))
     parser.add_argument("--model", metavar="SOURCE",

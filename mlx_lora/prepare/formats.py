@@ -8,7 +8,7 @@ files is `readers.py`'s job; counting, dedupe and splitting are `pipeline.py`'s.
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from . import preference
@@ -53,6 +53,33 @@ class Keys:
     prompt: str = "prompt"
     completion: str = "completion"
     text: str = "text"
+    chosen: str = "chosen"  # preference pairs (`--chosen-key`, `--rejected-key`)
+    rejected: str = "rejected"
+
+
+def with_pair_keys(record: RawRecord, keys: Keys) -> RawRecord:
+    """The record with the user's preference-pair field names (`--chosen-key good --rejected-key bad`,
+    and `--prompt-key` when the record holds a pair) under the names the pair formats read: chosen,
+    rejected, prompt. Records without those fields, and default names, are returned as they are."""
+    value = record.value
+    renames = {name: target for name, target in ((keys.chosen, "chosen"), (keys.rejected, "rejected")) if name != target}
+    if not renames or not isinstance(value, dict) or not any(name in value for name in renames):
+        return record
+    missing = [(name, flag) for name, flag in ((keys.chosen, "--chosen-key"), (keys.rejected, "--rejected-key"))
+               if name not in value]
+    if missing:  # one of the pair's fields is there, the other is not: name the one the user gave
+        name, flag = missing[0]
+        raise TransformError(f"{record.where()}: no field {name!r} ({flag}) in this record, which has "
+                             f"{', '.join(map(repr, map(str, value)))}; give {flag} the column that holds that answer")
+    if keys.prompt not in preference.PROMPT_KEYS and "prompt" not in value:
+        renames[keys.prompt] = "prompt"
+    table = isinstance(value, TableRow)
+    spelled = {(value.header(name) if table else name): target for name, target in renames.items()
+               if name in value and target not in value}
+    cells = {spelled.get(name, name): cell for name, cell in dict.items(value)}
+    if table:
+        cells = TableRow(cells, {name: name for name in cells}, {name.casefold(): name for name in reversed(cells)})
+    return replace(record, value=cells)
 
 
 def detect(value: Any, keys: Keys = Keys()) -> str | None:
@@ -79,7 +106,8 @@ def detect(value: Any, keys: Keys = Keys()) -> str | None:
 
 def field_names(keys: Keys) -> tuple[str, ...]:
     """Every top-level field name some input format reads (CSV headers are matched to these)."""
-    names = {name for reads in READS.values() for name in reads} | {keys.prompt, keys.completion, keys.text}
+    names = ({name for reads in READS.values() for name in reads}
+             | {keys.prompt, keys.completion, keys.text, keys.chosen, keys.rejected})
     return tuple(sorted(names))
 
 

@@ -46,6 +46,8 @@ class PrepareOptions:
     prompt_key: str = field(default="prompt", **_help("Field / column holding the prompt (e.g. question)."))
     completion_key: str = field(default="completion", **_help("Field / column holding the completion (e.g. answer)."))
     text_key: str = field(default="text", **_help("Field / column holding plain text."))
+    chosen_key: str = field(default="chosen", **_help("Preference pairs: field / column holding the preferred answer (e.g. good)."))
+    rejected_key: str = field(default="rejected", **_help("Preference pairs: field / column holding the other answer (e.g. bad)."))
     delimiter: str | None = field(default=None, **_help("Field delimiter of CSV / TSV inputs (one character; 'tab' or '\\t' for a tab). Default: detected for .csv among , ; tab |, tab for .tsv."))
     text_unit: str = field(default="document", **_help("For .txt/.md inputs, one example per: document (file), paragraph or line."))
     max_seq_length: int = field(default=512, **_help("With --model: count examples longer than this many tokens (the trainer's data.max_seq_length default)."))
@@ -132,7 +134,8 @@ class _Run:
         self.options = options
         self.spool = spool
         self.tokenizer = tokenizer
-        self.keys = formats.Keys(options.prompt_key, options.completion_key, options.text_key)
+        self.keys = formats.Keys(options.prompt_key, options.completion_key, options.text_key,
+                                 options.chosen_key, options.rejected_key)
         self.converter = formats.Converter(options.output_format, options.system, self.keys)
         # Hashes of the normalised rows. Python's 64-bit string hash is randomised per process but
         # fixed within it, and a collision among a million rows has odds near 1e-8.
@@ -165,6 +168,7 @@ class _Run:
         return report
 
     def _convert(self, record: RawRecord, report: FileReport) -> None:
+        record = formats.with_pair_keys(record, self.keys)
         fmt = self.options.input_format
         if fmt == "auto":
             fmt = formats.detect(record.value, self.keys)
@@ -239,6 +243,7 @@ def prepare(options: PrepareOptions, tokenizer: Any = None) -> dict:
         run = _Run(options, spool, tokenizer)
         file_reports = [run.read_file(path) for path in files]
         n = len(spool)
+        _check_pair_keys_used(options, run)
         if n == 0:
             read = sum(r.rows_read for r in file_reports)
             raise TransformError(f"no examples left: {read} record(s) read, all skipped "
@@ -261,6 +266,16 @@ def prepare(options: PrepareOptions, tokenizer: Any = None) -> dict:
     report = _report(options, file_reports, ignored, sizes, indices, run.lengths if tokenizer is not None else None)
     writer.write_atomic(out / REPORT_NAME, iter([(json.dumps(report, indent=2, ensure_ascii=False) + "\n").encode()]))
     return report
+
+
+def _check_pair_keys_used(options: PrepareOptions, run: _Run) -> None:
+    """--chosen-key / --rejected-key given, and no record had them: say so rather than write SFT rows."""
+    given = [f"--{flag} {name}" for flag, name, default in (("chosen-key", options.chosen_key, "chosen"),
+                                                            ("rejected-key", options.rejected_key, "rejected"))
+             if name != default]
+    if given and "preference pairs" not in run.first_of_kind:
+        raise TransformError(f"{' and '.join(given)}: no record has that field, so no preference pair was read; "
+                             "check the column names (a table's header, a JSON record's keys)")
 
 
 def _skip_summary(file_reports: list[FileReport]) -> str:
