@@ -189,3 +189,11 @@ def test_pair_keys_that_match_nothing_are_named(tmp_path):
     with pytest.raises(TransformError, match=r"--chosen-key good and --rejected-key bad: no record has that field"):
         (tmp_path / "sft").mkdir()
         convert(tmp_path / "sft", [{"prompt": "Hi?", "completion": "Hello!"}], chosen_key="good", rejected_key="bad")
+
+
+def test_hh_transcripts_whose_leading_blank_lines_were_stripped_read_the_same(tmp_path):
+    stripped = {key: text.lstrip("\n") for key, text in HH.items()}  # "Human: ..." as some copies store it
+    _, rows = convert(tmp_path, [stripped])
+    (tmp_path / "orig").mkdir()
+    _, expected = convert(tmp_path / "orig", [HH])
+    assert rows == expected and rows[0]["chosen"] == "Yes, 4."

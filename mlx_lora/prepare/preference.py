@@ -105,6 +105,8 @@ def _text(record: RawRecord, value: Any, key: str) -> str:
 
 
 def _hh_turns(record: RawRecord, transcript: str, key: str) -> list[dict]:
+    if transcript.lstrip().startswith(("Human: ", "Assistant: ")):  # copies that strip the leading blank lines
+        transcript = "\n\n" + transcript.lstrip()
     parts = HH_TURN.split(transcript)
     if len(parts) < 3 or parts[0].strip():
         raise TransformError(f"{record.where(key)}: '{key}' is not an HH-RLHF transcript (\\n\\nHuman: ... "
