@@ -189,6 +189,8 @@ def _check_ranges(cfg: Config) -> list[str]:
          f"must be a positive number of evaluations or null, got {t.early_stop_patience}")
     need(t.early_stop_patience is None or t.steps_per_eval > 0, "training.early_stop_patience",
          "needs validation during training: set training.steps_per_eval > 0")
+    need(not cfg.data.pack or t.objective not in ("dpo", "orpo"), "data.pack",
+         f"packing is for objective sft (this run: {t.objective}); set data.pack: false")
     need(t.batch_size == "auto" or (isinstance(t.batch_size, int) and t.batch_size > 0), "training.batch_size",
          f"must be a positive integer or auto, got {t.batch_size!r}")
     need(t.effective_batch_size is None or t.effective_batch_size > 0, "training.effective_batch_size",

@@ -187,3 +187,9 @@ def test_relative_model_and_data_paths_are_found_from_the_configs_folder(tmp_pat
     config.write_text("model: Qwen/Qwen2.5-0.5B-Instruct\ndata: ../data\n")  # a hub id exists nowhere: kept
     assert load_config(config).model == "Qwen/Qwen2.5-0.5B-Instruct"
     assert load_config(config, ["model=demo"]).model == "demo"
+
+
+def test_packing_with_a_preference_objective_is_refused_when_the_config_loads(tmp_path):
+    # refused before the model and data load (it was refused only when training started)
+    with pytest.raises(ConfigError, match=r"data.pack .*packing is for objective sft \(this run: orpo\)"):
+        load_config(ROOT / "configs" / "demo_dpo.yaml", ["data.pack=true", "training.objective=orpo"])
