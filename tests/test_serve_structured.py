@@ -201,6 +201,18 @@ def test_structured_bad_input(sdk, tiny_model_dir):
         sdk.chat.completions.create(model="base", messages=messages, tools=[WEATHER],
                                     tool_choice={"type": "function", "function": {"name": "nope"}})
     assert err.value.body["param"] == "tool_choice"
+    deep = {"type": "integer"}
+    for _ in range(150):  # deeper than jsonschema's checker can walk: a 400, not a 500 and a logged traceback
+        deep = {"type": "object", "properties": {"a": deep}}
+    with pytest.raises(openai.BadRequestError, match="nests too deeply") as err:
+        sdk.chat.completions.create(model="base", messages=messages, max_tokens=2, response_format={
+            "type": "json_schema", "json_schema": {"name": "deep", "schema": deep}})
+    assert err.value.body["param"] == "response_format"
+    nested_tool = {"type": "function", "function": {"name": "deep", "parameters": deep}}
+    with pytest.raises(openai.BadRequestError, match="nests too deeply") as err:
+        sdk.chat.completions.create(model="base", messages=messages, max_tokens=2, tools=[nested_tool],
+                                    tool_choice="required")
+    assert err.value.body["param"] == "tools"
     with start_server(tiny_model_dir, {}) as (url, _):  # ChatML without tools
         plain = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.BadRequestError, match="no tool support") as err:
@@ -246,3 +258,19 @@ def test_forced_tool_call_per_template_family(tiny_model_dir, tmp_path, family, 
         streamed = final.choices[0].message.tool_calls[0].function
         assert (streamed.name, streamed.arguments) == (plain.message.tool_calls[0].function.name,
                                                        plain.message.tool_calls[0].function.arguments)
+
+
+def test_a_forced_call_of_a_function_without_parameters_has_empty_arguments(sdk):
+    # OpenAI: "Omitting parameters defines a function with an empty parameter list"
+    ping = {"type": "function", "function": {"name": "ping"}}
+    done = sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "ping it"}], tools=[ping],
+                                       tool_choice="required", max_tokens=60)
+    call = done.choices[0].message.tool_calls[0]
+    assert call.function.name == "ping" and json.loads(call.function.arguments) == {}
+    # the schema the grammar is built from admits {} and nothing else (it admitted any object)
+    from mlx_lora.serve.schemas import Tool
+
+    parameters = Tool(**ping).function.parameters
+    jsonschema.validate({}, parameters)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({"description": "Paris"}, parameters)

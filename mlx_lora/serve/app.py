@@ -168,6 +168,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
 
     @app.exception_handler(Exception)
     async def _unexpected(_request, err: Exception):
+        if isinstance(err, RecursionError):  # a request nested deeper than a library we call can walk: the
+            log.warning("refused a request nested too deeply to process")  # client's fault; no traceback flood
+            return error_response(400, "the request nests too deeply to process; flatten it", None, "invalid_body")
         log.exception("unhandled error")
         return error_response(500, f"internal error: {type(err).__name__}")
 

@@ -91,6 +91,9 @@ def check_schema(schema: dict, param: str) -> None:
         validator_for(schema).check_schema(schema)
     except SchemaError as err:
         raise ConstraintError(f"{param}: invalid JSON schema: {err.message}", param) from None
+    except RecursionError:  # jsonschema walks the schema recursively: a schema nested ~100 deep
+        raise ConstraintError(f"{param}: the schema nests too deeply to check; flatten it, or share "
+                              "repeated parts through $defs and $ref", param) from None
 
 
 def response_grammar(response_format) -> Optional[str]:

@@ -173,7 +173,8 @@ class StreamOptions(KnownFields):
 class FunctionDefinition(KnownFields):
     name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     description: Optional[str] = None
-    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    # OpenAI: "Omitting parameters defines a function with an empty parameter list": a forced call's arguments are {}
+    parameters: dict = Field(default_factory=lambda: {"type": "object", "properties": {}, "additionalProperties": False})
     openai_fields: ClassVar[frozenset[str]] = frozenset({"strict"})
 
 
