@@ -50,8 +50,14 @@ def test_prompt_plus_completion_over_the_context_is_400_naming_the_field(tiny_mo
             over = client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 60})
             assert over.status_code == 400 and over.json()["error"]["param"] == "max_tokens"
             assert "64" in over.json()["error"]["message"]
+            # OpenAI's code, which client frameworks match to trim the history and retry
+            assert over.json()["error"]["code"] == "context_length_exceeded"
             long_prompt = client.post("/v1/completions", json={"prompt": "hello world " * 80, "max_tokens": 1})
             assert long_prompt.status_code == 400 and long_prompt.json()["error"]["param"] == "prompt"
+            assert long_prompt.json()["error"]["code"] == "context_length_exceeded"
+            streamed = client.post("/v1/completions", json={"prompt": "hello world " * 80, "max_tokens": 1,
+                                                            "stream": True})
+            assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "context_length_exceeded"
             assert client.post("/v1/chat/completions", json={"messages": CHAT, "max_tokens": 8}).status_code == 200
 
 

@@ -325,8 +325,8 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         if first is None:
             return error_response(400, "client disconnected")
         if first[0] == "error":
-            _, status, message, param = first
-            raise APIError(status, message, param)
+            _, status, message, param, *code = first
+            raise APIError(status, message, param, *code)
         reply = Reply(ident=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], created=int(time.time()),
                       model=gen.model, chat=chat, logprobs=logprobs, prompt_tokens=first[1],
                       include_usage=bool(body.stream and body.stream_options and body.stream_options.include_usage))
@@ -346,7 +346,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
             elif event[0] == "tool_calls":
                 got.tool_calls = event[1]
             elif event[0] == "error":
-                raise APIError(event[1], event[2], event[3])
+                raise APIError(*event[1:])
             elif event[0] == "done":
                 _, finish, _, completion_tokens, cached_tokens = event
                 return final_body(reply, got, finish, completion_tokens, cached_tokens)

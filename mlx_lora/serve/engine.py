@@ -29,15 +29,16 @@ from .text import TextStream
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 HISTORY = 256  # finished-job summaries kept for /health and tests
+CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's code: clients trim the history and retry on it
 IDLE_WAIT_S = 0.05  # how long the idle worker sleeps between looks at its inbox
 
 
 class RequestError(ValueError):
     """A request the worker refused (e.g. the prompt is too long); becomes an HTTP 400."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.code = param, code  # code: OpenAI's error code, e.g. context_length_exceeded
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ class Engine:
     ("delta", text, logprobs or None)* with ("tool_delta", delta.tool_calls entries)* among them
     and possibly ("tool_calls", calls) (the parsed whole, for non-streamed answers), then
     ("done", finish_reason, prompt_tokens, completion_tokens, cached_tokens);
-    or ("error", status, message, param) at any point before "done".
+    or ("error", status, message, param[, code]) at any point before "done".
     """
 
     def __init__(self, model: nn.Module, tokenizer, base_name: str, adapters: dict[str, str | Path] | None = None,
@@ -309,7 +310,7 @@ class Engine:
             try:
                 self.scheduler.add(self._sequence(job))
             except RequestError as err:
-                job.sink(("error", 400, str(err), err.param))
+                job.sink(("error", 400, str(err), err.param, err.code))
             except Exception as err:  # noqa: BLE001 - one failing request must not stop the worker
                 job.sink(("error", 500, f"generation failed: {type(err).__name__}: {err}", None))
 
@@ -358,7 +359,7 @@ class Engine:
         context = self.limits.max_context
         if len(tokens) >= context:
             raise RequestError(f"the prompt has {len(tokens)} tokens; this server accepts at most {context - 1} "
-                               f"(max_context {context} = prompt + completion)", field_name)
+                               f"(max_context {context} = prompt + completion)", field_name, CONTEXT_EXCEEDED)
         return tokens
 
     def completion_budget(self, request: GenerationRequest, prompt_tokens: int) -> int:
@@ -379,7 +380,7 @@ class Engine:
             raise RequestError(f"max_tokens: the prompt has {prompt_tokens} tokens, so at most "
                                f"{context - prompt_tokens} can be generated within this server's {context}-token "
                                "context; ask for fewer",
-                               "max_tokens")
+                               "max_tokens", CONTEXT_EXCEEDED)
         if not self.scheduler.fits_alone(prompt_tokens, max_tokens):
             room = self.scheduler.most_tokens_alone(prompt_tokens)
             raise RequestError(f"max_tokens: the prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) do "

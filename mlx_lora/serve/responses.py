@@ -129,8 +129,9 @@ async def stream_events(events: asyncio.Queue, job, reply: Reply, error_type):
             elif event[0] == "tool_delta":  # the id and name first, then the arguments in pieces
                 yield sse(chunk({"delta": {"tool_calls": event[1]}}))
             elif event[0] == "error":
-                _, status, message, param = event
-                yield sse({"error": {"message": message, "type": error_type(status), "param": param, "code": None}})
+                _, status, message, param, *code = event
+                yield sse({"error": {"message": message, "type": error_type(status), "param": param,
+                                     "code": code[0] if code else None}})
                 break
             elif event[0] == "done":
                 _, finish, prompt_tokens, completion_tokens, cached_tokens = event
