@@ -31,15 +31,19 @@ def test_full_queue_gets_429_with_retry_after(tiny_model_dir):
         with httpx.Client(base_url=url, timeout=60) as client:
             body = {"prompt": "say hello", "max_tokens": 4}
             results = []
-            with engine._model_lock:  # the worker cannot step, so the first request stays queued
-                waiter = threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
-                waiter.start()
-                wait_until(lambda: engine.queued() == 1)
+            with engine._model_lock:  # the worker cannot step, so the requests stay queued
+                # one for the free batch slot and one waiting (max_queue 1) are taken; the next is refused
+                waiters = [threading.Thread(target=lambda: results.append(client.post("/v1/completions", json=body)))
+                           for _ in range(2)]
+                for number, waiter in enumerate(waiters, 1):
+                    waiter.start()
+                    wait_until(lambda n=number: engine.queued() == n)
                 refused = client.post("/v1/completions", json=body)
             assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
             assert refused.json()["error"]["code"] == "queue_full"
-            waiter.join(60)
-            assert results[0].status_code == 200  # the queued one is served once the worker runs
+            for waiter in waiters:
+                waiter.join(60)
+            assert [r.status_code for r in results] == [200, 200]  # both served once the worker runs
 
 
 def test_prompt_plus_completion_over_the_context_is_400_naming_the_field(tiny_model_dir):

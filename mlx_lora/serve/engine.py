@@ -258,10 +258,15 @@ class Engine:
         return self.scheduler.active()
 
     def submit(self, request: GenerationRequest, sink: Callable[[tuple], None]) -> Job:
-        """Queue a request; raises queue.Full when `max_queue` requests already wait (the caller answers 429)."""
+        """Queue a request; raises queue.Full when `max_queue` requests already wait for a batch slot beyond the
+        slots free now (the caller answers 429)."""
         if request.model not in self.model_names():
             raise KeyError(request.model)
-        if self.queued() >= self.limits.max_queue:
+        # Slots free now are taken at the worker's next step: their requests do not wait. Unless someone
+        # already waits in the scheduler with slots free (the KV budget holds it back): then none are free.
+        held_back = bool(self.scheduler.waiting)
+        free_slots = 0 if held_back else max(0, self.limits.max_batch - self.running())
+        if self.queued() - free_slots >= self.limits.max_queue:
             raise queue.Full
         job = Job(request, sink)
         self._inbox.put_nowait(job)
