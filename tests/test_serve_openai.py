@@ -159,3 +159,24 @@ def test_sdk_extra_fields(sdk):
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.chat.completions.create(model="base", messages=messages, max_tokens=2, extra_body={"temprature": 0.1})
     assert refused.value.param == "temprature" and "temperature" in refused.value.message
+
+
+def test_logprobs_of_tokens_holding_part_of_a_character_keep_their_bytes(sdk, tiny_model_dir):
+    # (last in the module: its requests fill the base's prompt cache)
+    from mlx_lm.tokenizer_utils import _byte_decoder  # GPT-2's byte alphabet: character -> byte
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    byte_of = {i: _byte_decoder().get(tokenizer.convert_ids_to_tokens(i), -1) for i in range(len(tokenizer))}
+    partial = [i for i, b in byte_of.items() if b >= 0x80][:5]  # one byte each, no whole UTF-8 character
+    assert len(partial) == 5
+    bias = {str(i): 100 - 10 * n for n, i in enumerate(partial)}  # these five are the most likely, in this order
+    chat = sdk.chat.completions.create(model="base", messages=[{"role": "user", "content": "x"}], max_tokens=2,
+                                       logprobs=True, top_logprobs=5, logit_bias=bias)
+    first = chat.choices[0].logprobs.content[0]
+    assert first.bytes == [byte_of[partial[0]]] and first.token == "bytes:\\x%02x" % first.bytes[0]
+    assert [t.bytes for t in first.top_logprobs] == [[byte_of[i]] for i in partial]  # were U+FFFD's 3 bytes
+    text = sdk.completions.create(model="base", prompt="x", max_tokens=2, logprobs=5, logit_bias=bias)
+    top = text.choices[0].logprobs.top_logprobs[0]
+    assert len(top) == 5  # five tokens, five names (all were "\ufffd", one key)
+    assert text.choices[0].logprobs.text_offset[-1] <= len(text.choices[0].text)

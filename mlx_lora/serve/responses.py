@@ -60,7 +60,7 @@ def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -
 
 
 def _bytes(token: str) -> list[int]:
-    return list(token.encode("utf-8", errors="replace"))
+    return list(getattr(token, "raw", None) or token.encode("utf-8"))  # a TokenText's own bytes (text.py)
 
 
 def chat_logprobs(entries: list) -> dict:
@@ -70,10 +70,11 @@ def chat_logprobs(entries: list) -> dict:
 
 
 def completion_logprobs(entries: list, offset: int = 0) -> dict:
-    offsets, position = [], offset
+    # Each token's first character in the text: the tokens holding parts of one character share its offset.
+    offsets, seen = [], b""
     for token, _, _ in entries:
-        offsets.append(position)
-        position += len(token)
+        offsets.append(offset + len(seen.decode("utf-8", errors="ignore")))
+        seen += bytes(_bytes(token))
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
             "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offsets}
 

@@ -15,6 +15,42 @@ from .scheduler import TokenEvent
 from .tool_deltas import ToolCallDeltas
 
 
+class TokenText(str):
+    """A token as logprobs show it, with its own bytes in `raw`: the text when the bytes are whole
+    UTF-8, else OpenAI's form for part of a character, "bytes:\\xf0\\x9f" (so two such tokens never
+    share a name, and `bytes` can be joined back into the text)."""
+
+    raw: bytes
+
+    @classmethod
+    def of(cls, raw: bytes) -> "TokenText":
+        try:
+            text = cls(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            text = cls("bytes:" + "".join(f"\\x{b:02x}" for b in raw))
+        text.raw = raw
+        return text
+
+
+def token_bytes(tokenizer, token: int) -> bytes:
+    """The bytes token `token` stands for, as mlx-lm's streaming detokenizers read them: byte-level BPE
+    through GPT-2's byte alphabet, SentencePiece's <0xNN> byte fallback and its "\u2581" space; other
+    tokenizers by decoding the token alone (whole characters only)."""
+    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, SPMStreamingDetokenizer, _byte_decoder
+
+    detokenizer = getattr(tokenizer, "detokenizer", None)
+    if isinstance(detokenizer, BPEStreamingDetokenizer):
+        decoder = _byte_decoder()
+        piece = detokenizer.tokenmap[token]
+        return b"".join(bytes([decoder[c]]) if c in decoder else c.encode("utf-8") for c in piece)
+    if isinstance(detokenizer, SPMStreamingDetokenizer):
+        piece = tokenizer.convert_ids_to_tokens(token)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode("utf-8")
+    return tokenizer.decode([token]).encode("utf-8")
+
+
 class StopMatcher:
     """Cuts streamed text at the first stop string, holding back a tail that may start one."""
 
@@ -133,8 +169,8 @@ class TextStream:
         if text or logprobs:
             self.sink(("delta", text, logprobs))
 
-    def _piece(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+    def _piece(self, token: int) -> TokenText:
+        return TokenText.of(token_bytes(self.tokenizer, token))
 
     def _parse_tools(self, text: str) -> list[dict]:
         """OpenAI tool_calls from the held-back text (each start..end marker pair is one call)."""
