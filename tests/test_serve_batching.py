@@ -6,6 +6,8 @@ exactly when sequences join; `run_alone` is the reference each batched run must 
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from test_serve import make_adapter
@@ -245,3 +247,44 @@ def test_a_row_leaving_while_a_step_is_in_flight_caches_exactly_what_it_was_fed(
     drain(sched)
     assert again["follow"]["cached"] > len(engine.tokenizer.encode(short["prompt"])) // 2
     assert again["follow"]["tokens"] == reference["follow"]["tokens"]
+
+
+def test_a_prefill_chunk_next_to_running_streams_is_sized_by_time(engine):
+    # While others decode, a chunk takes about prefill_seconds at the rate the last one was read:
+    # late in a long prompt on a CPU, prefill_chunk tokens took seconds, a gap in every stream.
+    from mlx_lora.serve.scheduler import MIN_PREFILL_CHUNK
+
+    sched = scheduler(engine, prefill_chunk=512, prefill_seconds=0.25)
+    assert sched.prefill_size() == 512  # nobody decoding: whole chunks
+    out: dict = {}
+    sched.add(sequence(engine, {"id": "running", "prompt": "hello there", "max_tokens": 40}, out))
+    sched.step()
+    sched.step()
+    assert sched.running
+    sched.add(sequence(engine, {"id": "long", "prompt": "bonjour " * 80, "max_tokens": 2}, out))
+    sched.step()
+    assert sched.prefilling and sched.prefill_size() <= 512
+    sched._prefill_rate = 400.0  # tokens/s: 0.25 s is 100 tokens for the one row reading
+    assert sched.prefill_size() == 100
+    sched._prefill_rate = 10.0  # slower than the floor allows
+    assert sched.prefill_size() == MIN_PREFILL_CHUNK
+    sched.prefill_seconds = 0
+    assert sched.prefill_size() == 512
+    sched.prefill_seconds = 0.25
+    reads = []
+    original = sched._prefill.prompt
+
+    def slow_prompt(chunks):  # a slow machine: 4 ms a prompt token, so 0.25 s is ~62 tokens
+        reads.append([len(c) for c in chunks])
+        time.sleep(0.004 * sum(map(len, chunks)))
+        return original(chunks)
+
+    sched._prefill.prompt = slow_prompt
+    drain(sched)
+    assert len(reads) > 2 and all(r[0] <= 80 for r in reads)  # short chunks, not 512 at once
+    assert out["long"]["finish"] and out["running"]["finish"]
+    alone: dict = {}
+    solo = scheduler(engine, prefill_chunk=512, prefill_seconds=0.25)
+    solo.add(sequence(engine, {"id": "long", "prompt": "bonjour " * 80, "max_tokens": 2}, alone))
+    drain(solo)
+    assert alone["long"]["tokens"] == out["long"]["tokens"]  # chunking does not change what is generated

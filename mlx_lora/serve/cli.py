@@ -40,6 +40,7 @@ class ServeConfig:
     max_batch: int = field(default=8, **_help("Sequences decoding together in one batch (continuous batching)."))
     max_context: int = field(default=8192, **_help("Most prompt + completion tokens of one request (also capped by the model's context); more get 400."))
     prefill_chunk: int = field(default=512, **_help("Prompt tokens per sequence read between two decode steps, so long prompts do not stall streams."))
+    prefill_seconds: float = field(default=0.25, **_help("While other requests decode, a prefill chunk is sized to take about this long (measured), at least 16 tokens, at most prefill_chunk; 0: always prefill_chunk tokens."))
     prompt_cache_size: int = field(default=16, **_help("KV prefixes kept per (adapter, tokens) for reuse by later requests; 0 turns the prompt cache off."))
     prompt_cache_bytes: int = field(default=1 << 30, **_help("Memory bound of the prompt cache in bytes."))
     adapter_dirs: tuple[str, ...] = field(default=(), **_help("Folders POST /v1/adapters may load adapters from (nothing else is opened); none: the endpoint is off."))
@@ -85,6 +86,8 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
                 "prefill_chunk"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}: must be positive, got {getattr(cfg, key)}")
+    if not cfg.prefill_seconds >= 0:
+        problems.append(f"prefill_seconds: must be 0 or more, got {cfg.prefill_seconds}")
     if cfg.kv_memory not in ("auto", "none"):
         from ..memory.plan import parse_memory
 
@@ -183,7 +186,8 @@ def serve(cfg: ServeConfig) -> None:
     print(f"loading {cfg.model}" + (f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""), flush=True)
     start_preamble_pch()  # in the background: MLX's CPU kernels build faster once it is there
     engine_limits = EngineLimits(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_context=cfg.max_context,
-                                 prefill_chunk=cfg.prefill_chunk, prompt_cache_size=cfg.prompt_cache_size,
+                                 prefill_chunk=cfg.prefill_chunk, prefill_seconds=cfg.prefill_seconds,
+                                 prompt_cache_size=cfg.prompt_cache_size,
                                  prompt_cache_bytes=cfg.prompt_cache_bytes)
     engine = Engine.from_source(cfg.model, parse_adapters(cfg.adapters), base_name=cfg.model_name or None,
                                 default_model=cfg.default_model or None, limits=engine_limits,

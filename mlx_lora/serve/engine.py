@@ -49,6 +49,7 @@ class EngineLimits:
     max_queue: int = 256  # requests waiting for a batch slot; more get 429
     max_context: int = 8192  # prompt + completion tokens of one request
     prefill_chunk: int = 512  # prompt tokens per row read between two decode steps
+    prefill_seconds: float = 0.25  # while others decode, a prefill chunk is sized to take about this long (0: off)
     prompt_cache_size: int = 16  # KV prefixes kept (0: no prompt cache)
     prompt_cache_bytes: int = 1 << 30
     kv_budget_bytes: Optional[int] = None  # KV caches of the running batch (None: unbounded); see kv_budget
@@ -124,7 +125,8 @@ class Engine:
         self.kv_windows = kv_windows(make_prompt_cache(model))
         self.scheduler = Scheduler(self._forward, lambda: make_prompt_cache(model), set(tokenizer.eos_token_ids),
                                    limits.max_batch, limits.prefill_chunk, limits.prompt_cache_size,
-                                   limits.prompt_cache_bytes, kv_tokens, self.kv_windows)
+                                   limits.prompt_cache_bytes, kv_tokens, self.kv_windows,
+                                   prefill_seconds=limits.prefill_seconds)
         self._inbox: queue.Queue = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()

@@ -7,8 +7,9 @@ Each `step()`:
    adapters and sampling settings);
 3. admits waiting sequences (up to `max_batch` in all, and while the batch's KV stays within
    `kv_tokens`, see `kv_slots`) as one prefill group, looking each prompt
-   up in the prompt cache, and reads one chunk (`prefill_chunk` tokens per row) of the group's
-   prompts, so a long prompt never stalls the running streams for more than one chunk;
+   up in the prompt cache, and reads one chunk of the group's prompts (`prefill_chunk` tokens per
+   row, fewer while others decode: about `prefill_seconds` of work), so a long prompt never stalls
+   the running streams for more than one short chunk;
 4. when the group's prompts are read, merges its KV caches into the running batch.
 
 Decoding runs one step ahead, as mlx-lm's `BatchGenerator` does: step n+1 is built on step n's
@@ -38,6 +39,7 @@ import mlx.core as mx
 
 from .sampling import RowSampler, SamplingParams, token_logprobs
 
+MIN_PREFILL_CHUNK = 16  # prompt tokens per row a prefill chunk reads at least, however slow
 # forward(tokens (B, L) int32, caches, adapter slots per row) -> logits (B, L, V)
 Forward = Callable[[mx.array, list, list[int]], mx.array]
 
@@ -104,11 +106,18 @@ class Scheduler:
 
     def __init__(self, forward: Forward, make_cache: Callable[[], list], eos_ids: set[int], max_batch: int = 8,
                  prefill_chunk: int = 512, prompt_cache_size: int = 0, prompt_cache_bytes: int = 1 << 30,
-                 kv_tokens: Optional[int] = None, kv_windows: tuple[Optional[int], ...] = (), run_ahead: bool = True):
+                 kv_tokens: Optional[int] = None, kv_windows: tuple[Optional[int], ...] = (), run_ahead: bool = True,
+                 prefill_seconds: float = 0.25):
         from mlx_lm.models.cache import BatchKVCache, LRUPromptCache
 
         self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
         self.max_batch, self.prefill_chunk, self.run_ahead = max_batch, prefill_chunk, run_ahead
+        # While others decode, a prefill chunk is sized to take about `prefill_seconds` (0: always
+        # `prefill_chunk` tokens), from the rate the group's last chunk was read at: a chunk late in a long
+        # prompt costs more (attention over all before it), and on a CPU 512 tokens can take seconds, a
+        # gap in every running stream. Alone, a group reads `prefill_chunk` tokens a step.
+        self.prefill_seconds = prefill_seconds
+        self._prefill_rate: Optional[float] = None  # prompt tokens per second, the group's last chunk
         # KV budget in token slots (None: unbounded). The batch's caches are one rectangle: every row
         # as long as the longest (left padding), grown `kv_step` slots at a time, so a batch of n rows
         # whose longest prompt + max_tokens is T holds at most n * (T + kv_step) slots.
@@ -263,16 +272,28 @@ class Scheduler:
     def _group_forward(self, tokens, cache):
         return self.forward(tokens, cache, [seq.slot for seq in self.prefilling])
 
+    def prefill_size(self) -> int:
+        """Prompt tokens per row for the next prefill chunk (see `prefill_seconds`)."""
+        if not (self.running and self.prefill_seconds > 0):
+            return self.prefill_chunk
+        if self._prefill_rate is None:  # the group's first chunk, rate unknown: a small one measures it
+            return min(self.prefill_chunk, MIN_PREFILL_CHUNK * 4)
+        rows = max(1, sum(bool(seq.pending) for seq in self.prefilling))
+        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(self._prefill_rate * self.prefill_seconds / rows)))
+
     def _prefill_chunk(self) -> None:
-        chunks = [seq.pending[: self.prefill_chunk] for seq in self.prefilling]
+        size = self.prefill_size()
+        chunks = [seq.pending[:size] for seq in self.prefilling]
         if any(chunks):
-            self._prefill.prompt(chunks)
+            started = time.perf_counter()
+            self._prefill.prompt(chunks)  # evaluates the group's caches before it returns
+            self._prefill_rate = sum(map(len, chunks)) / max(time.perf_counter() - started, 1e-6)
             for seq, chunk in zip(self.prefilling, chunks):
                 del seq.pending[: len(chunk)]
         if any(seq.pending for seq in self.prefilling):
             return
         group, caches = self.prefilling, self._prefill.prompt_cache
-        self.prefilling, self._prefill = [], None
+        self.prefilling, self._prefill, self._prefill_rate = [], None, None
         self._settle()  # the newcomers join a batch whose every token is accepted
         if not self.running:
             self.running, self._caches = group, caches
