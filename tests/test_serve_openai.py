@@ -56,7 +56,9 @@ def test_logprobs_through_the_sdk(sdk):
     chat = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=5, logprobs=True, top_logprobs=2)
     content = chat.choices[0].logprobs.content
     assert len(content) == chat.usage.completion_tokens == 5
-    assert "".join(c.token for c in content) == chat.choices[0].message.content
+    # the tokens' bytes join back into the text (a token holding part of a character is named "bytes:\\xNN")
+    joined = b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace")
+    assert joined == chat.choices[0].message.content
     for entry in content:  # greedy: the chosen token is the most likely
         assert len(entry.top_logprobs) == 2 and entry.logprob <= 0
         assert entry.top_logprobs[0].token == entry.token and entry.top_logprobs[0].logprob >= entry.top_logprobs[1].logprob
