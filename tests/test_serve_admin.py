@@ -72,6 +72,8 @@ def admin(tiny_model_dir, tmp_path_factory):
     other = __import__("tiny").make_model_dir(tmp_path_factory.mktemp("wide"), hidden_size=32)
     make_adapter(other, root / "misfit", seed=5)
     shutil.copytree(tiny_model_dir, root / "not-an-adapter")
+    shutil.copytree(root / "c", root / "broken")
+    (root / "broken" / "adapter_config.json").write_text("{rank: 8")
     outside = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("outside") / "d", seed=6)
     (root / "link").symlink_to(outside)
     with start_server(tiny_model_dir, {}, api_key="k", adapter_dirs=(str(root),)) as (url, engine):
@@ -102,7 +104,8 @@ def test_adapter_added_and_removed_at_run_time(admin, tiny_model_dir):
     ("../outside", 400, ["allowed"]),
     ("/etc", 400, ["allowed"]),
     ("link", 400, ["allowed"]),  # a symlink out of the allowed folder
-    ("missing", 400, ["allowed"]),
+    ("missing", 400, ["'missing' is no folder"]),  # inside the allowed folder: not "outside" it
+    ("broken", 400, ["adapter_config.json:1:2", "not valid JSON"]),  # the file named, where it breaks
 ])
 def test_bad_adapter_uploads_are_refused(admin, path, status, words):
     client, engine, _ = admin
@@ -226,3 +229,11 @@ def _up(url: str) -> bool:
         return httpx.get(url + "/health", timeout=2).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_adapter_dirs_that_do_not_exist_are_refused_at_start(tmp_path):
+    from mlx_lora.config import ConfigError
+    from mlx_lora.serve.cli import load_serve_config
+
+    with pytest.raises(ConfigError, match="adapter_dirs: .*nowhere is not a folder"):
+        load_serve_config(None, [], {"adapter_dirs": (str(tmp_path / "nowhere"),)})

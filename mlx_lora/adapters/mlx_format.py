@@ -51,7 +51,14 @@ def read_adapter_config(folder: str | Path) -> tuple[dict, LoraConfig]:
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no {ADAPTER_CONFIG}; pass the run's output_dir, one of its "
                                 "checkpoints/step_N folders, or an adapter folder")
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f"{path}:{err.lineno}:{err.colno}" if isinstance(err, json.JSONDecodeError) else str(path)
+        raise ValueError(f"{where}: not valid JSON ({getattr(err, 'msg', err)}); fix the file or write the "
+                         "adapter again") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: holds a JSON {type(raw).__name__}, not an adapter config object")
     if raw.get("fine_tune_type", "lora") != "lora":
         raise ValueError(f"{path}: fine_tune_type {raw.get('fine_tune_type')!r} is not supported (only lora)")
     params = raw.get("lora_parameters")

@@ -226,6 +226,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         except (ValueError, FileNotFoundError) as err:
             raise APIError(400, str(err), "path" if isinstance(err, FileNotFoundError) else "name"
                            if "adapter name" in str(err) else "path", "invalid_adapter") from None
+        log.warning("adapter %r added from %s", body.name, folder)  # who serves what, in the server's log
         return await models()
 
     @app.delete("/v1/adapters/{name}", response_model=ModelList, responses=ERROR_RESPONSES,
@@ -238,6 +239,7 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
             engine.remove_adapter(name)
         except RuntimeError as err:
             raise APIError(409, str(err), "name", "adapter_in_use") from None
+        log.warning("adapter %r removed", name)
         return await models()
 
     def common(body, max_tokens: int | None) -> GenerationRequest:
@@ -362,14 +364,17 @@ def allowed_adapter_folder(path: str, roots: tuple[str, ...]) -> Path:
     if not roots:
         raise APIError(403, "adding adapters at run time is off: start the server with adapter_dirs "
                             "(--adapter-dir DIR) to allow folders", "path", "adapters_disabled")
+    inside = False
     for root in roots:
         base = Path(root).resolve()
         candidate = (base / path).resolve()
         if candidate.is_relative_to(base):
+            inside = True
             if candidate.is_dir():
                 return candidate
-    raise APIError(400, f"path: {path!r} is not an adapter folder inside the allowed adapter_dirs "
-                        f"({', '.join(roots)})", "path", "invalid_path")
+    shown = path if len(path) <= 200 else path[:200] + "..."
+    problem = "is no folder" if inside else "is not inside the allowed adapter_dirs"
+    raise APIError(400, f"path: {shown!r} {problem} ({', '.join(roots)})", "path", "invalid_path")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

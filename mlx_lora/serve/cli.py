@@ -86,6 +86,9 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
                 "prefill_chunk"):
         if getattr(cfg, key) < 1:
             problems.append(f"{key}: must be positive, got {getattr(cfg, key)}")
+    for folder in cfg.adapter_dirs:
+        if not Path(folder).expanduser().is_dir():
+            problems.append(f"adapter_dirs: {folder} is not a folder; create it, or leave it out")
     if not cfg.prefill_seconds >= 0:
         problems.append(f"prefill_seconds: must be 0 or more, got {cfg.prefill_seconds}")
     if cfg.kv_memory not in ("auto", "none"):

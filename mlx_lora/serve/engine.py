@@ -190,7 +190,8 @@ class Engine:
     def add_adapter(self, name: str, folder: str | Path) -> None:
         """Serve the adapter in `folder` as `name`, without reloading the base. Raises ValueError."""
         if not ADAPTER_NAME.match(name):
-            raise ValueError(f"adapter name {name!r}: use letters, digits, '.', '_', ':' or '-' (at most 64), e.g. dates=runs/demo")
+            shown = name if len(name) <= 80 else name[:80] + "..."
+            raise ValueError(f"adapter name {shown!r}: use letters, digits, '.', '_', ':' or '-' (at most 64), e.g. dates=runs/demo")
         if name == self.base_name or name in self.adapters:
             raise ValueError(f"adapter name {name!r} is used twice (the base is called {self.base_name!r})")
         weights, scaling = read_checked_adapter(self.model, folder)
