@@ -237,3 +237,21 @@ def test_adapter_dirs_that_do_not_exist_are_refused_at_start(tmp_path):
 
     with pytest.raises(ConfigError, match="adapter_dirs: .*nowhere is not a folder"):
         load_serve_config(None, [], {"adapter_dirs": (str(tmp_path / "nowhere"),)})
+
+
+def test_a_port_in_use_is_said_before_the_model_loads():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # it said "serving on ..." after loading, then uvicorn's error and exit 3
+        done = subprocess.run([sys.executable, "-m", "mlx_lora", "serve", "--model", "/nowhere/model", "--port", str(port)],
+                              capture_output=True, text=True, timeout=120, env=dict(os.environ, MLX_LORA_NO_BLAS_PRELOAD="1"))
+    assert done.returncode == 1 and "serving on" not in done.stdout and "loading" not in done.stdout
+    assert f"port {port} on 127.0.0.1" in done.stderr and "Traceback" not in done.stderr

@@ -186,6 +186,7 @@ def serve(cfg: ServeConfig) -> None:
     if cfg.host not in LOOPBACK:
         print(f"WARNING: binding {cfg.host}: the server is reachable from other machines"
               + ("" if cfg.api_key else "; consider --api-key"), file=sys.stderr)
+    check_port_free(cfg.host, cfg.port)  # before the model loads: a taken port said at once, not after "serving on"
     print(f"loading {cfg.model}" + (f" with adapters {', '.join(cfg.adapters)}" if cfg.adapters else ""), flush=True)
     start_preamble_pch()  # in the background: MLX's CPU kernels build faster once it is there
     engine_limits = EngineLimits(max_batch=cfg.max_batch, max_queue=cfg.max_queue, max_context=cfg.max_context,
@@ -217,6 +218,20 @@ def serve(cfg: ServeConfig) -> None:
             super().handle_exit(sig, frame)
 
     Server(uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning", timeout_graceful_shutdown=5)).run()
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ValueError (one line) when `port` on `host` cannot be bound, e.g. another server holds it."""
+    import socket
+
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind((host, port))
+    except OSError as err:
+        raise ValueError(f"port {port} on {host}: {err.strerror or err} (another server?); choose another with "
+                         "--port, or stop the one that holds it") from None
 
 
 def split_run_overrides(items: list[str]) -> tuple[list[str], list[str]]:
