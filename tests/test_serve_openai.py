@@ -163,6 +163,25 @@ def test_sdk_extra_fields(sdk):
     assert refused.value.param == "temprature" and "temperature" in refused.value.message
 
 
+def test_openai_shapes_that_were_refused(sdk):
+    messages = [{"role": "user", "content": "say hello"}]
+    greedy = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=5, temperature=0)
+    # top_p 0 (OpenAI takes 0 <= top_p <= 1): only the most likely token is kept, so sampling is greedy
+    nucleus = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=5, temperature=1.5, top_p=0,
+                                          seed=3)
+    assert nucleus.choices[0].message.content == greedy.choices[0].message.content
+    # an assistant's refusal echoed back in the history, as the SDK returns it
+    history = messages + [{"role": "assistant", "content": [{"type": "refusal", "refusal": "I can't."}]},
+                          {"role": "user", "content": "ok"}]
+    assert sdk.chat.completions.create(model="tuned", messages=history, max_tokens=2).choices[0].finish_reason
+    import httpx  # the SDK cannot send NaN; Python's json (and so a client built on it) can
+    body = '{"model": "tuned", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}'
+    nan = httpx.post(f"{sdk.base_url}chat/completions", content=body, timeout=30,
+                     headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
+    assert nan.status_code == 400 and "finite number" in nan.json()["error"]["message"], nan.text
+    assert nan.json()["error"]["param"] == "temperature"
+
+
 def test_logprobs_of_tokens_holding_part_of_a_character_keep_their_bytes(sdk, tiny_model_dir):
     # (last in the module: its requests fill the base's prompt cache)
     from mlx_lm.tokenizer_utils import _byte_decoder  # GPT-2's byte alphabet: character -> byte

@@ -85,7 +85,8 @@ class RowSampler:
             if p.top_p < 1.0:
                 ordered = mx.sort(probs)[::-1]
                 before = mx.cumsum(ordered) - ordered  # mass of the more likely tokens
-                smallest_kept = mx.where(before < p.top_p, ordered, mx.inf).min()
+                # the most likely token is always kept (before == 0), so top_p 0 keeps it alone
+                smallest_kept = mx.where((before < p.top_p) | (before <= 0), ordered, mx.inf).min()
                 x = mx.where(probs < smallest_kept, -mx.inf, x)
         return mx.random.categorical(x, key=subkey)
 

@@ -54,7 +54,8 @@ class KnownFields(NullMeansDefault):
     given) and named by `ignored_fields()`; any other field is refused with the nearest known name."""
 
     # strict: "3" is not an integer nor "yes" a boolean, as OpenAI's API answers (an int is a float)
-    model_config = ConfigDict(extra="allow", strict=True)
+    # allow_inf_nan off: a NaN temperature is "not a finite number", not "should be <= 2"
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
     openai_fields: ClassVar[frozenset[str]] = frozenset()
 
     @classmethod
@@ -96,7 +97,7 @@ class KnownFields(NullMeansDefault):
 
 
 class TextPart(KnownFields):
-    """One part of a multi-part message content; only text parts are supported."""
+    """One part of a multi-part message content; only text parts (and an assistant's refusal, read as its text) are supported."""
 
     type: Literal["text"]
     text: str
@@ -105,6 +106,8 @@ class TextPart(KnownFields):
     @model_validator(mode="before")
     @classmethod
     def _text_only(cls, data):
+        if isinstance(data, dict) and data.get("type") == "refusal" and isinstance(data.get("refusal"), str):
+            return {"type": "text", "text": data["refusal"]}  # an assistant's refusal echoed back: its words
         if isinstance(data, dict) and data.get("type", "text") != "text":
             raise ValueError(f"only text content parts are supported (got type {data.get('type')!r}); send the "
                              "text as a string or a {\"type\": \"text\", \"text\": ...} part")
@@ -211,7 +214,7 @@ class SamplingFields(KnownFields):
     model: Optional[str] = Field(None, description="A name from /v1/models (the base or an adapter); default: the first listed.")
     max_tokens: Optional[int] = Field(None, ge=1, description="Most tokens to generate (capped by the server's limit).")
     temperature: Optional[float] = Field(0.0, ge=0.0, le=2.0, description="0 is greedy.")
-    top_p: Optional[float] = Field(1.0, gt=0.0, le=1.0)
+    top_p: Optional[float] = Field(1.0, ge=0.0, le=1.0, description="Nucleus sampling mass (0: the most likely token only).")
     top_k: Optional[int] = Field(0, ge=0, description="Keep the k most likely tokens (0: all). Not in OpenAI's API.")
     min_p: Optional[float] = Field(0.0, ge=0.0, le=1.0, description="Drop tokens below min_p x the top probability. Not in OpenAI's API.")
     repetition_penalty: Optional[float] = Field(1.0, gt=0.0, le=10.0,
