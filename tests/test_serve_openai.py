@@ -180,6 +180,16 @@ def test_openai_shapes_that_were_refused(sdk):
                      headers={"Authorization": "Bearer k", "Content-Type": "application/json"})
     assert nan.status_code == 400 and "finite number" in nan.json()["error"]["message"], nan.text
     assert nan.json()["error"]["param"] == "temperature"
+    json_type = {"Authorization": "Bearer k", "Content-Type": "application/json"}
+    lone = httpx.post(f"{sdk.base_url}chat/completions", timeout=30, headers=json_type,
+                      content='{"model": "tuned", "messages": [{"role": "user", "content": "a\\ud800b"}]}')
+    assert lone.status_code == 400 and "lone UTF-16 surrogate" in lone.json()["error"]["message"], lone.text
+    assert lone.json()["error"]["message"].startswith("messages.0.content:")  # not the tokenizer's TextEncodeInput
+    untyped = httpx.post(f"{sdk.base_url}chat/completions", timeout=30, headers={"Authorization": "Bearer k"},
+                         content='{"model": "tuned", "messages": [{"role": "user", "content": "x"}]}')  # curl -d
+    assert untyped.status_code == 400 and "Content-Type: application/json" in untyped.json()["error"]["message"]
+    with pytest.raises(openai.BadRequestError, match="the list is empty"):
+        sdk.completions.create(model="tuned", prompt=[], max_tokens=2)
 
 
 def test_logprobs_of_tokens_holding_part_of_a_character_keep_their_bytes(sdk, tiny_model_dir):

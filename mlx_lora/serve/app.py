@@ -147,8 +147,12 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         return error_response(err.status, err.message, err.param, err.code, err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request, err: RequestValidationError):
+    async def _invalid(request, err: RequestValidationError):
         errors = err.errors() or [{"loc": (), "msg": "invalid request"}]
+        kind = request.headers.get("content-type", "")
+        if "json" not in kind and any(tuple(e.get("loc", ())) == ("body",) for e in errors):  # curl -d's default type
+            return error_response(400, f"the body must be JSON sent with Content-Type: application/json (got "
+                                       f"{kind or 'no Content-Type'})", None, "invalid_body")
         # an unknown field first; else the most specific (inside a Union, the member the value was meant for)
         first = next((e for e in errors if e.get("type") == UNRECOGNIZED), None) or max(
             errors, key=lambda e: (e.get("type") == "value_error", len(e.get("loc", ()))))
@@ -299,6 +303,8 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         if body.echo:
             raise APIError(400, "echo: only false is supported", "echo", "unsupported")
         if isinstance(body.prompt, list):
+            if not body.prompt:
+                raise APIError(400, "prompt: the list is empty; send one prompt", "prompt", "invalid_value")
             if len(body.prompt) != 1:
                 raise APIError(400, "prompt: only one prompt per request is supported", "prompt", "invalid_value")
             gen.prompt = body.prompt[0]

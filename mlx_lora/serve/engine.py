@@ -351,6 +351,10 @@ class Engine:
     def tokenize(self, request: GenerationRequest) -> list[int]:
         """Prompt tokens: the chat template for messages, plain encoding for a text prompt (RequestError when
         empty or filling the context)."""
+        lone = _lone_surrogate(request)
+        if lone is not None:  # JSON's "\ud800" escape decodes to no character; tokenizers fail on it obscurely
+            raise RequestError(f"{lone}: holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF escape without its pair), "
+                               "which is no character; send valid Unicode", lone.split(".")[0])
         if request.messages is not None:
             extra = {"tools": request.tools} if request.tools else {}
             try:
@@ -402,6 +406,19 @@ class Engine:
         self.history.append({"model": job.request.model, "completion_tokens": generated, "finish_reason": finish,
                              "max_tokens": job.request.max_tokens if max_tokens is None else max_tokens,
                              "seconds": time.perf_counter() - job.submitted})
+
+
+def _lone_surrogate(request: GenerationRequest) -> Optional[str]:
+    """The field (`messages.2.content`, `prompt`) whose text holds an unpaired surrogate, or None."""
+    def bad(text) -> bool:
+        return isinstance(text, str) and any("\ud800" <= ch <= "\udfff" for ch in text)
+
+    if request.messages is None:
+        return "prompt" if bad(request.prompt) else None
+    for i, message in enumerate(request.messages):
+        if bad(message.get("content")):
+            return f"messages.{i}.content"
+    return None
 
 
 def kv_windows(cache: list) -> tuple[Optional[int], ...]:
