@@ -28,6 +28,7 @@ from .scheduler import Scheduler, Sequence
 from .text import TextStream
 
 ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON \uD800 escape without its pair: no character
 HISTORY = 256  # finished-job summaries kept for /health and tests
 CONTEXT_EXCEEDED = "context_length_exceeded"  # OpenAI's code: clients trim the history and retry on it
 IDLE_WAIT_S = 0.05  # how long the idle worker sleeps between looks at its inbox
@@ -411,7 +412,7 @@ class Engine:
 def _lone_surrogate(request: GenerationRequest) -> Optional[str]:
     """The field (`messages.2.content`, `prompt`) whose text holds an unpaired surrogate, or None."""
     def bad(text) -> bool:
-        return isinstance(text, str) and any("\ud800" <= ch <= "\udfff" for ch in text)
+        return isinstance(text, str) and LONE_SURROGATE.search(text) is not None
 
     if request.messages is None:
         return "prompt" if bad(request.prompt) else None

@@ -71,10 +71,12 @@ def chat_logprobs(entries: list) -> dict:
 
 def completion_logprobs(entries: list, offset: int = 0) -> dict:
     # Each token's first character in the text: the tokens holding parts of one character share its offset.
-    offsets, seen = [], b""
+    import codecs
+
+    decoder, offsets, position = codecs.getincrementaldecoder("utf-8")(errors="ignore"), [], offset
     for token, _, _ in entries:
-        offsets.append(offset + len(seen.decode("utf-8", errors="ignore")))
-        seen += bytes(_bytes(token))
+        offsets.append(position)
+        position += len(decoder.decode(bytes(_bytes(token))))  # a character counts once its last byte is in
     return {"tokens": [e[0] for e in entries], "token_logprobs": [e[1] for e in entries],
             "top_logprobs": [dict(e[2]) for e in entries], "text_offset": offsets}
 
