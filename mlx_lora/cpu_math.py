@@ -28,9 +28,10 @@ from __future__ import annotations
 import math
 import sys
 from contextlib import contextmanager
-from functools import partial
 
 import mlx.core as mx
+
+from .thread_compile import per_thread
 
 LN2 = math.log(2.0)
 LOG2E = 1.0 / LN2
@@ -39,7 +40,7 @@ LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # Cody-Waite split of ln 2 (Cephes
 EXP_MIN = -87.3  # below: 0 (the true exp is subnormal, or 0; a ~1e-38 floor turned BLAS products slow)
 
 
-@partial(mx.compile, shapeless=True)
+@per_thread(shapeless=True)
 def _exp_bits(x: mx.array) -> mx.array:
     """n + 127 in a float's exponent bits (int32), n = round(x / ln 2): read as float32, 2^n."""
     n = mx.floor(mx.clip(x, EXP_MIN, 88.0) * LOG2E + 0.5)  # 2^n stays a normal float: n in [-126, 127]
@@ -56,7 +57,7 @@ def _exp_from(x: mx.array, bits: mx.array, scale: mx.array) -> mx.array:
     return mx.where(x < EXP_MIN, 0.0, p * scale)  # flush to zero, as exp's float32 result would
 
 
-_exp_from_compiled = mx.compile(_exp_from, shapeless=True)
+_exp_from_compiled = per_thread(_exp_from, shapeless=True)
 
 
 def _exp_factors(x: mx.array) -> tuple[mx.array, mx.array]:
@@ -92,12 +93,12 @@ def _cpu() -> bool:
 # Each kernel takes exp(-gate)'s exponent bits (one int32 buffer) and computes sigmoid(gate)
 # inside, so the only full-size temporary is that buffer (the step's peak memory).
 
-@partial(mx.compile, shapeless=True)
+@per_thread(shapeless=True)
 def _swiglu_from(gate: mx.array, x: mx.array, bits: mx.array, scale: mx.array) -> mx.array:
     return gate * x / (1.0 + _exp_from(-gate, bits, scale))  # silu(gate) * x = gate * x * sigmoid(gate)
 
 
-@partial(mx.compile, shapeless=True)
+@per_thread(shapeless=True)
 def _swiglu_grads_from(gate, x, bits, scale, cotangent):
     s = 1.0 / (1.0 + _exp_from(-gate, bits, scale))
     return cotangent * x * s * (1.0 + gate * (1.0 - s)), cotangent * gate * s

@@ -99,3 +99,38 @@ def test_library_math_gives_the_model_mlx_lms_own_functions_for_a_while():
         assert llama.swiglu is cpu_math.swiglu
     finally:
         llama.swiglu = activations.swiglu
+
+
+def test_per_thread_compiled_functions_are_freed_by_their_thread():
+    """Each thread gets its own compiled object; `release()` in a thread drops that thread's only
+    (MLX's compile cache is thread-local: a worker must empty its own before it ends)."""
+    import threading
+
+    import mlx.core as mx
+
+    from mlx_lora.thread_compile import per_thread, release
+
+    calls = []
+
+    @per_thread(shapeless=True)
+    def twice(x):
+        calls.append(1)  # runs only when traced
+        return x * 2
+
+    assert twice(mx.array([1.0, 2.0])).tolist() == [2.0, 4.0]
+    assert twice(mx.array([1.0, 2.0, 3.0])).tolist() == [2.0, 4.0, 6.0]
+    traced_here = len(calls)
+    released = []
+
+    def worker():
+        twice(mx.array([5.0]))
+        released.append(release())
+        released.append(release())
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert released == [1, 0] and len(calls) > traced_here  # the worker traced its own
+    traced = len(calls)
+    assert twice(mx.array([3.0])).tolist() == [6.0] and len(calls) == traced  # this thread's is still there
+    assert release() >= 1 and release() == 0  # (with any others this thread compiled before)

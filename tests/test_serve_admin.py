@@ -194,9 +194,9 @@ def test_ctrl_c_ends_open_streams_and_exits_without_tracebacks(tiny_model_dir):
     try:
         wait_until(lambda: server.poll() is not None or _up(url), timeout=180)
         assert server.poll() is None, server.stderr.read()[-2000:]
-        ends, started = [], threading.Event()
+        ends, started = [], [threading.Event(), threading.Event()]
 
-        def stream():  # long enough to be running when Ctrl-C comes
+        def stream(started: threading.Event):  # long enough to be running when Ctrl-C comes
             body = {"prompt": "say hello", "max_tokens": 470, "stream": True, "logit_bias": {"2": -100}}
             lines = []
             with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as response:
@@ -206,14 +206,15 @@ def test_ctrl_c_ends_open_streams_and_exits_without_tracebacks(tiny_model_dir):
                         lines.append(line)
             ends.append((lines[-1], "shutting down" in lines[-2] or "cancelled" in lines[-2], len(lines)))
 
-        clients = [threading.Thread(target=stream) for _ in range(2)]
-        for client in clients:
+        clients = [threading.Thread(target=stream, args=(event,)) for event in started]
+        for client, event in zip(clients, started):  # one after the other: both are running at Ctrl-C
             client.start()
-        assert started.wait(60)
+            assert event.wait(60)
         server.send_signal(signal.SIGINT)
         for client in clients:
             client.join(30)
-        assert server.wait(timeout=30) in (0, 130)  # 130: the shell convention for an exit by Ctrl-C
+        code = server.wait(timeout=30)
+        assert code in (0, 130), server.stderr.read()[-3000:]  # 130: the shell convention for an exit by Ctrl-C
         err = server.stderr.read()
         assert "Traceback" not in err and "CancelledError" not in err, err[-3000:]
         # each stream ended at once, properly: an error chunk saying why, then [DONE] (not after its 470 tokens)

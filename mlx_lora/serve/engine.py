@@ -136,6 +136,7 @@ class Engine:
         self.created = int(time.time())
         self.failed_steps = 0  # generation steps that raised (their requests got 500s; the worker went on)
         self.last_error: str | None = None
+        self.decode_setup = None  # what `cpu_decode.use_cpu_decode` chose (from_source)
         self._grammar = None
         self._grammar_lock = threading.Lock()
 
@@ -155,17 +156,20 @@ class Engine:
     @classmethod
     def from_source(cls, source: str, adapters: dict[str, str | Path] | None = None, base_name: str | None = None,
                     default_model: str | None = None, limits: EngineLimits | None = None,
-                    float_weights: str = "auto", kv_memory: str = "none") -> "Engine":
+                    float_weights: str = "auto", kv_memory: str = "none", cpu_decode: str = "auto") -> "Engine":
         """Load the base from any model source (HF folder, hub id, GGUF, demo) and add the adapters.
 
         On the CPU, float16/bfloat16 weights are widened to float32 once: MLX's CPU half-precision
         matmul has no BLAS behind it and decodes ~4x slower (measured on the fused demo model).
         Quantized weights are handled per `float_weights` (see `decode_weights.prepare_for_decode`);
-        `kv_memory` ("auto", "none" or a size such as 2GB) bounds the KV caches (see `kv_budget`).
+        `kv_memory` ("auto", "none" or a size such as 2GB) bounds the KV caches (see `kv_budget`);
+        `cpu_decode` ("auto", "none", or "plain" / "transposed" to pin the products' orientation)
+        is `cpu_decode.use_cpu_decode`'s.
         """
         from ..cpu_math import use_fast_cpu_math
         from ..frozen_matmul import use_fast_frozen_layers
         from ..models import load_model
+        from .cpu_decode import use_cpu_decode
         from .decode_weights import prepare_for_decode
 
         model, tokenizer, info = load_model(source)
@@ -181,10 +185,13 @@ class Engine:
         context = int(info.hf_config.get("max_position_embeddings") or limits.max_context)
         if context < limits.max_context:
             limits = EngineLimits(**{**limits.__dict__, "max_context": context})
+        decode = use_cpu_decode(model, limits.max_batch, limits.max_context + 1, cpu_decode)
         budget = kv_budget(kv_memory)
         if budget is not None:
             limits = EngineLimits(**{**limits.__dict__, "kv_budget_bytes": budget})
-        return cls(model, tokenizer, base_name or default_base_name(source), adapters, default_model, limits)
+        engine = cls(model, tokenizer, base_name or default_base_name(source), adapters, default_model, limits)
+        engine.decode_setup = decode
+        return engine
 
     # --- models ---
 
@@ -278,6 +285,14 @@ class Engine:
         return job
 
     def _run(self) -> None:
+        from ..thread_compile import release
+
+        try:
+            self._serve_until_stopped()
+        finally:
+            release()  # this thread's compiled kernels, while the GIL can still be taken (thread_compile.py)
+
+    def _serve_until_stopped(self) -> None:
         while not self._stopping.is_set():
             self._take_new_jobs()
             if self.scheduler.idle():
