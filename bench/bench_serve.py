@@ -13,8 +13,11 @@ one after another. Reported per N: aggregate generated tokens/s (content chunks 
 p50 / p95 request latency, p50 time to first token, errors. Then 8 clients spread over 4 adapters
 (random LoRA adapters made for the model, rank 8): on this server by model name in one batch,
 on mlx_lm.server by its per-request `adapters` path (it reloads on every switch), next to the same
-8 clients on one adapter. Servers run one after the other, each at its own settings. Not a test:
-it prints a table (and JSON) to paste into the README.
+8 clients on one adapter. Both servers are started, each at its own settings, then take turns:
+every load runs `--rounds` times per server (adapter loads `--adapter-rounds`), alternating
+servers and flipping the order each round, so a slow stretch of a shared machine falls on both;
+it prints each round, the paired per-round ratios, and per server the median of its rounds.
+Not a test: it prints tables (and JSON) to paste into the README.
 """
 
 from __future__ import annotations
@@ -138,41 +141,91 @@ def make_adapters(model: str, folder: Path, count: int) -> dict[str, str]:
     return adapters
 
 
-def bench(kind: str, model: str, adapters: dict[str, str], args) -> dict:
-    from mlx_lora.serve.app import free_port
+class Server:
+    """One started server and the request bodies for each load mix."""
 
-    port = free_port()
-    proc = start(kind, model, port, adapters if kind == "mlx-lora" else {})
-    url = f"http://127.0.0.1:{port}/v1"
-    base = {"messages": PROMPT, "max_tokens": args.max_tokens, "temperature": 0.0}
-    try:
+    def __init__(self, kind: str, model: str, adapters: dict[str, str], max_tokens: int):
+        from mlx_lora.serve.app import free_port
+
+        self.kind, self.port = kind, free_port()
+        self.proc = start(kind, model, self.port, adapters if kind == "mlx-lora" else {})
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        base = {"messages": PROMPT, "max_tokens": max_tokens, "temperature": 0.0}
         # mlx_lm.server answers for the model it was started with when a request names its path
-        name = requests.get(url + "/models", timeout=10).json()["data"][0]["id"] if kind == "mlx-lora" else model
-        stream_once(url, {**base, "model": name, "max_tokens": 8})  # warm-up
-        result = {"server": kind, "runs": []}
-        for clients in args.clients:
-            result["runs"].append({"mix": "base", **load(url, [{**base, "model": name}], clients, args.requests)})
-            print_row(kind, result["runs"][-1])
+        name = requests.get(self.url + "/models", timeout=10).json()["data"][0]["id"] if kind == "mlx-lora" else model
+        stream_once(self.url, {**base, "model": name, "max_tokens": 8})  # warm-up
+        self.mixes = {"base": [{**base, "model": name}]}
         if adapters:
             if kind == "mlx-lora":
-                one = [{**base, "model": "adapter0"}]
-                mixed = [{**base, "model": n} for n in adapters]
+                self.mixes["1 adapter"] = [{**base, "model": "adapter0"}]
+                self.mixes[f"{len(adapters)} adapters"] = [{**base, "model": n} for n in adapters]
             else:
-                one = [{**base, "model": model, "adapters": adapters["adapter0"]}]
-                mixed = [{**base, "model": model, "adapters": path} for path in adapters.values()]
-            for mix, bodies in (("1 adapter", one), (f"{len(adapters)} adapters", mixed)):
-                result["runs"].append({"mix": mix, **load(url, bodies, 8, args.requests)})
-                print_row(kind, result["runs"][-1])
-        return result
+                self.mixes["1 adapter"] = [{**base, "model": model, "adapters": adapters["adapter0"]}]
+                self.mixes[f"{len(adapters)} adapters"] = [{**base, "model": model, "adapters": path}
+                                                           for path in adapters.values()]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+        os.unlink(self.proc.log_path)
+
+
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+def bench_all(kinds: list[str], model: str, adapters: dict[str, str], args) -> list[dict]:
+    """Every server started at once (idle ones cost nothing), then each load run `--rounds` times,
+    the servers taking turns (the order flipped every round), so a slower stretch of a shared machine
+    falls on both; each row printed as it is measured, then per server the median of its rounds."""
+    servers = []
+    try:
+        for kind in kinds:
+            servers.append(Server(kind, model, adapters, args.max_tokens))
+        loads = [("base", clients) for clients in args.clients]
+        loads += [(mix, 8) for mix in servers[0].mixes if mix != "base"]
+        results = {server.kind: {"server": server.kind, "runs": []} for server in servers}
+        for mix, clients in loads:
+            rounds: dict[str, list[dict]] = {server.kind: [] for server in servers}
+            for turn in range(args.rounds if mix == "base" else args.adapter_rounds):
+                for server in (servers if turn % 2 == 0 else servers[::-1]):
+                    run = {"mix": mix, "round": turn + 1, **load(server.url, server.mixes[mix], clients, args.requests)}
+                    rounds[server.kind].append(run)
+                    print_row(server.kind, run)
+            for kind, runs in rounds.items():
+                summary = {key: median([r[key] for r in runs if r[key] is not None] or [0.0])
+                           for key in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "wall_s")}
+                results[kind]["runs"].append({"mix": mix, "clients": clients, "rounds": runs, **summary,
+                                              "requests": sum(r["requests"] for r in runs),
+                                              "errors": sum(r["errors"] for r in runs)})
+        if len(servers) == 2:
+            first, second = servers[0].kind, servers[1].kind
+            print(f"\npaired ratios {first} / {second} per round (same load, adjacent in time):")
+            for ours, theirs in zip(results[first]["runs"], results[second]["runs"]):
+                ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours["rounds"], theirs["rounds"])
+                          if b["tokens_per_s"]]
+                print(f"  {ours['clients']} clients, {ours['mix']}: " + ", ".join(f"{r:.2f}x" for r in ratios)
+                      + (f"  (median {median(ratios):.2f}x)" if ratios else ""))
+        print("\nmedians over rounds:")
+        print(HEADER)
+        for kind in results:
+            for run in results[kind]["runs"]:
+                print_row(kind, {**run, "round": "median"})
+        return list(results.values())
     finally:
-        proc.terminate()
-        proc.wait(30)
-        os.unlink(proc.log_path)
+        for server in servers:
+            server.stop()
+
+
+HEADER = ("| server | round | clients | adapters | aggregate tok/s | p50 latency (s) | p95 latency (s) | "
+          "p50 TTFT (s) | errors |\n|---|---|---|---|---|---|---|---|---|")
 
 
 def print_row(kind: str, run: dict) -> None:
     fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "-")  # noqa: E731
-    print(f"| {kind} | {run['clients']} | {run['mix']} | {fmt(run['tokens_per_s'])} | {fmt(run['p50_s'])} | "
+    print(f"| {kind} | {run.get('round', '-')} | {run['clients']} | {run['mix']} | {fmt(run['tokens_per_s'])} | {fmt(run['p50_s'])} | "
           f"{fmt(run['p95_s'])} | {fmt(run['ttft_p50_s'])} | {run['errors']}/{run['requests']} |", flush=True)
 
 
@@ -198,14 +251,15 @@ def main() -> int:
     parser.add_argument("--adapters", type=int, default=4, help="random adapters for the mix (0 skips it)")
     parser.add_argument("--adapter-dir", default=str(ROOT / "runs" / "bench-adapters"))
     parser.add_argument("--servers", default="mlx-lora,mlx_lm.server")
+    parser.add_argument("--rounds", type=int, default=3, help="times each base-model load runs per server, servers taking turns")
+    parser.add_argument("--adapter-rounds", type=int, default=1, help="the same for the adapter loads (mlx_lm.server reloads per switch: slow)")
     parser.add_argument("--json", dest="json_out")
     args = parser.parse_args()
     model = ensure_model(args.model)
     adapters = make_adapters(model, Path(args.adapter_dir), args.adapters) if args.adapters else {}
     print(f"model: {model}; {args.requests} streamed requests of {args.max_tokens} tokens per client")
-    print("| server | clients | adapters | aggregate tok/s | p50 latency (s) | p95 latency (s) | p50 TTFT (s) | errors |")
-    print("|---|---|---|---|---|---|---|---|", flush=True)
-    results = [bench(kind, model, adapters, args) for kind in args.servers.split(",")]
+    print(HEADER, flush=True)
+    results = bench_all(args.servers.split(","), model, adapters, args)
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"model": model, "args": vars(args), "results": results}, indent=2) + "\n")
     return 0
