@@ -93,15 +93,15 @@ def test_decode_linear_orientations_agree(bias, rows):
     import mlx.nn as nn
     import numpy as np
 
-    from mlx_lora.serve.cpu_decode import DecodeLinear, ProductPlan
+    from mlx_lora.serve.cpu_decode import DecodeLinear, ProductPlan, twin
 
     layer = nn.Linear(48, 80, bias=bias)
     x = mx.random.normal((rows, 1, 48), key=mx.random.key(rows))
     plan = ProductPlan(max_rows=8, measured={(80, 48): {1: True, 4: True, 8: True}})
-    twin = DecodeLinear.of(layer, plan)
+    decode = twin(DecodeLinear, layer, plan)
     assert plan.transposed((80, 48), rows) == (rows <= 8)
     want = np.array(layer(x), dtype=np.float64)
-    got = np.array(twin(x), dtype=np.float64)
+    got = np.array(decode(x), dtype=np.float64)
     assert got.shape == want.shape == (rows, 1, 80)
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 

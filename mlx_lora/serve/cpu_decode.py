@@ -96,13 +96,10 @@ def _product(layer_weight: mx.array, x: mx.array, plan: Optional[ProductPlan]) -
 
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear` whose product, for the row counts its plan names, is `(W @ x.T).T`."""
+    """`nn.Linear` whose product, for the row counts its plan names, is `(W @ x.T).T`; made by
+    `twin(DecodeLinear, layer, plan)`, sharing the layer's arrays."""
 
     plan: Optional[ProductPlan] = None
-
-    @classmethod
-    def of(cls, layer: nn.Linear, plan: ProductPlan) -> "DecodeLinear":
-        return _twin(cls, layer, plan)
 
     def __call__(self, x):
         y = _product(self["weight"], x, self.plan)
@@ -116,25 +113,21 @@ class DecodeEmbedding(nn.Embedding):
 
     plan: Optional[ProductPlan] = None
 
-    @classmethod
-    def of(cls, layer: nn.Embedding, plan: ProductPlan) -> "DecodeEmbedding":
-        return _twin(cls, layer, plan)
-
     def as_linear(self, x):
         y = _product(self.weight, x, self.plan)
         return super().as_linear(x) if y is None else y
 
 
-def _twin(cls, layer: nn.Module, plan: ProductPlan):
+def twin(cls, layer: nn.Module, plan: ProductPlan):
     """`layer` as `cls`, sharing its arrays and frozen state."""
-    twin = cls.__new__(cls)
-    nn.Module.__init__(twin)
+    made = cls.__new__(cls)
+    nn.Module.__init__(made)
     for key, value in layer.items():
-        twin[key] = value
+        made[key] = value
     if not layer.trainable_parameters():
-        twin.freeze()
-    twin.plan = plan
-    return twin
+        made.freeze()
+    made.plan = plan
+    return made
 
 
 def _row_counts(max_rows: int) -> list[int]:
@@ -204,12 +197,12 @@ def use_decode_products(model: nn.Module, max_rows: int, pinned: Optional[bool] 
     else:
         embedding = None
     plan = tune_products(by_shape, max_rows, pinned)
-    swaps = [(name, DecodeLinear.of(layer, plan)) for name, layer in linears
+    swaps = [(name, twin(DecodeLinear, layer, plan)) for name, layer in linears
              if any(plan.measured[tuple(layer.weight.shape)].values())]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
     if embedding is not None and any(plan.measured[tuple(embedding.weight.shape)].values()):
-        model.model.embed_tokens = DecodeEmbedding.of(embedding, plan)
+        model.model.embed_tokens = twin(DecodeEmbedding, embedding, plan)
     return plan
 
 
