@@ -9,7 +9,7 @@ to float32 at load; a float32 folder runs both at their best.
 
 For each server (both with their batching on; mlx_lm.server batches by default): N concurrent
 clients (1, 4, 8) each send `--requests` streamed greedy chat requests of `--max-tokens` tokens,
-one after another. Reported per N: aggregate generated tokens/s (content chunks over wall time),
+one after another. Reported per N: aggregate generated tokens/s (usage's completion tokens over wall time),
 p50 / p95 request latency, p50 time to first token, errors. Then 8 clients spread over 4 adapters
 (random LoRA adapters made for the model, rank 8): on this server by model name in one batch,
 on mlx_lm.server by its per-request `adapters` path (it reloads on every switch), next to the same
@@ -77,11 +77,14 @@ def start(kind: str, model: str, port: int, adapters: dict[str, str]) -> subproc
 
 
 def stream_once(url: str, body: dict) -> dict:
-    """One streamed request: latency, time to first token, tokens (content chunks), or the error."""
+    """One streamed request: latency, time to first token, tokens, or the error. Tokens are the
+    final usage chunk's `completion_tokens` (`stream_options.include_usage`, both servers send it):
+    content chunks undercount, as a streaming detokenizer sends a word's tokens in one chunk."""
     start = time.perf_counter()
-    times = []
+    times, usage = [], None
     try:
-        with requests.post(url + "/chat/completions", json={**body, "stream": True}, stream=True, timeout=1800) as response:
+        with requests.post(url + "/chat/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                           stream=True, timeout=1800) as response:
             if response.status_code != 200:
                 return {"error": f"HTTP {response.status_code}"}
             for line in response.iter_lines(decode_unicode=True):
@@ -90,13 +93,16 @@ def stream_once(url: str, body: dict) -> dict:
                 chunk = json.loads(line[6:])
                 if "error" in chunk:
                     return {"error": chunk["error"].get("message", "error")}
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
                 if any(c.get("delta", {}).get("content") for c in chunk.get("choices", [])):
                     times.append(time.perf_counter())
     except requests.RequestException as err:
         return {"error": type(err).__name__}
     if not times:
         return {"error": "no tokens"}
-    return {"latency_s": time.perf_counter() - start, "ttft_s": times[0] - start, "tokens": len(times)}
+    tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") else len(times)
+    return {"latency_s": time.perf_counter() - start, "ttft_s": times[0] - start, "tokens": tokens, "chunks": len(times)}
 
 
 def load(url: str, bodies: list[dict], clients: int, per_client: int) -> dict:
