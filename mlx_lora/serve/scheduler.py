@@ -402,6 +402,9 @@ class Scheduler:
                     if not can_trim_prompt_cache(held):
                         continue
                     trim_prompt_cache(held, 1)
+                # The row's copy is lazy and would keep the whole batch's KV buffers alive (all rows, every
+                # layer) until first used; computed now, after the step in flight, it lets them go.
+                mx.async_eval([c.state for c in held])
                 self.prompt_cache.insert_cache(seq.cache_key, fed, held)
         keep = [i for i in range(len(self.running)) if i not in set(rows)]
         if keep:
