@@ -196,7 +196,37 @@ def test_api_key(tiny_model_dir):
             wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
             assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
             assert client.get("/v1/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
-            assert client.get("/health").status_code == 200
+            assert client.get("/health").json() == {"status": "ok"}  # up, without naming what it serves
+            keyed = client.get("/health", headers={"Authorization": "Bearer sekret"}).json()
+            assert keyed["status"] == "ok" and keyed["models"] == ["base"]
+
+
+def test_a_body_that_is_not_utf8_is_named_in_one_line(server):
+    client, _ = server
+    body = b'{"model": "a", "messages": [{"role": "user", "content": "caf\xe9"}]}'  # Latin-1, not UTF-8
+    response = client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    assert response.json()["error"]["message"] == (f"the body is not UTF-8 (byte 0xe9 at offset {body.index(0xe9)}): "
+                                                   "send the JSON encoded as UTF-8")
+
+
+def test_browser_pages_from_this_machine_may_call_others_may_not(tiny_model_dir):
+    from mlx_lora.serve.cli import LOCAL_ORIGINS
+
+    with start_server(tiny_model_dir, {}, cors_origins=LOCAL_ORIGINS) as (url, _):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            preflight = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+            for origin in ("http://localhost:3000", "http://127.0.0.1", "http://[::1]:8080"):
+                answer = client.options("/v1/chat/completions", headers={"Origin": origin, **preflight})
+                assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+            for origin in ("https://evil.example", "http://localhost.evil.example", "http://127.0.0.1.nip.io"):
+                answer = client.options("/v1/chat/completions", headers={"Origin": origin, **preflight})
+                assert answer.status_code == 400 and "access-control-allow-origin" not in answer.headers
+            simple = client.get("/v1/models", headers={"Origin": "http://localhost:5173"})
+            assert simple.headers["access-control-allow-origin"] == "http://localhost:5173"
+    with start_server(tiny_model_dir, {}, cors_origins=("*",)) as (url, _):
+        answer = httpx.get(url + "/v1/models", headers={"Origin": "https://any.example"}, timeout=60)
+        assert answer.headers["access-control-allow-origin"] in ("*", "https://any.example")
 
 
 def test_concurrent_clients_all_get_their_answers(server):

@@ -240,6 +240,16 @@ def test_adapter_dirs_that_do_not_exist_are_refused_at_start(tmp_path):
         load_serve_config(None, [], {"adapter_dirs": (str(tmp_path / "nowhere"),)})
 
 
+def test_cors_origins_are_checked_at_start():
+    from mlx_lora.config import ConfigError
+    from mlx_lora.serve.cli import load_serve_config
+
+    assert load_serve_config(None, ["model=demo", "cors_origins=[http://myapp.local:3000, '*']"], {}).cors_origins == (
+        "http://myapp.local:3000", "*")
+    with pytest.raises(ConfigError, match=r"cors_origins: 'localhost:3000' is not an origin; write .* http://localhost:3000"):
+        load_serve_config(None, ["model=demo", "cors_origins=localhost:3000"], {})
+
+
 def test_a_port_in_use_is_said_before_the_model_loads():
     import os
     import socket

@@ -136,6 +136,26 @@ def test_streamed_tool_call_sends_the_name_first_then_arguments_in_pieces(sdk):
     assert final.choices[0].finish_reason == "tool_calls"
 
 
+def test_tool_call_cut_by_max_tokens_comes_back_as_a_cut_call_not_markup(sdk):
+    """As OpenAI answers a call cut short: finish_reason "length", the call's name and its arguments as
+    far as they were written; no `<tool_call>` text in the content, streamed or not."""
+    kwargs = {"model": "base", "messages": [{"role": "user", "content": "what is the weather in Paris?"}],
+              "tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+    whole = sdk.chat.completions.create(**kwargs, max_tokens=120)
+    full = whole.choices[0].message.tool_calls[0].function.arguments
+    for cut in (whole.usage.completion_tokens - 4, whole.usage.completion_tokens // 2):
+        choice = sdk.chat.completions.create(**kwargs, max_tokens=cut).choices[0]
+        assert choice.finish_reason == "length" and not choice.message.content
+        call = choice.message.tool_calls[0]
+        assert call.function.name == "get_weather" and full.startswith(call.function.arguments)
+        chunks = list(sdk.chat.completions.create(**kwargs, max_tokens=cut, stream=True))
+        assert not "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        entries = [tc for c in chunks if c.choices for tc in (c.choices[0].delta.tool_calls or [])]
+        assert entries[0].function.name == "get_weather"
+        assert "".join(e.function.arguments or "" for e in entries) == call.function.arguments
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
 def test_tool_call_deltas_join_to_the_final_arguments_at_every_cut():
     from types import SimpleNamespace
 

@@ -49,6 +49,7 @@ class ServerLimits:
     max_body_bytes: int = 1_000_000
     api_key: Optional[str] = None
     adapter_dirs: tuple[str, ...] = ()  # folders POST /v1/adapters may load from (none: the endpoint is off)
+    cors_origins: tuple[str, ...] = ()  # origins browser scripts may call from: "*", or scheme://host (any port)
 
 
 class APIError(Exception):
@@ -105,6 +106,26 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
+def origins_pattern(origins: tuple[str, ...]) -> str:
+    """A regex matching `origins` ("*": any; "http://localhost": that scheme and host, any port or none)."""
+    if "*" in origins:
+        return ".*"
+    return "|".join(re.escape(origin.rstrip("/")) + r"(:\d+)?" for origin in origins)
+
+
+async def _unparsable_body(request: Request) -> str:
+    """Why a body could not be read as JSON, in one line (FastAPI says only "error parsing the body")."""
+    try:
+        body = await request.body()
+        body.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return (f"the body is not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start}): "
+                "send the JSON encoded as UTF-8")
+    except Exception:  # noqa: BLE001 - the body is gone; the generic answer stands
+        pass
+    return "the body is not valid JSON"
+
+
 def _param(loc) -> str | None:
     """A validation error's location as a dotted path, without pydantic's names of the union member
     it tried (`messages.0.content.list[TextPart].0.type` -> `messages.0.content.0.type`)."""
@@ -130,6 +151,11 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
     app = FastAPI(title="mlx-lora", version="2", lifespan=lifespan,
                   description="OpenAI-compatible API for an MLX model and its LoRA adapters.")
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+    if limits.cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origin_regex=origins_pattern(limits.cors_origins),
+                           allow_methods=["GET", "POST", "DELETE", "OPTIONS"], allow_headers=["*"])
     default_openapi = app.openapi
 
     def openapi() -> dict:
@@ -167,7 +193,9 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
         return error_response(400, message, param, "invalid_value" if param else "invalid_body")
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_request, err: StarletteHTTPException):
+    async def _http(request, err: StarletteHTTPException):
+        if err.status_code == 400 and err.detail == "There was an error parsing the body":  # FastAPI's words
+            return error_response(400, await _unparsable_body(request), None, "invalid_body")
         return error_response(err.status_code, str(err.detail))
 
     @app.exception_handler(Exception)
@@ -205,8 +233,13 @@ def create_app(engine: Engine, limits: ServerLimits = ServerLimits()) -> FastAPI
             raise APIError(401, "missing or wrong API key: send `Authorization: Bearer <key>`", code="invalid_api_key")
 
     @app.get("/health", response_model=Health)
-    async def health():
-        return Health(status="degraded" if engine.failed_steps else "ok", models=engine.model_names(),
+    async def health(request: Request):
+        status = "degraded" if engine.failed_steps else "ok"
+        try:
+            check_key(request)
+        except APIError:  # probes without the key learn whether it is up, not what it serves
+            return JSONResponse({"status": status})
+        return Health(status=status, models=engine.model_names(),
                       queued=engine.queued(), running=engine.running(), failed_steps=engine.failed_steps,
                       last_error=engine.last_error)
 

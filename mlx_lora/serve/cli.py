@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,11 @@ API_KEY_ENV = "MLX_LORA_API_KEY"
 
 def _help(text: str, **kwargs) -> dict:
     return {"metadata": {"help": text}, **kwargs}
+
+
+# Browser pages served from this machine, any port (Ollama's default set of allowed origins, less its app schemes).
+LOCAL_ORIGINS = ("http://localhost", "https://localhost", "http://127.0.0.1", "https://127.0.0.1", "http://[::1]",
+                 "https://[::1]")
 
 
 @dataclass(frozen=True)
@@ -44,6 +50,7 @@ class ServeConfig:
     prompt_cache_size: int = field(default=16, **_help("KV prefixes kept per (adapter, tokens) for reuse by later requests; 0 turns the prompt cache off."))
     prompt_cache_bytes: int = field(default=1 << 30, **_help("Memory bound of the prompt cache in bytes."))
     adapter_dirs: tuple[str, ...] = field(default=(), **_help("Folders POST /v1/adapters may load adapters from (nothing else is opened); none: the endpoint is off."))
+    cors_origins: tuple[str, ...] = field(default=LOCAL_ORIGINS, **_help("Web pages (origins) whose scripts may call the server from a browser (CORS): by default pages served from this machine (localhost, 127.0.0.1, [::1], any port), as Ollama allows; `*` any site; empty: none."))
     kv_memory: str = field(default="auto", **_help("Memory for the running batch's KV caches (a size such as 2GB, `auto`: half the memory free after loading, `none`): sequences wait for room; one that can never fit gets 400 naming max_tokens."))
     float_weights: str = field(default="auto", **_help("Quantized base on CPU: `float` keeps float32 copies (fast decode), `quantized` keeps 4-bit, `auto` picks float when it takes under half the free memory."))
     cpu_decode: str = field(default="auto", **_help("CPU only: `auto` measures each product's faster orientation for a decode step's rows at start-up (~1 s) and reads rotary embeddings from a table; `none` keeps the library's own (same tokens, slower steps)."))
@@ -92,6 +99,10 @@ def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> Se
     for folder in cfg.adapter_dirs:
         if not Path(folder).expanduser().is_dir():
             problems.append(f"adapter_dirs: {folder} is not a folder; create it, or leave it out")
+    for origin in cfg.cors_origins:
+        if origin != "*" and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+/?", origin):
+            problems.append(f"cors_origins: {origin!r} is not an origin; write scheme://host[:port], e.g. "
+                            f"http://{origin.split('://')[-1].split('/')[0] or 'localhost:3000'}, or * for any site")
     if not cfg.prefill_seconds >= 0:
         problems.append(f"prefill_seconds: must be 0 or more, got {cfg.prefill_seconds}")
     if cfg.kv_memory not in ("auto", "none"):
@@ -200,7 +211,8 @@ def serve(cfg: ServeConfig) -> None:
                                 default_model=cfg.default_model or None, limits=engine_limits,
                                 float_weights=cfg.float_weights, kv_memory=cfg.kv_memory, cpu_decode=cfg.cpu_decode)
     limits = ServerLimits(max_tokens=cfg.max_tokens, default_max_tokens=min(cfg.default_max_tokens, cfg.max_tokens),
-                          max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key, adapter_dirs=tuple(cfg.adapter_dirs))
+                          max_body_bytes=cfg.max_body_bytes, api_key=cfg.api_key, adapter_dirs=tuple(cfg.adapter_dirs),
+                          cors_origins=tuple(cfg.cors_origins))
     app = create_app(engine, limits)
     shown_host = "127.0.0.1" if cfg.host in ("0.0.0.0", "::") else cfg.host
     url = f"http://{shown_host}:{cfg.port}/v1"

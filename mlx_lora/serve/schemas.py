@@ -361,9 +361,12 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
+    """The server's state. With an API key set, a request without it gets `status` alone (load
+    balancers probe without keys; model names and errors are for the key's holders)."""
+
     status: Literal["ok", "degraded"] = "ok"  # degraded: a generation step failed (last_error says how)
-    models: list[str]
-    queued: int
-    running: int = 0
-    failed_steps: int = 0
+    models: Optional[list[str]] = None
+    queued: Optional[int] = None
+    running: Optional[int] = None
+    failed_steps: Optional[int] = None
     last_error: Optional[str] = None

@@ -136,10 +136,12 @@ class TextStream:
             self.sink(("delta", self.held, None))
         if self.tool_text is not None:
             calls = self._parse_tools(self.tool_text)
+            if not calls and reason == "length" and self.deltas.sent:
+                calls = self._cut_tools(self.tool_text)
             if calls:
                 self.sink(("tool_delta", self.deltas.complete(calls)))
                 self.sink(("tool_calls", calls))
-                reason = "tool_calls"
+                reason = "tool_calls" if reason != "length" else reason
             else:  # not a parsable call after all: show it as text
                 self.sink(("delta", self.tool_text, None))
         self.sink(("done", reason, prompt_tokens, completion_tokens, cached_tokens))
@@ -171,6 +173,22 @@ class TextStream:
 
     def _piece(self, token: int) -> TokenText:
         return TokenText.of(token_bytes(self.tokenizer, token))
+
+    def _cut_tools(self, text: str) -> list[dict]:
+        """Tool calls cut by max_tokens, as OpenAI returns them (finish_reason "length"): each call whose
+        name was written, with its arguments as far as they were streamed (a JSON prefix, not parsable);
+        the calls complete before the cut, parsed whole."""
+        start, end = self.tokenizer.tool_call_start, self.tokenizer.tool_call_end
+        calls = []
+        for index, part in enumerate(text.split(start)[1:]):
+            whole = self._parse_tools(start + part) if end and end in part else []
+            if whole:
+                calls += whole
+            elif index < len(self.deltas.sent):
+                sent = self.deltas.sent[index]
+                calls.append({"id": sent["id"], "type": "function",
+                              "function": {"name": sent["name"], "arguments": sent["arguments"]}})
+        return calls
 
     def _parse_tools(self, text: str) -> list[dict]:
         """OpenAI tool_calls from the held-back text (each start..end marker pair is one call)."""
