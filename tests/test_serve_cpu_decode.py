@@ -86,6 +86,45 @@ def test_rotary_tables_skip_a_module_the_table_cannot_reproduce():
     assert [name for name, _ in model.named_modules() if name.endswith("_module")] == []
 
 
+def test_one_forward_pass_builds_the_rotary_rows_once_for_every_layer():
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_lora.serve.cpu_decode import ForwardPasses, RotaryTable, TableRoPE
+
+    built = []
+
+    class Counted(RotaryTable):
+        def rows(self, offset, length):
+            built.append((offset if isinstance(offset, int) else offset.tolist(), length))
+            return super().rows(offset, length)
+
+    rope = nn.RoPE(16, base=10000.0)
+    table = Counted(rope, 16, False, 64)
+    passes = ForwardPasses()
+    table.passes = passes
+    layers = [TableRoPE(rope, table) for _ in range(3)]
+    q, k = mx.random.normal((2, 4, 1, 16), key=mx.random.key(0)), mx.random.normal((2, 2, 1, 16), key=mx.random.key(1))
+    offsets = [mx.array([5, 9]) for _ in layers]  # each layer's cache holds its own offsets, equal in value
+    with passes.one():
+        inside = [(layer(q, offset=o), layer(k, offset=o)) for layer, o in zip(layers, offsets)]
+        assert built == [([5, 9], 1)]  # once for queries and keys of all three layers
+        layers[0](mx.ones((2, 4, 3, 16)), offset=offsets[0])  # another length: rows of its own
+        layers[0](q, offset=4)  # an int offset: its own
+        assert built[1:] == [([5, 9], 3), (4, 1)]
+    with passes.one():  # the next pass builds afresh
+        layers[0](q, offset=mx.array([6, 10]))
+        assert built[-1] == ([6, 10], 1)
+    built.clear()
+    outside = [(layer(q, offset=o), layer(k, offset=o)) for layer, o in zip(layers, offsets)]
+    assert len(built) == 3  # outside a pass: once per layer (its queries and keys share them)
+    for (qi, ki), (qo, ko) in zip(inside, outside):
+        np.testing.assert_array_equal(np.array(qi), np.array(qo))
+        np.testing.assert_array_equal(np.array(ki), np.array(ko))
+    np.testing.assert_allclose(np.array(inside[0][0]), np.array(rope(q, offset=mx.array([5, 9]))), atol=2e-6)
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("rows", [1, 3, 8, 9])
 def test_decode_linear_orientations_agree(bias, rows):

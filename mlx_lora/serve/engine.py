@@ -231,7 +231,10 @@ class Engine:
 
     def _forward(self, tokens: mx.array, caches: list, slots: list[int]) -> mx.array:
         self.rows.set(slots)
-        return self.model(tokens, cache=caches)
+        if self.decode_setup is None:
+            return self.model(tokens, cache=caches)
+        with self.decode_setup.forward_pass():  # the batch's caches advance together: one set of rotary rows
+            return self.model(tokens, cache=caches)
 
     # --- the worker ---
 
