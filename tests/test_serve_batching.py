@@ -100,19 +100,60 @@ def test_mixed_batch_equals_each_sequence_alone(engine):
         assert together[spec["id"]]["finish"] == alone[spec["id"]]["finish"]
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "group"])
+@pytest.mark.parametrize("strategy", ["gather", "group"])
 def test_other_mixing_strategies_give_each_sequence_its_own_tokens(engine, strategy):
     alone = run_alone(engine, SPECS)  # one row: the plain one-adapter product
     together = {}
-    engine.rows.strategy = strategy
+    default, engine.rows.strategy = engine.rows.strategy, strategy
     try:
         sched = scheduler(engine)
         for spec in SPECS:
             sched.add(sequence(engine, spec, together))
         drain(sched)
     finally:
-        engine.rows.strategy = "gather"
+        engine.rows.strategy = default
     assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "gather", "group"])
+def test_each_row_gets_its_own_adapter_term_in_every_layer(strategy):
+    """Per row y = x W^T + s_k x A_k B_k (k its slot), against float64 numpy, with layers of equal
+    and of different adapter sets (adapter 2 leaves the second layer alone); the "stacked" column
+    masks are built once per pass for the layers alike."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import numpy as np
+
+    from mlx_lora.serve.multi_lora import MultiLoRALinear, RowAdapters
+
+    rng = np.random.default_rng(0)
+    rows = RowAdapters()
+    rows.strategy = strategy
+    layers = [MultiLoRALinear(nn.Linear(12, 10, bias=False), rows) for _ in range(3)]
+    terms = {}  # (layer, slot) -> (A, B, scaling)
+    for index, layer in enumerate(layers):
+        for slot, rank, scaling in ((1, 4, 2.0), (2, 2, 0.5), (3, 4, 1.0)):
+            if slot == 2 and index == 1:
+                continue
+            a, b = rng.normal(size=(12, rank)), rng.normal(size=(rank, 10))
+            layer.put(slot, mx.array(a, dtype=mx.float32), mx.array(b, dtype=mx.float32), scaling)
+            terms[index, slot] = (a, b, scaling)
+    slots = [1, 0, 2, 3, 2, 1]
+    x = rng.normal(size=(len(slots), 1, 12))
+    rows.set(slots)
+    outputs = [np.array(layer(mx.array(x, dtype=mx.float32)), dtype=np.float64) for layer in layers]
+    for index, (layer, got) in enumerate(zip(layers, outputs)):
+        weight = np.array(layer.linear.weight, dtype=np.float64)
+        for row, slot in enumerate(slots):
+            want = x[row] @ weight.T
+            if (index, slot) in terms:
+                a, b, scaling = terms[index, slot]
+                want = want + scaling * (x[row] @ a @ b)
+            np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-4, err_msg=f"layer {index} row {row}")
+    if strategy == "stacked":  # layers 0 and 2 alike: one mask; layer 1 (a slot missing) its own
+        assert len(rows._keep) == 2
+    rows.set(slots)  # the next pass builds afresh
+    assert rows._keep == {}
 
 
 def test_a_sequence_joining_mid_batch_changes_no_one(engine):

@@ -19,7 +19,10 @@ that are right for training's long batches are slow at that shape on the CPU:
   4 MB for 8192 positions of a 64-dim head) by running the model's own rotary module on unit
   vectors, so any variant that depends on the position only (plain, Llama 3, YaRN, ...) gives
   its own numbers; a self-check against the module at several offsets keeps the module
-  wherever the two differ (e.g. Phi-3's switch between short and long factors).
+  wherever the two differ (e.g. Phi-3's switch between short and long factors). Looking up a
+  step's rows is ~20 small ops (a gather, clipping, broadcasts): within the engine's forward pass
+  (`ForwardPasses`) it is done once for every layer (fused demo, same run: a 1-row step 65.9 ->
+  60.0 ms, an 8-row step 118.8 -> 112.5).
 - **RMSNorm.** `mx.fast.rms_norm` took ~80 us for (8, 576) on the CPU, the same formula as one
   compiled kernel ~45 us (`DecodeRMSNorm`, for a decode step's rows only).
 

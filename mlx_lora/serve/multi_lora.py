@@ -6,16 +6,22 @@
 
     y[i] = base(x[i]) + scaling_k * x[i] @ A_k @ B_k      with k = slot[i]
 
-The per-row product is two `mx.gather_mm` calls over stacked (slots, in, rank) / (slots, rank, out)
-adapters (the vLLM/LoRAX "gather by index" idea). Two others are kept for measurement
-(`RowAdapters.strategy`): "group" (rows sharing an adapter take one plain product each, then a
-scatter) and "stacked" (every A side by side, (in, slots*rank), and every B one above the other:
-two plain BLAS products per batch, with each row's other adapters' columns zeroed). Measured with
-`bench/bench_multi_lora.py --model` (SmolLM2-135M float32, 8 rows over 4 rank-8 adapters, whole
-decode steps, CPU, OpenBLAS, a shared 2-core machine; two runs): gather 0.92x / 1.22x the
-one-adapter step, stacked 1.07x / 1.65x, group 1.22x / 2.76x; so gather is the default. All three
-give identical tokens (tested). When every row shares one adapter (or none), a plain product (or
-nothing) is used.
+The per-row term is computed one of three ways (`RowAdapters.strategy`): "stacked" (the
+default: every A side by side, (in, slots*rank), and every B one above the other: two plain BLAS
+products per layer, each row keeping only its own adapter's columns through a (B, slots*rank) mask
+times its scaling, built once per forward pass for all layers alike), "gather" (two `mx.gather_mm`
+calls over stacked (slots, in, rank) / (slots, rank, out) adapters: the vLLM/LoRAX "gather by
+index" idea) and "group" (rows sharing an adapter take one plain product each, then a scatter).
+Measured on SmolLM2-135M float32, 8 rows over 4 rank-8 adapters against 8 rows on one, CPU, MKL,
+a shared 2-core machine: through the engine's worker (`Engine.submit`, 8 x 32 tokens, 4
+alternating rounds, median ms per 8-row step) one adapter 127-207, gather 191-305, stacked
+117-182, i.e. gather 0.47-0.80x the one-adapter throughput and stacked 0.77-1.17x (median 1.08x);
+under `perf` the gather run spent 12% in MKL's small-product kernel (2% for one adapter) and 7.5%
+in thread switching (1%): many small BLAS calls, each waking MKL's threads. Timed with
+`bench/bench_multi_lora.py --model` (the scheduler driven from the main thread), gather and
+stacked were alike (1.08x / 1.10x the one-adapter step; an earlier OpenBLAS run 0.92-1.22x /
+1.07-1.65x), group 1.66x. All three give identical tokens (tested). When every row shares one
+adapter (or none), a plain product (or nothing) is used.
 
 Reading adapter files and checking them against the base is `install_adapter`'s job; choosing
 slots and names is the engine's.
@@ -43,9 +49,11 @@ class RowAdapters:
         self.uniform: Optional[int] = NO_ADAPTER  # the one slot, when all rows share it
         self.groups: list[tuple[int, mx.array]] = []  # (slot, row indices), for the grouped strategy
         self.max_slot = NO_ADAPTER
-        self.strategy = "gather"  # or "stacked", "group"; see the module doc
+        self.strategy = "stacked"  # or "gather", "group"; see the module doc
+        self._keep: dict = {}  # this pass's "stacked" column masks, per bank layout (see `keep`)
 
     def set(self, slots: list[int]) -> None:
+        self._keep = {}
         self.max_slot = max(slots, default=NO_ADAPTER)
         if len(set(slots)) <= 1:
             self.uniform, self.slots, self.groups = (slots[0] if slots else NO_ADAPTER), None, []
@@ -54,6 +62,17 @@ class RowAdapters:
         if self.strategy == "group":
             self.groups = [(slot, mx.array([i for i, s in enumerate(slots) if s == slot], dtype=mx.uint32))
                            for slot in sorted(set(slots)) if slot != NO_ADAPTER]
+
+
+    def keep(self, bank: "AdapterBank", slots: mx.array) -> mx.array:
+        """(B, S*r) float32: each row's own adapter's columns of `bank.a_wide` times its scaling, zero
+        elsewhere. Built once per forward pass for every bank of the same layout (most layers share one)."""
+        key = (bank.layout, id(slots))
+        mask = self._keep.get(key)
+        if mask is None:
+            mask = (bank.column_slot[None, :] == slots[:, None]) * bank.scales[slots][:, None]
+            self._keep[key] = mask
+        return mask
 
 
 class AdapterBank:
@@ -70,6 +89,7 @@ class AdapterBank:
         self.a_wide: Optional[mx.array] = None  # (in, slots * max_rank): every A side by side ("stacked")
         self.b_tall: Optional[mx.array] = None  # (slots * max_rank, out): every B one above the other
         self.column_slot: Optional[mx.array] = None  # (slots * max_rank,) uint32: the slot of each column
+        self.layout: tuple = ()  # (slots, max_rank, scalings): banks alike share `RowAdapters.keep`'s masks
 
     def restack(self) -> None:
         if not self.entries:
@@ -88,6 +108,7 @@ class AdapterBank:
             b_stack[slot, : b.shape[0], :] = b
             scales[slot] = scaling
         self.a_stack, self.b_stack, self.scales = a_stack, b_stack, mx.array(scales)
+        self.layout = (slots, rank, tuple(scales))
         self.a_wide = a_stack.transpose(1, 0, 2).reshape(in_dims, slots * rank)
         self.b_tall = b_stack.reshape(slots * rank, out_dims)
         self.column_slot = mx.repeat(mx.arange(slots, dtype=mx.uint32), rank)
@@ -144,7 +165,7 @@ class MultiLoRALinear(nn.Module):
         rank-r product per row (cheap at decode sizes) in two BLAS calls instead of B small ones.
         """
         bank = self._bank
-        keep = (bank.column_slot[None, :] == slots[:, None]) * bank.scales[slots][:, None]  # (B, S*r) float32
+        keep = self._rows.keep(bank, slots)  # (B, S*r) float32
         z = (x.astype(mx.float32) @ bank.a_wide) * keep[:, None, :]  # (B, L, S*r)
         return z @ bank.b_tall  # (B, L, out)
 
