@@ -68,11 +68,11 @@ class RowAdapters:
         """(B, S*r) float32: each row's own adapter's columns of `bank.a_wide` times its scaling, zero
         elsewhere. Built once per forward pass for every bank of the same layout (most layers share one)."""
         key = (bank.layout, id(slots))
-        mask = self._keep.get(key)
-        if mask is None:
+        held = self._keep.get(key)
+        if held is None:
             mask = (bank.column_slot[None, :] == slots[:, None]) * bank.scales[slots][:, None]
-            self._keep[key] = mask
-        return mask
+            held = self._keep[key] = (slots, mask)  # holding `slots` keeps its id from being reused this pass
+        return held[1]
 
 
 class AdapterBank:
