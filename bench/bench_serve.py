@@ -15,8 +15,11 @@ p50 / p95 request latency, p50 time to first token, errors. Then 8 clients sprea
 on mlx_lm.server by its per-request `adapters` path (it reloads on every switch), next to the same
 8 clients on one adapter. Both servers are started, each at its own settings, then take turns:
 every load runs `--rounds` times per server (adapter loads `--adapter-rounds`), alternating
-servers and flipping the order each round, so a slow stretch of a shared machine falls on both;
-it prints each round, the paired per-round ratios, and per server the median of its rounds.
+servers and flipping the order each round; within a round each server runs its loads back to back
+(1 then 8 clients, or 8 then 1; one adapter and the mix likewise), so a slow stretch of a shared
+machine falls on both servers and on both sides of a within-server ratio. It prints each round,
+the paired per-round ratios (across servers; within each: 8 / 1 clients, the mix / one adapter),
+and per server the median of its rounds.
 Not a test: it prints tables (and JSON) to paste into the README.
 """
 
@@ -183,37 +186,33 @@ def median(values: list[float]) -> float:
 
 
 def bench_all(kinds: list[str], model: str, adapters: dict[str, str], args) -> list[dict]:
-    """Every server started at once (idle ones cost nothing), then each load run `--rounds` times,
-    the servers taking turns (the order flipped every round), so a slower stretch of a shared machine
-    falls on both; each row printed as it is measured, then per server the median of its rounds."""
+    """Every server started at once (idle ones cost nothing), then rounds: in each round every server
+    in turn runs a block of loads back to back (the base model at each client count; then, in the
+    adapter rounds, one adapter and the mix), the order of the servers and of the loads within a block
+    flipped every round, so a slower stretch of a shared machine falls on both servers and on both
+    sides of each within-server ratio. Each row is printed as it is measured; then the paired ratios
+    (across servers, and within a server: most clients / one client, the mix / one adapter) and per
+    server the median of its rounds."""
     servers = []
     try:
         for kind in kinds:
             servers.append(Server(kind, model, adapters, args.max_tokens))
-        loads = [("base", clients) for clients in args.clients]
-        loads += [(mix, 8) for mix in servers[0].mixes if mix != "base"]
-        results = {server.kind: {"server": server.kind, "runs": []} for server in servers}
-        for mix, clients in loads:
-            rounds: dict[str, list[dict]] = {server.kind: [] for server in servers}
-            for turn in range(args.rounds if mix == "base" else args.adapter_rounds):
+        blocks = [([("base", clients) for clients in args.clients], args.rounds)]
+        mixes = [(mix, 8) for mix in servers[0].mixes if mix != "base"]
+        if mixes:
+            blocks.append((mixes, args.adapter_rounds))
+        rounds: dict[str, dict[tuple, list[dict]]] = {server.kind: {} for server in servers}
+        for loads, count in blocks:
+            for turn in range(count):
                 for server in (servers if turn % 2 == 0 else servers[::-1]):
-                    run = {"mix": mix, "round": turn + 1, **load(server.url, server.mixes[mix], clients, args.requests)}
-                    rounds[server.kind].append(run)
-                    print_row(server.kind, run)
-            for kind, runs in rounds.items():
-                summary = {key: median([r[key] for r in runs if r[key] is not None] or [0.0])
-                           for key in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "wall_s")}
-                results[kind]["runs"].append({"mix": mix, "clients": clients, "rounds": runs, **summary,
-                                              "requests": sum(r["requests"] for r in runs),
-                                              "errors": sum(r["errors"] for r in runs)})
-        if len(servers) == 2:
-            first, second = servers[0].kind, servers[1].kind
-            print(f"\npaired ratios {first} / {second} per round (same load, adjacent in time):")
-            for ours, theirs in zip(results[first]["runs"], results[second]["runs"]):
-                ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(ours["rounds"], theirs["rounds"])
-                          if b["tokens_per_s"]]
-                print(f"  {ours['clients']} clients, {ours['mix']}: " + ", ".join(f"{r:.2f}x" for r in ratios)
-                      + (f"  (median {median(ratios):.2f}x)" if ratios else ""))
+                    for mix, clients in (loads if turn % 2 == 0 else loads[::-1]):
+                        run = {"mix": mix, "round": turn + 1,
+                               **load(server.url, server.mixes[mix], clients, args.requests)}
+                        rounds[server.kind].setdefault((mix, clients), []).append(run)
+                        print_row(server.kind, run)
+        results = {kind: {"server": kind, "runs": [summarize(mix, clients, runs) for (mix, clients), runs in by_load.items()]}
+                   for kind, by_load in rounds.items()}
+        print_ratios(rounds, args)
         print("\nmedians over rounds:")
         print(HEADER)
         for kind in results:
@@ -223,6 +222,35 @@ def bench_all(kinds: list[str], model: str, adapters: dict[str, str], args) -> l
     finally:
         for server in servers:
             server.stop()
+
+
+def summarize(mix: str, clients: int, runs: list[dict]) -> dict:
+    summary = {key: median([r[key] for r in runs if r[key] is not None] or [0.0])
+               for key in ("tokens_per_s", "p50_s", "p95_s", "ttft_p50_s", "wall_s")}
+    return {"mix": mix, "clients": clients, "rounds": runs, **summary,
+            "requests": sum(r["requests"] for r in runs), "errors": sum(r["errors"] for r in runs)}
+
+
+def print_ratios(rounds: dict[str, dict[tuple, list[dict]]], args) -> None:
+    """Per-round tok/s ratios of loads measured in the same round: across servers, and within each."""
+    def line(label: str, tops: list[dict], bottoms: list[dict]) -> None:
+        ratios = [a["tokens_per_s"] / b["tokens_per_s"] for a, b in zip(tops, bottoms) if b["tokens_per_s"]]
+        print(f"  {label}: " + ", ".join(f"{r:.2f}x" for r in ratios) + (f"  (median {median(ratios):.2f}x)" if ratios else ""))
+
+    kinds = list(rounds)
+    if len(kinds) == 2:
+        first, second = kinds
+        print(f"\npaired ratios {first} / {second} per round (same load, same round):")
+        for key, runs in rounds[first].items():
+            line(f"{key[1]} clients, {key[0]}", runs, rounds[second].get(key, []))
+    most, fewest = max(args.clients), min(args.clients)
+    print("\nwithin each server, per round (the two loads back to back):")
+    for kind, by_load in rounds.items():
+        if most != fewest:
+            line(f"{kind}: {most} clients / {fewest} client, base", by_load[("base", most)], by_load[("base", fewest)])
+        mixes = [key for key in by_load if key[0] not in ("base", "1 adapter")]
+        for key in mixes:
+            line(f"{kind}: {key[0]} / 1 adapter, {key[1]} clients", by_load[key], by_load[("1 adapter", key[1])])
 
 
 HEADER = ("| server | round | clients | adapters | aggregate tok/s | p50 latency (s) | p95 latency (s) | "
