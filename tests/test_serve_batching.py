@@ -350,3 +350,136 @@ def test_prompt_cache_entries_do_not_keep_the_batch_buffers_alive(engine):
     counted = sched.prompt_cache._n_bytes  # mlx-lm's LRUPromptCache's own count of its entries
     assert len(sched.prompt_cache) == 8 and counted > 0
     assert held < 1.5 * counted + (64 << 10), (held, counted)
+
+
+def step_until(sched, done, limit: int = 200) -> None:
+    for _ in range(limit):
+        if done():
+            return
+        sched.step()
+    raise AssertionError("the condition was not reached")
+
+
+HOLE_SPECS = [
+    {"id": "leaves-first", "prompt": "say hello to the world", "adapter": "a", "max_tokens": 3},
+    {"id": "long-seeded", "prompt": LONG[:120], "adapter": "b", "max_tokens": 16,
+     "params": {"temperature": 0.9, "seed": 3, "top_p": 0.95}},
+    {"id": "greedy-base", "prompt": "what is the capital of France?", "adapter": None, "max_tokens": 16},
+]
+
+
+def test_a_newcomer_takes_the_place_of_a_row_that_left_and_changes_no_one(engine):
+    """A row that finishes leaves a hole; a newcomer whose KV is shorter than the batch so far is
+    written into it (no copy of the others' KV); every sequence's tokens equal its run alone,
+    including one whose prompt prefix comes from the prompt cache."""
+    joiner = {"id": "joiner-cached", "prompt": "say hello to the world and then", "adapter": "a", "max_tokens": 6}
+    alone = run_alone(engine, HOLE_SPECS + [joiner])
+    together = {}
+    sched = scheduler(engine, prompt_cache_size=4)
+    for spec in HOLE_SPECS:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    assert len(sched.rows) == 3 and len(sched.running) == 2  # the row stays, as a hole
+    sched.add(sequence(engine, joiner, together))
+    step_until(sched, lambda: len(sched.running) == 3)
+    assert len(sched.rows) == 3 and sched.holes_filled == 1 and sched.compactions == 0
+    drain(sched)
+    assert together["joiner-cached"]["cached"] > 0  # its prompt's start came from the prompt cache
+    for key, result in alone.items():
+        assert together[key]["tokens"] == result["tokens"], key
+        assert together[key]["finish"] == result["finish"], key
+
+
+def test_a_newcomer_longer_than_the_batch_so_far_is_appended_after_the_holes_go(engine):
+    joiner = {"id": "joiner-long", "prompt": LONG, "adapter": None, "max_tokens": 5}
+    specs = [HOLE_SPECS[0], HOLE_SPECS[2]]
+    alone = run_alone(engine, specs + [joiner])
+    together = {}
+    sched = scheduler(engine)
+    for spec in specs:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    sched.add(sequence(engine, joiner, together))
+    step_until(sched, lambda: len(sched.running) == 2)
+    assert len(sched.rows) == 2 and sched.holes_filled == 0 and sched.compactions == 1
+    drain(sched)
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_holes_no_one_takes_are_removed_after_a_few_steps(engine):
+    from mlx_lora.serve.scheduler import HOLE_PATIENCE
+
+    alone = run_alone(engine, HOLE_SPECS)
+    together = {}
+    sched = scheduler(engine)
+    for spec in HOLE_SPECS:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    for _ in range(HOLE_PATIENCE - 1):
+        assert len(sched.rows) == 3
+        sched.step()
+    sched.step()
+    assert len(sched.rows) == 2 and sched.compactions == 1
+    drain(sched)
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_positions_no_row_needs_are_dropped_when_the_longest_row_leaves(engine):
+    """The row with the longest prompt leaves and a short newcomer takes its place: the batch's KV
+    then starts at the oldest position a row still attends to (the others' left padding shrinks)."""
+    specs = [{"id": "long-leaves", "prompt": LONG[:150], "adapter": "b", "max_tokens": 3},
+             {"id": "short-a", "prompt": "say hello to the world", "adapter": "a", "max_tokens": 14},
+             {"id": "short-seeded", "prompt": "what is the capital of France?", "adapter": None, "max_tokens": 14,
+              "params": {"temperature": 0.8, "seed": 9}}]
+    joiner = {"id": "joiner", "prompt": "hello there", "adapter": "b", "max_tokens": 8}
+    alone = run_alone(engine, specs + [joiner])
+    together = {}
+    sched = scheduler(engine)
+    for spec in specs:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["long-leaves"]["finish"] is not None)
+    before = sched._caches[0]._idx
+    sched.add(sequence(engine, joiner, together))
+    step_until(sched, lambda: len(sched.running) == 3)
+    assert sched.holes_filled == 1 and sched.compactions == 0
+    longest = max(len(seq.prompt) + len(seq.generated) for seq in sched.running)
+    assert sched._caches[0]._idx < before and sched._caches[0]._idx <= longest
+    drain(sched)
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_more_holes_than_rows_left_are_removed_at_once_and_an_empty_batch_is_let_go(engine):
+    """Compacting copies the rows that stay, a hole costs a row's share of every step: with more holes
+    than rows the copy is done at once; when no row is left the batch's KV is dropped."""
+    specs = [{"id": "a", "prompt": "say hello to the world", "adapter": "a", "max_tokens": 3},
+             {"id": "b", "prompt": "what is the capital of France?", "adapter": None, "max_tokens": 3},
+             {"id": "stays", "prompt": "hello there", "adapter": "b", "max_tokens": 9}]
+    alone = run_alone(engine, specs)
+    together = {}
+    sched = scheduler(engine)
+    for spec in specs:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["a"]["finish"] is not None)
+    assert together["b"]["finish"] is not None  # both left at the same step
+    assert len(sched.rows) == 1 and sched.compactions == 1
+    drain(sched)
+    assert sched.rows == [] and sched._caches == []
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_under_a_kv_budget_holes_go_before_a_group_is_admitted(engine):
+    """A group is read in caches of its own beside the batch: under a KV budget the batch's holes,
+    which the budget does not count, are removed first."""
+    specs = HOLE_SPECS
+    joiner = {"id": "joiner", "prompt": "hello there", "adapter": "b", "max_tokens": 4}
+    together = {}
+    sched = scheduler(engine, kv_tokens=10_000)
+    for spec in specs:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    assert len(sched.rows) == 3
+    sched.add(sequence(engine, joiner, together))
+    sched.step()
+    assert len(sched.rows) <= len(sched.running) + len(sched.prefilling) and sched.compactions == 1
+    drain(sched)
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in run_alone(engine, specs + [joiner]).items()}

@@ -12,6 +12,16 @@ Each `step()`:
    the running streams for more than one short chunk;
 4. when the group's prompts are read, merges its KV caches into the running batch.
 
+A row that leaves becomes a hole: its KV stays where it is and the batch goes on decoding it (its
+tokens dropped), and a newcomer whose KV fits before the batch's current position takes the hole
+(its KV written into that row; nothing else moves). Removing a row from mlx-lm's `BatchKVCache`
+(`filter`) copies every other row's KV in every layer, as does appending one (`extend`): ~60 ms for
+8 rows of ~80 tokens in the demo's 30 layers on this CPU (MLX's CPU copies run at ~1.5 GB/s here),
+a whole step's work, paid at every leave and every join, and growing with the context. Holes
+nobody takes within `HOLE_PATIENCE` steps are removed then (one copy), as they are when newcomers
+need more rows than there are holes; caches other than `BatchKVCache` (sliding windows) are
+compacted at once, as before.
+
 Decoding runs one step ahead, as mlx-lm's `BatchGenerator` does: step n+1 is built on step n's
 sampled tokens while they are still being computed (`mx.async_eval`), and step n's tokens are then
 read, streamed and checked for stops while step n+1 computes, so the Python work of a step (graph
@@ -40,6 +50,7 @@ import mlx.core as mx
 from .sampling import RowSampler, SamplingParams, token_logprobs
 
 MIN_PREFILL_CHUNK = 16  # prompt tokens per row a prefill chunk reads at least, however slow
+HOLE_PATIENCE = 4  # decode steps a left row's place is kept for a newcomer before the batch is compacted
 # forward(tokens (B, L) int32, caches, adapter slots per row) -> logits (B, L, V)
 Forward = Callable[[mx.array, list, list[int]], mx.array]
 
@@ -131,13 +142,21 @@ class Scheduler:
         self._inbox: deque[Sequence] = deque()
         self._lock = threading.Lock()
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.rows: list[Optional[Sequence]] = []  # the batch's rows, in KV cache order; None: a hole
         self._caches: list = []  # per layer, the running batch's BatchKVCache
+        self._hole_steps = 0  # decode steps the batch has had holes in
         self.prefilling: list[Sequence] = []
         self._prefill = None  # mlx-lm PromptProcessingBatch of the group being read
         self._ahead: Optional[Issued] = None  # the decode step in flight, not yet accepted (see the module doc)
         self.steps = 0
         self.ahead_steps = 0  # decode steps built before the previous step's tokens were read
+        self.holes_filled = 0  # newcomers placed into a left row's place (no copy of the batch)
+        self.compactions = 0  # times the batch's holes were removed (a copy of every row's KV)
+
+    @property
+    def running(self) -> list[Sequence]:
+        """The sequences decoding, in batch order (holes left out)."""
+        return [seq for seq in self.rows if seq is not None]
 
     # --- queue ---
 
@@ -171,7 +190,7 @@ class Scheduler:
         """After a step raised: drop the running and prefilling sequences with the batch's KV caches and
         the step in flight (their state is unknown), and return them; waiting ones stay queued."""
         dropped = self.running + self.prefilling
-        self.running, self.prefilling, self._caches, self._prefill, self._ahead = [], [], [], None, None
+        self.rows, self.prefilling, self._caches, self._prefill, self._ahead = [], [], [], None, None
         return dropped
 
     # --- the step ---
@@ -187,13 +206,14 @@ class Scheduler:
             self._admit()
         if self.prefilling:
             self._prefill_chunk()
+        self._tend_holes()
         self.steps += 1
 
     def _drop_cancelled(self) -> None:
         for seq in [s for s in self.waiting if s.cancelled.is_set()]:
             self.waiting.remove(seq)
             seq.on_finish("cancelled")
-        gone = [i for i, s in enumerate(self.running) if s.cancelled.is_set()]
+        gone = [i for i, s in enumerate(self.rows) if s is not None and s.cancelled.is_set()]
         if gone:
             self._leave(gone, "cancelled")
         if self.prefilling and all(s.cancelled.is_set() for s in self.prefilling):
@@ -231,6 +251,8 @@ class Scheduler:
     def _admit(self) -> None:
         from mlx_lm.generate import PromptProcessingBatch
 
+        if self.kv_tokens is not None and len(self.rows) > len(self.running):
+            self._compact()  # holes hold KV the budget does not count (a group is read beside them)
         group: list[Sequence] = []
         present = self.running + self.prefilling
         while self.waiting and self.active() + len(group) < self.max_batch:
@@ -296,11 +318,12 @@ class Scheduler:
         self.prefilling, self._prefill, self._prefill_rate = [], None, None
         self._settle()  # the newcomers join a batch whose every token is accepted
         if not self.running:
-            self.running, self._caches = group, caches
-        else:
+            self.rows, self._caches, self._hole_steps = list(group), caches, 0
+        elif not self._fill_holes(group, caches):
+            self._compact()
             for mine, theirs in zip(self._caches, caches):
                 mine.extend(theirs)
-            self.running = self.running + group
+            self.rows = self.rows + group
 
     def _decode(self) -> None:
         if self._ahead is not None and not self._ahead_pays():
@@ -312,8 +335,9 @@ class Scheduler:
             inputs = previous.tokens[:, None]  # (B, 1), still being computed
             self.ahead_steps += 1
         else:
-            inputs = mx.array([seq.next_input for seq in self.running], dtype=mx.int32)[:, None]  # (B, 1)
-        logits = self.forward(inputs, self._caches, [seq.slot for seq in self.running])[:, -1, :]  # (B, V)
+            inputs = mx.array([seq.next_input if seq else 0 for seq in self.rows], dtype=mx.int32)[:, None]  # (B, 1)
+        slots = [seq.slot if seq else 0 for seq in self.rows]  # a hole decodes on the bare base, its token dropped
+        logits = self.forward(inputs, self._caches, slots)[:, -1, :]  # (B, V)
         self._ahead = self._sample(logits.astype(mx.float32))
         mx.async_eval(self._ahead.tokens)
         if previous is not None:
@@ -327,8 +351,12 @@ class Scheduler:
                for seq in self.running):
             return Issued(mx.argmax(logits, axis=-1), logits=logits)
         tokens, rows = [], []
-        for i, seq in enumerate(self.running):
+        for i, seq in enumerate(self.rows):
             row = logits[i]
+            if seq is None:
+                rows.append(row)
+                tokens.append(mx.argmax(row))
+                continue
             if seq.params.adjusts_logits():
                 row = seq.sampler.adjust(row, seq.generated)
             if seq.constraint is not None:
@@ -356,9 +384,11 @@ class Scheduler:
             self._accept_step(issued)
 
     def _accept_step(self, issued: Issued) -> None:
-        """Accept one step's tokens, a row each (`self.running`'s order); finished rows leave."""
+        """Accept one step's tokens, a row each (`self.rows`' order, holes skipped); finished rows leave."""
         finished = []
-        for i, (seq, token) in enumerate(zip(self.running, issued.tokens.tolist())):
+        for i, (seq, token) in enumerate(zip(self.rows, issued.tokens.tolist())):
+            if seq is None:
+                continue
             seq.next_input = token
             seq.kv_tokens += 1
             reason = self._accept(seq, token, issued.row(i))
@@ -387,9 +417,9 @@ class Scheduler:
         return None
 
     def _leave(self, rows: list[int], reasons) -> None:
-        """Remove `rows` from the running batch (storing their KV in the prompt cache), then finish them."""
+        """Make `rows` holes in the batch (storing their KV in the prompt cache), then finish them."""
         reasons = [reasons] * len(rows) if isinstance(reasons, str) else reasons
-        leaving = [self.running[i] for i in rows]
+        leaving = [self.rows[i] for i in rows]
         if self.prompt_cache is not None:
             from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
 
@@ -406,14 +436,84 @@ class Scheduler:
                 # layer) until first used; computed now, after the step in flight, it lets them go.
                 mx.async_eval([c.state for c in held])
                 self.prompt_cache.insert_cache(seq.cache_key, fed, held)
-        keep = [i for i in range(len(self.running)) if i not in set(rows)]
-        if keep:
-            for cache in self._caches:
-                cache.filter(keep)
-            if self._ahead is not None:
-                self._ahead.keep(keep)
-        else:
-            self._caches, self._ahead = [], None
-        self.running = [self.running[i] for i in keep]
+        for i in rows:
+            self.rows[i] = None
+        self._hole_steps = 0  # patience counts from the batch's last change
+        holes = len(self.rows) - len(self.running)
+        # A hole costs about a row's share of every step, a compaction a copy of the rows that stay: with
+        # more holes than rows left, the copy is the cheaper (and with no row left, free).
+        if holes > len(self.running) or not self._may_hold_holes():
+            self._compact()
         for seq, reason in zip(leaving, reasons):
             seq.on_finish(reason)
+
+    # --- holes ---
+
+    def _may_hold_holes(self) -> bool:
+        from mlx_lm.models.cache import BatchKVCache
+
+        return all(type(c) is BatchKVCache for c in self._caches)
+
+    def _tend_holes(self) -> None:
+        """Remove the batch's holes once `HOLE_PATIENCE` steps passed since a row last left or joined with
+        no group being read that could take them."""
+        if len(self.rows) == len(self.running):
+            self._hole_steps = 0
+            return
+        self._hole_steps += 1
+        if self._hole_steps >= HOLE_PATIENCE and not self.prefilling:
+            self._compact()
+
+    def _compact(self) -> None:
+        """Remove the holes from the batch (mlx-lm's `filter`: a copy of every remaining row's KV)."""
+        keep = [i for i, seq in enumerate(self.rows) if seq is not None]
+        self._hole_steps = 0
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows, self._caches, self._ahead = [], [], None
+            self.compactions += 1
+            return
+        for cache in self._caches:
+            cache.filter(keep)
+        if self._ahead is not None:
+            self._ahead.keep(keep)
+        self.rows = [self.rows[i] for i in keep]
+        self.compactions += 1
+
+    def _fill_holes(self, group: list[Sequence], caches: list) -> bool:
+        """Place a read group into the batch's holes when there are enough of them, the caches are plain
+        `BatchKVCache`s and each newcomer's KV fits before the batch's position: newcomer j's KV, right-
+        aligned at the batch's `_idx` like every row's, with the positions before it masked as left
+        padding. Returns False (nothing changed) otherwise. Needs no step in flight."""
+        from mlx_lm.models.cache import BatchKVCache
+
+        holes = [i for i, seq in enumerate(self.rows) if seq is None]
+        if len(group) > len(holes) or not all(type(c) is BatchKVCache for c in caches) or not self._may_hold_holes():
+            return False
+        end, their_end = self._caches[0]._idx, caches[0]._idx
+        lengths = [their_end - pad for pad in caches[0].left_padding.tolist()]
+        if max(lengths) > end:
+            return False
+        padding = self._caches[0].left_padding.tolist()
+        for hole, length in zip(holes, lengths):
+            padding[hole] = end - length
+        live = [p for i, p in enumerate(padding) if self.rows[i] is not None or i in holes[: len(group)]]
+        shift = min(live)  # positions no row needs any more: dropped from the left (a view, no copy)
+        padding = [max(p - shift, 0) for p in padding]
+        left_padding = mx.array(padding)
+        offset = (end - shift) - left_padding  # tokens each row holds (BatchKVCache's offset = _idx - left_padding)
+        for mine, theirs in zip(self._caches, caches):
+            for j, (hole, length) in enumerate(zip(holes, lengths)):
+                if length:
+                    mine.keys[hole:hole + 1, :, end - length:end, :] = theirs.keys[j:j + 1, :, their_end - length:their_end, :]
+                    mine.values[hole:hole + 1, :, end - length:end, :] = theirs.values[j:j + 1, :, their_end - length:their_end, :]
+            if shift:
+                mine.keys, mine.values = mine.keys[..., shift:, :], mine.values[..., shift:, :]
+                mine._idx -= shift
+            mine.left_padding, mine.offset = left_padding, offset
+        for hole, seq in zip(holes, group):
+            self.rows[hole] = seq
+        self.holes_filled += len(group)
+        self._hole_steps = 0
+        return True
