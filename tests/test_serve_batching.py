@@ -360,6 +360,16 @@ def step_until(sched, done, limit: int = 200) -> None:
     raise AssertionError("the condition was not reached")
 
 
+def until_one_leaves(engine, specs: list[dict], leaver: str, **kwargs):
+    """A scheduler running `specs` together, stepped until sequence `leaver` finished: (it, their outputs)."""
+    together = {}
+    sched = scheduler(engine, **kwargs)
+    for spec in specs:
+        sched.add(sequence(engine, spec, together))
+    step_until(sched, lambda: together[leaver]["finish"] is not None)
+    return sched, together
+
+
 HOLE_SPECS = [
     {"id": "leaves-first", "prompt": "say hello to the world", "adapter": "a", "max_tokens": 3},
     {"id": "long-seeded", "prompt": LONG[:120], "adapter": "b", "max_tokens": 16,
@@ -374,11 +384,7 @@ def test_a_newcomer_takes_the_place_of_a_row_that_left_and_changes_no_one(engine
     including one whose prompt prefix comes from the prompt cache."""
     joiner = {"id": "joiner-cached", "prompt": "say hello to the world and then", "adapter": "a", "max_tokens": 6}
     alone = run_alone(engine, HOLE_SPECS + [joiner])
-    together = {}
-    sched = scheduler(engine, prompt_cache_size=4)
-    for spec in HOLE_SPECS:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, HOLE_SPECS, "leaves-first", prompt_cache_size=4)
     assert len(sched.rows) == 3 and len(sched.running) == 2  # the row stays, as a hole
     sched.add(sequence(engine, joiner, together))
     step_until(sched, lambda: len(sched.running) == 3)
@@ -394,11 +400,7 @@ def test_a_newcomer_longer_than_the_batch_so_far_is_appended_after_the_holes_go(
     joiner = {"id": "joiner-long", "prompt": LONG, "adapter": None, "max_tokens": 5}
     specs = [HOLE_SPECS[0], HOLE_SPECS[2]]
     alone = run_alone(engine, specs + [joiner])
-    together = {}
-    sched = scheduler(engine)
-    for spec in specs:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, specs, "leaves-first")
     sched.add(sequence(engine, joiner, together))
     step_until(sched, lambda: len(sched.running) == 2)
     assert len(sched.rows) == 2 and sched.holes_filled == 0 and sched.compactions == 1
@@ -410,11 +412,7 @@ def test_holes_no_one_takes_are_removed_after_a_few_steps(engine):
     from mlx_lora.serve.scheduler import HOLE_PATIENCE
 
     alone = run_alone(engine, HOLE_SPECS)
-    together = {}
-    sched = scheduler(engine)
-    for spec in HOLE_SPECS:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, HOLE_SPECS, "leaves-first")
     for _ in range(HOLE_PATIENCE - 1):
         assert len(sched.rows) == 3
         sched.step()
@@ -433,11 +431,7 @@ def test_positions_no_row_needs_are_dropped_when_the_longest_row_leaves(engine):
               "params": {"temperature": 0.8, "seed": 9}}]
     joiner = {"id": "joiner", "prompt": "hello there", "adapter": "b", "max_tokens": 8}
     alone = run_alone(engine, specs + [joiner])
-    together = {}
-    sched = scheduler(engine)
-    for spec in specs:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["long-leaves"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, specs, "long-leaves")
     before = sched._caches[0]._idx
     sched.add(sequence(engine, joiner, together))
     step_until(sched, lambda: len(sched.running) == 3)
@@ -455,11 +449,7 @@ def test_more_holes_than_rows_left_are_removed_at_once_and_an_empty_batch_is_let
              {"id": "b", "prompt": "what is the capital of France?", "adapter": None, "max_tokens": 3},
              {"id": "stays", "prompt": "hello there", "adapter": "b", "max_tokens": 9}]
     alone = run_alone(engine, specs)
-    together = {}
-    sched = scheduler(engine)
-    for spec in specs:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["a"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, specs, "a")
     assert together["b"]["finish"] is not None  # both left at the same step
     assert len(sched.rows) == 1 and sched.compactions == 1
     drain(sched)
@@ -472,11 +462,7 @@ def test_under_a_kv_budget_holes_go_before_a_group_is_admitted(engine):
     which the budget does not count, are removed first."""
     specs = HOLE_SPECS
     joiner = {"id": "joiner", "prompt": "hello there", "adapter": "b", "max_tokens": 4}
-    together = {}
-    sched = scheduler(engine, kv_tokens=10_000)
-    for spec in specs:
-        sched.add(sequence(engine, spec, together))
-    step_until(sched, lambda: together["leaves-first"]["finish"] is not None)
+    sched, together = until_one_leaves(engine, specs, "leaves-first", kv_tokens=10_000)
     assert len(sched.rows) == 3
     sched.add(sequence(engine, joiner, together))
     sched.step()
