@@ -201,6 +201,87 @@ def test_cancelled_sequence_leaves_at_the_next_step(engine):
     assert finishes[1] == "cancelled" and finishes[0] in ("stop", "length") and finishes[2] in ("stop", "length")
 
 
+READ_LONG = {"id": "read-long", "prompt": LONG * 2, "adapter": "b", "max_tokens": 6}  # ~10 chunks of CHUNK tokens
+
+
+@pytest.mark.parametrize("running", [False, True], ids=["nothing-decoding", "beside-a-decoding-row"])
+def test_a_short_prompt_does_not_wait_for_a_long_one_being_read(engine, running):
+    """A short request arriving while a long prompt is being read is read beside it and starts
+    decoding as soon as its own prompt is read (not when the long one's is); everyone's tokens equal
+    their run alone (seeded and greedy, two adapters)."""
+    runner = {"id": "runner", "prompt": "hello world", "adapter": "a", "max_tokens": 40,
+              "params": {"temperature": 0.8, "seed": 9}}
+    short = {"id": "short", "prompt": "what is the capital of France?", "adapter": None, "max_tokens": 8}
+    specs = ([runner] if running else []) + [READ_LONG, short]
+    alone = run_alone(engine, specs)
+    out = {}
+    sched = scheduler(engine, prefill_seconds=0)  # fixed CHUNK-token chunks
+    if running:
+        sched.add(sequence(engine, runner, out))
+        step_until(sched, lambda: out["runner"]["tokens"])
+    sched.add(sequence(engine, READ_LONG, out))
+    sched.step()
+    sched.step()
+    assert len(sched.prefilling) == 1 and len(sched.prefilling[0].pending) > 2 * CHUNK
+    sched.add(sequence(engine, short, out))
+    step_until(sched, lambda: out["short"]["tokens"])
+    assert [seq.pending != [] for seq in sched.prefilling] == [True]  # the long prompt is still being read
+    assert out["read-long"]["tokens"] == []
+    drain(sched)
+    for key, result in alone.items():
+        assert out[key]["tokens"] == result["tokens"], key
+        assert out[key]["finish"] == result["finish"], key
+
+
+
+def test_beside_a_long_prompt_a_short_one_is_read_whole_in_one_short_chunk(engine):
+    """While prompts of different lengths are read together, a chunk reads no more than the shortest
+    one's rest (at least MIN_PREFILL_CHUNK tokens): the short prompt is read at once, the long one
+    only as far, and no row reads padding."""
+    from mlx_lora.serve.scheduler import MIN_PREFILL_CHUNK
+
+    short = {"id": "short", "prompt": "what is the capital of France? Answer briefly.", "adapter": "a",
+             "max_tokens": 8}
+    alone = run_alone(engine, [READ_LONG, short])
+    out = {}
+    sched = scheduler(engine, prefill_chunk=64, prefill_seconds=0)
+    sched.add(sequence(engine, READ_LONG, out))
+    sched.step()
+    long_seq = sched.prefilling[0]
+    before = len(long_seq.pending)
+    assert before > 64  # still reading, 64 tokens a step
+    sched.add(sequence(engine, short, out))
+    reads = []
+    original = sched._prefill.prompt
+    sched._prefill.prompt = lambda chunks: reads.append([len(c) for c in chunks]) or original(chunks)
+    sched.step()
+    rest = len(engine.tokenizer.encode(short["prompt"])) - 1
+    assert reads == [[max(rest, MIN_PREFILL_CHUNK), rest]] and rest < 64
+    assert before - len(long_seq.pending) == max(rest, MIN_PREFILL_CHUNK)
+    assert [seq.pending != [] for seq in sched.prefilling] == [True]  # the short one left the group
+    drain(sched)
+    assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+def test_a_cancelled_request_leaves_the_group_being_read_at_the_next_step(engine):
+    """A client that goes away while its prompt is being read frees its place at once; the prompt read
+    beside it goes on, its tokens unchanged."""
+    other = {"id": "other", "prompt": LONG, "adapter": "a", "max_tokens": 6}
+    alone = run_alone(engine, [other])
+    out = {}
+    sched = scheduler(engine, prefill_seconds=0)
+    leaving = sequence(engine, READ_LONG, out)
+    sched.add(leaving)
+    sched.add(sequence(engine, other, out))
+    sched.step()
+    assert len(sched.prefilling) == 2
+    leaving.cancel()
+    sched.step()
+    assert out["read-long"]["finish"] == "cancelled" and len(sched.prefilling) == 1
+    assert sched.active() == 1
+    drain(sched)
+    assert out["other"]["tokens"] == alone["other"]["tokens"]
+
+
 def test_prompt_cache_gives_identical_tokens_and_counts_cached_tokens(engine):
     turn1 = {"id": "t1", "prompt": LONG, "adapter": "a", "max_tokens": 6}
     plain = run_alone(engine, [turn1])
@@ -296,7 +377,12 @@ def test_a_prefill_chunk_next_to_running_streams_is_sized_by_time(engine):
     from mlx_lora.serve.scheduler import MIN_PREFILL_CHUNK
 
     sched = scheduler(engine, prefill_chunk=512, prefill_seconds=0.25)
-    assert sched.prefill_size() == 512  # nobody decoding: whole chunks
+    assert sched.prefill_size() == 4 * MIN_PREFILL_CHUNK  # the rate unknown: a small chunk measures it
+    sched._prefill_rate = 400.0  # tokens/s; nobody decoding: 4 x 0.25 s is 400 tokens
+    assert sched.prefill_size() == 400
+    sched._prefill_rate = 4000.0
+    assert sched.prefill_size() == 512  # at most prefill_chunk
+    sched._prefill_rate = None
     out: dict = {}
     sched.add(sequence(engine, {"id": "running", "prompt": "hello there", "max_tokens": 40}, out))
     sched.step()
@@ -312,6 +398,7 @@ def test_a_prefill_chunk_next_to_running_streams_is_sized_by_time(engine):
     sched.prefill_seconds = 0
     assert sched.prefill_size() == 512
     sched.prefill_seconds = 0.25
+    sched._prefill_rate = None
     reads = []
     original = sched._prefill.prompt
 
@@ -469,3 +556,33 @@ def test_under_a_kv_budget_holes_go_before_a_group_is_admitted(engine):
     assert len(sched.rows) <= len(sched.running) + len(sched.prefilling) and sched.compactions == 1
     drain(sched)
     assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in run_alone(engine, specs + [joiner]).items()}
+
+
+def test_a_short_prompt_read_beside_a_long_one_in_sliding_window_layers(tmp_path):
+    """The same with Gemma 3's sliding-window layers (mlx-lm's rotating caches), the long prompt longer
+    than the window: the short one leaves the group being read and both answer as they do alone."""
+    pytest.importorskip("torch")
+    from tiny_torch import make_family_dir
+
+    from mlx_lora.serve.engine import Engine
+
+    engine = Engine.from_source(str(make_family_dir(tmp_path / "gemma3", "gemma3_text",
+                                                    overrides={"sliding_window": 8})), base_name="base")
+    no_eos = {"logit_bias": {t: -100.0 for t in engine.tokenizer.eos_token_ids}}
+    long = {"id": "long", "prompt": "say hello world " * 12, "adapter": None, "max_tokens": 12, "params": no_eos}
+    short = {"id": "short", "prompt": "hello there", "adapter": None, "max_tokens": 12, "params": no_eos}
+    alone = {}
+    for spec in (long, short):
+        sched = scheduler(engine, prefill_chunk=4, prefill_seconds=0)
+        sched.add(sequence(engine, spec, alone))
+        drain(sched)
+    out = {}
+    sched = scheduler(engine, prefill_chunk=4, prefill_seconds=0)
+    sched.add(sequence(engine, long, out))
+    for _ in range(3):
+        sched.step()
+    sched.add(sequence(engine, short, out))
+    step_until(sched, lambda: out["short"]["tokens"])
+    assert out["long"]["tokens"] == [] and len(sched.prefilling) == 1
+    drain(sched)
+    assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}

@@ -46,7 +46,7 @@ class ServeConfig:
     max_batch: int = field(default=8, **_help("Sequences decoding together in one batch (continuous batching)."))
     max_context: int = field(default=8192, **_help("Most prompt + completion tokens of one request (also capped by the model's context); more get 400."))
     prefill_chunk: int = field(default=512, **_help("Prompt tokens per sequence read between two decode steps, so long prompts do not stall streams."))
-    prefill_seconds: float = field(default=0.25, **_help("While other requests decode, a prefill chunk is sized to take about this long (measured), at least 16 tokens, at most prefill_chunk; 0: always prefill_chunk tokens."))
+    prefill_seconds: float = field(default=0.25, **_help("A prefill chunk is sized to take about this long (measured) while other requests decode, 4x this while none do, at least 16 tokens, at most prefill_chunk; 0: always prefill_chunk tokens."))
     prompt_cache_size: int = field(default=16, **_help("KV prefixes kept per (adapter, tokens) for reuse by later requests; 0 turns the prompt cache off."))
     prompt_cache_bytes: int = field(default=1 << 30, **_help("Memory bound of the prompt cache in bytes."))
     adapter_dirs: tuple[str, ...] = field(default=(), **_help("Folders POST /v1/adapters may load adapters from (nothing else is opened); none: the endpoint is off."))

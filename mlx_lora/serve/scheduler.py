@@ -6,11 +6,13 @@ Each `step()`:
 2. decodes one token for every running sequence in a single forward pass (rows may use different
    adapters and sampling settings);
 3. admits waiting sequences (up to `max_batch` in all, and while the batch's KV stays within
-   `kv_tokens`, see `kv_slots`) as one prefill group, looking each prompt
-   up in the prompt cache, and reads one chunk of the group's prompts (`prefill_chunk` tokens per
-   row, fewer while others decode: about `prefill_seconds` of work), so a long prompt never stalls
-   the running streams for more than one short chunk;
-4. when the group's prompts are read, merges its KV caches into the running batch.
+   `kv_tokens`, see `kv_slots`) into the prefill group, beside any whose prompts are still being
+   read, looking each prompt up in the prompt cache, and reads one chunk of every prompt in the group
+   (about `prefill_seconds` of work while others decode, 4x that alone, at most `prefill_chunk`
+   tokens per row, and no more than the shortest prompt's rest, see `prefill_size`), so a long
+   prompt never stalls the running streams for more than one short chunk, and a short prompt that
+   arrives while a long one is read waits for the chunk in flight, then is read at once;
+4. moves the group's rows whose prompts are read into the running batch; the others read on.
 
 A row that leaves becomes a hole: its KV stays where it is and the batch goes on decoding it (its
 tokens dropped), and a newcomer whose KV fits before the batch's current position takes the hole
@@ -39,6 +41,7 @@ decode input, so a newcomer's first token comes from the same batched decode ste
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from collections import deque
@@ -50,6 +53,7 @@ import mlx.core as mx
 from .sampling import RowSampler, SamplingParams, token_logprobs
 
 MIN_PREFILL_CHUNK = 16  # prompt tokens per row a prefill chunk reads at least, however slow
+ALONE_BUDGET = 4  # with nobody decoding, a prefill chunk may take this many times `prefill_seconds`
 HOLE_PATIENCE = 4  # decode steps a left row's place is kept for a newcomer before the batch is compacted
 # forward(tokens (B, L) int32, caches, adapter slots per row) -> logits (B, L, V)
 Forward = Callable[[mx.array, list, list[int]], mx.array]
@@ -123,10 +127,10 @@ class Scheduler:
 
         self.forward, self.make_cache, self.eos_ids = forward, make_cache, set(eos_ids)
         self.max_batch, self.prefill_chunk, self.run_ahead = max_batch, prefill_chunk, run_ahead
-        # While others decode, a prefill chunk is sized to take about `prefill_seconds` (0: always
-        # `prefill_chunk` tokens), from the rate the group's last chunk was read at: a chunk late in a long
-        # prompt costs more (attention over all before it), and on a CPU 512 tokens can take seconds, a
-        # gap in every running stream. Alone, a group reads `prefill_chunk` tokens a step.
+        # A prefill chunk is sized to take about `prefill_seconds` while others decode, ALONE_BUDGET x that
+        # alone (0: always `prefill_chunk` tokens), from the rate the last chunk was read at: a chunk late in
+        # a long prompt costs more (attention over all before it), and on a CPU 512 tokens took up to 8 s
+        # (the demo model, 1,600-token prompt), a gap in every running stream and a wait for every newcomer.
         self.prefill_seconds = prefill_seconds
         self._prefill_rate: Optional[float] = None  # prompt tokens per second, the group's last chunk
         # KV budget in token slots (None: unbounded). The batch's caches are one rectangle: every row
@@ -202,7 +206,7 @@ class Scheduler:
         self._drop_cancelled()
         if self.running:
             self._decode()
-        if not self.prefilling and self.waiting and self.active() < self.max_batch:
+        if self.waiting and self.active() < self.max_batch:
             self._admit()
         if self.prefilling:
             self._prefill_chunk()
@@ -216,11 +220,11 @@ class Scheduler:
         gone = [i for i, s in enumerate(self.rows) if s is not None and s.cancelled.is_set()]
         if gone:
             self._leave(gone, "cancelled")
-        if self.prefilling and all(s.cancelled.is_set() for s in self.prefilling):
-            for seq in self.prefilling:
-                seq.on_finish("cancelled")
-            self.prefilling, self._prefill = [], None
-        # A cancelled member of a group still being read leaves when the group joins the batch.
+        gone = [i for i, s in enumerate(self.prefilling) if s.cancelled.is_set()]
+        if gone:
+            for i in gone:
+                self.prefilling[i].on_finish("cancelled")
+            self._split_prefill(gone)
 
     def row_slots(self, length: int) -> int:
         """KV token slots one row holds when the batch's longest prompt + max_tokens is `length`: full
@@ -273,9 +277,15 @@ class Scheduler:
             seq.sampler = RowSampler(seq.params, seq.prompt)
             seq.admitted = time.perf_counter()
             caches.append(cache)
-        self.prefilling = group
-        self._prefill = PromptProcessingBatch(model=self._group_forward, uids=list(range(len(group))), caches=caches,
-                                              prefill_step_size=self.prefill_chunk)
+        # Empty per-row sampler lists of the right length, so mlx-lm's `filter` and `extend` work (unused here).
+        batch = PromptProcessingBatch(model=self._group_forward, uids=list(range(len(group))), caches=caches,
+                                      prefill_step_size=self.prefill_chunk, samplers=[None] * len(group),
+                                      logits_processors=[[] for _ in group])
+        if self._prefill is None:
+            self._prefill = batch
+        else:  # beside prompts still being read: one forward reads a chunk of each (a copy of the group's KV)
+            self._prefill.extend(batch)
+        self.prefilling = self.prefilling + group
 
     def _cached(self, seq: Sequence) -> tuple[list, list[int]]:
         """(KV cache holding a prefix of the prompt, the prompt tokens after it); at least one token is left."""
@@ -295,13 +305,23 @@ class Scheduler:
         return self.forward(tokens, cache, [seq.slot for seq in self.prefilling])
 
     def prefill_size(self) -> int:
-        """Prompt tokens per row for the next prefill chunk (see `prefill_seconds`)."""
-        if not (self.running and self.prefill_seconds > 0):
-            return self.prefill_chunk
-        if self._prefill_rate is None:  # the group's first chunk, rate unknown: a small one measures it
-            return min(self.prefill_chunk, MIN_PREFILL_CHUNK * 4)
-        rows = max(1, sum(bool(seq.pending) for seq in self.prefilling))
-        return max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(self._prefill_rate * self.prefill_seconds / rows)))
+        """Prompt tokens per row for the next prefill chunk: about `prefill_seconds` of work at the rate the
+        last chunk was read (`ALONE_BUDGET` times that with nobody decoding: a request arriving meanwhile
+        waits about that long for the chunk in flight), between `MIN_PREFILL_CHUNK` and `prefill_chunk`
+        tokens; and, while prompts of different lengths are read together, no more than the shortest
+        one's rest, so a short prompt is read at once beside a long one and no row reads padding."""
+        if self.prefill_seconds <= 0:
+            size = self.prefill_chunk
+        elif self._prefill_rate is None:  # the group's first chunk, rate unknown: a small one measures it
+            size = min(self.prefill_chunk, MIN_PREFILL_CHUNK * 4)
+        else:
+            budget = self.prefill_seconds * (1 if self.running else ALONE_BUDGET)
+            rows = max(1, sum(bool(seq.pending) for seq in self.prefilling))
+            size = max(MIN_PREFILL_CHUNK, min(self.prefill_chunk, int(self._prefill_rate * budget / rows)))
+        rests = [len(seq.pending) for seq in self.prefilling if seq.pending]
+        if len(rests) > 1:
+            size = min(size, max(MIN_PREFILL_CHUNK, min(rests)))
+        return size
 
     def _prefill_chunk(self) -> None:
         size = self.prefill_size()
@@ -312,10 +332,10 @@ class Scheduler:
             self._prefill_rate = sum(map(len, chunks)) / max(time.perf_counter() - started, 1e-6)
             for seq, chunk in zip(self.prefilling, chunks):
                 del seq.pending[: len(chunk)]
-        if any(seq.pending for seq in self.prefilling):
+        read = [i for i, seq in enumerate(self.prefilling) if not seq.pending]
+        if not read:
             return
-        group, caches = self.prefilling, self._prefill.prompt_cache
-        self.prefilling, self._prefill, self._prefill_rate = [], None, None
+        group, caches = self._split_prefill(read)
         self._settle()  # the newcomers join a batch whose every token is accepted
         if not self.running:
             self.rows, self._caches, self._hole_steps = list(group), caches, 0
@@ -324,6 +344,23 @@ class Scheduler:
             for mine, theirs in zip(self._caches, caches):
                 mine.extend(theirs)
             self.rows = self.rows + group
+
+    def _split_prefill(self, rows: list[int]) -> tuple[list[Sequence], list]:
+        """Take `rows` (indices into `prefilling`) out of the group being read: (their sequences, their KV
+        caches per layer); the others stay in the group. Taking every row lets the group go (no copy);
+        otherwise each part's KV is gathered from the group's (mlx-lm's `filter`, a copy of its rows)."""
+        taken = [self.prefilling[i] for i in rows]
+        if len(rows) == len(self.prefilling):
+            caches = self._prefill.prompt_cache
+            self.prefilling, self._prefill, self._prefill_rate = [], None, None
+            return taken, caches
+        keep = [i for i in range(len(self.prefilling)) if i not in set(rows)]
+        part = copy.copy(self._prefill)  # mlx-lm's `split` deep-copies the whole group's KV first; a
+        part.prompt_cache = [copy.copy(c) for c in self._prefill.prompt_cache]  # filter reassigns, never writes
+        part.filter(rows)
+        self._prefill.filter(keep)
+        self.prefilling = [self.prefilling[i] for i in keep]
+        return taken, part.prompt_cache
 
     def _decode(self) -> None:
         if self._ahead is not None and not self._ahead_pays():
@@ -455,13 +492,14 @@ class Scheduler:
         return all(type(c) is BatchKVCache for c in self._caches)
 
     def _tend_holes(self) -> None:
-        """Remove the batch's holes once `HOLE_PATIENCE` steps passed since a row last left or joined with
-        no group being read that could take them."""
+        """Remove the batch's holes once `HOLE_PATIENCE` steps passed since a row last left or joined, unless
+        a prompt being read is short enough to take one."""
         if len(self.rows) == len(self.running):
             self._hole_steps = 0
             return
         self._hole_steps += 1
-        if self._hole_steps >= HOLE_PATIENCE and not self.prefilling:
+        end = self._caches[0]._idx if self._caches else 0
+        if self._hole_steps >= HOLE_PATIENCE and not any(len(s.prompt) - 1 <= end for s in self.prefilling):
             self._compact()
 
     def _compact(self) -> None:
