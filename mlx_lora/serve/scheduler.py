@@ -354,9 +354,14 @@ class Scheduler:
             caches = self._prefill.prompt_cache
             self.prefilling, self._prefill, self._prefill_rate = [], None, None
             return taken, caches
+        from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache
+
         keep = [i for i in range(len(self.prefilling)) if i not in set(rows)]
-        part = copy.copy(self._prefill)  # mlx-lm's `split` deep-copies the whole group's KV first; a
-        part.prompt_cache = [copy.copy(c) for c in self._prefill.prompt_cache]  # filter reassigns, never writes
+        # mlx-lm's `split` deep-copies the whole group's KV first; these caches' `filter` only reassigns
+        # their arrays, so a shallow copy filters apart (others, e.g. a CacheList, are copied whole)
+        part = copy.copy(self._prefill)
+        part.prompt_cache = [copy.copy(c) if type(c) in (BatchKVCache, BatchRotatingKVCache, ArraysCache)
+                             else copy.deepcopy(c) for c in self._prefill.prompt_cache]
         part.filter(rows)
         self._prefill.filter(keep)
         self.prefilling = [self.prefilling[i] for i in keep]
