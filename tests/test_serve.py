@@ -124,7 +124,7 @@ def read_sse(client, path: str, body: dict) -> list:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         for line in response.iter_lines():
-            if line:
+            if line and not line.startswith(":"):  # ":" starts an SSE comment (the server's keep-alive)
                 assert line.startswith("data: ")
                 events.append(line[len("data: "):])
     return events

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from test_serve import make_adapter, start_server
@@ -12,8 +14,10 @@ openai = pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def sdk(tiny_model_dir, tmp_path_factory):
     adapter = make_adapter(tiny_model_dir, tmp_path_factory.mktemp("adapter") / "a", seed=1)
-    with start_server(tiny_model_dir, {"tuned": adapter}, api_key="k") as (url, _):
-        yield openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+    with start_server(tiny_model_dir, {"tuned": adapter}, api_key="k") as (url, engine):
+        client = openai.OpenAI(base_url=url + "/v1", api_key="k", max_retries=0)
+        client._engine = engine  # for tests that hold the generation worker
+        yield client
 
 
 def test_models_list(sdk):
@@ -31,6 +35,52 @@ def test_chat_plain_and_streamed_agree(sdk):
     assert text == plain.choices[0].message.content
     assert chunks[-1].usage.completion_tokens == 6
 
+
+
+def test_a_stream_waiting_for_its_first_token_sends_keep_alive_comments(sdk, monkeypatch):
+    """While a streamed request's prompt is read (slow steps here), SSE comment lines keep bytes flowing (a
+    client's read timeout counts from the last byte); the SDK skips them and gets the same answer."""
+    import threading
+    import time
+
+    import httpx
+
+    from mlx_lora.serve import responses
+
+    engine = sdk._engine
+    messages = [{"role": "user", "content": "say hello"}]
+    plain = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=6, temperature=0)
+    monkeypatch.setattr(responses, "KEEPALIVE_S", 0.05)
+    step = engine.scheduler.step
+
+    def slow_step():  # a machine reading a long prompt: 0.3 s a step
+        time.sleep(0.3)
+        step()
+
+    monkeypatch.setattr(engine.scheduler, "step", slow_step)
+    lines, texts = [], []
+
+    def raw():
+        body = {"model": "tuned", "messages": messages, "max_tokens": 6, "temperature": 0, "stream": True}
+        with httpx.stream("POST", str(sdk.base_url) + "chat/completions", json=body,
+                          headers={"Authorization": "Bearer k"}, timeout=30) as response:
+            lines.extend(line for line in response.iter_lines() if line)
+
+    def with_sdk():
+        stream = sdk.chat.completions.create(model="tuned", messages=messages, max_tokens=6, temperature=0,
+                                             stream=True)
+        texts.append("".join(c.choices[0].delta.content or "" for c in stream if c.choices))
+
+    threads = [threading.Thread(target=raw), threading.Thread(target=with_sdk)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert texts == [plain.choices[0].message.content]
+    assert lines[0].startswith("data: ") and lines[-1] == "data: [DONE]"
+    assert lines[1] == ": keep-alive"  # after the role chunk, before any token
+    assert "".join(json.loads(line[6:])["choices"][0]["delta"].get("content", "") for line in lines
+                   if line.startswith("data: {")) == texts[0]
 
 def test_one_model_is_retrieved_by_name(sdk):
     assert sdk.models.retrieve("base").id == "base"

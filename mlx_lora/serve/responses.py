@@ -12,6 +12,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
+# A stream with nothing to send for this long (its prompt queued or being read: a long one takes
+# seconds to minutes on a CPU) sends an SSE comment line, which SSE clients skip (the SSE spec; the
+# openai SDK's decoder), so a client's read timeout counts from the last byte, not the first token.
+KEEPALIVE_S = 2.0
+KEEPALIVE = ": keep-alive\n\n"
 
 
 @dataclass
@@ -103,7 +108,8 @@ def sse(payload: dict) -> str:
 
 
 async def stream_events(events: asyncio.Queue, job, reply: Reply, error_type):
-    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`; cancels on disconnect."""
+    """Server-sent events in OpenAI's chunk format, ending with `data: [DONE]`, with a comment line every
+    KEEPALIVE_S while nothing else is sent; cancels on disconnect."""
     kind = "chat.completion.chunk" if reply.chat else "text_completion"
     offset = 0
 
@@ -116,7 +122,11 @@ async def stream_events(events: asyncio.Queue, job, reply: Reply, error_type):
         if reply.chat:
             yield sse(chunk({"delta": {"role": "assistant", "content": ""}}))
         while True:
-            event = await events.get()
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=KEEPALIVE_S)
+            except asyncio.TimeoutError:
+                yield KEEPALIVE
+                continue
             if event[0] == "delta":
                 _, text, logprobs = event
                 if reply.chat:
