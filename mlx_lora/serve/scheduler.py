@@ -356,7 +356,8 @@ class Scheduler:
             return taken, caches
         from mlx_lm.models.cache import ArraysCache, BatchKVCache, BatchRotatingKVCache
 
-        keep = [i for i in range(len(self.prefilling)) if i not in set(rows)]
+        taking = set(rows)
+        keep = [i for i in range(len(self.prefilling)) if i not in taking]
         # mlx-lm's `split` deep-copies the whole group's KV first; these caches' `filter` only reassigns
         # their arrays, so a shallow copy filters apart (others, e.g. a CacheList, are copied whole)
         part = copy.copy(self._prefill)
