@@ -586,3 +586,30 @@ def test_a_short_prompt_read_beside_a_long_one_in_sliding_window_layers(tmp_path
     assert out["long"]["tokens"] == [] and len(sched.prefilling) == 1
     drain(sched)
     assert {k: v["tokens"] for k, v in out.items()} == {k: v["tokens"] for k, v in alone.items()}
+
+
+def test_a_steps_tokens_are_streamed_before_the_next_step_is_queued_whole(engine, monkeypatch):
+    """Step n+1 is built before step n's tokens are read; MLX's `async_eval` on all of it would hold the
+    scheduler until step n+1 is nearly computed, so step n's tokens would reach the client a step late."""
+    import mlx.core as mx
+
+    sched = scheduler(engine)
+    log = []
+    queue = mx.async_eval
+
+    def recording(*arrays):
+        if sched._ahead is not None and len(arrays) == 1 and arrays[0] is sched._ahead.tokens:
+            log.append("step queued")
+        return queue(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", recording)
+    out = {}
+    seq = sequence(engine, {"id": "s", "prompt": "count to ten", "max_tokens": 10}, out)
+    on_token = seq.on_token
+    seq.on_token = lambda event: log.append("token") or on_token(event)
+    sched.add(seq)
+    drain(sched)
+    assert len(out["s"]["tokens"]) == 10 and sched.ahead_steps > 5
+    # the j-th token is accepted once steps 1..j+1 are queued (its own and the next), never j+2
+    queued_before = [log[:i].count("step queued") for i, what in enumerate(log) if what == "token"]
+    assert queued_before == list(range(1, 11))
