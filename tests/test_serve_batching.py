@@ -172,6 +172,22 @@ def test_a_sequence_joining_mid_batch_changes_no_one(engine):
         assert out[spec["id"]]["tokens"] == alone[spec["id"]]["tokens"], spec["id"]
 
 
+
+def test_a_newcomer_is_in_the_very_next_decode_step(engine):
+    """A request arriving while others decode is read and joins before that step's decode is built, so its
+    first token comes from the next decode step, not the one after (a step is ~100 ms on a CPU)."""
+    out = {}
+    sched = scheduler(engine)
+    sched.add(sequence(engine, {"id": "running", "prompt": "count to a hundred", "max_tokens": 40}, out))
+    while not out["running"]["tokens"]:
+        sched.step()
+    sched.add(sequence(engine, {"id": "newcomer", "prompt": "say hi", "max_tokens": 5}, out))  # read in one chunk
+    sched.step()  # read, joined, decoded together with the running row (in flight)
+    sched.step()  # that step's tokens accepted
+    assert len(out["newcomer"]["tokens"]) == 1
+    drain(sched)
+    assert out["newcomer"]["tokens"] == run_alone(engine, [{"id": "newcomer", "prompt": "say hi", "max_tokens": 5}])["newcomer"]["tokens"]
+
 def test_max_batch_bounds_the_running_batch(engine):
     alone = run_alone(engine, SPECS[:4])
     out, sizes = {}, []

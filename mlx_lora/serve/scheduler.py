@@ -3,16 +3,17 @@
 The scheduler knows token ids, KV caches and adapter slots, not HTTP, text or model internals.
 Each `step()`:
 1. drops sequences whose client went away (their rows leave the batch, their slots are free);
-2. decodes one token for every running sequence in a single forward pass (rows may use different
-   adapters and sampling settings);
-3. admits waiting sequences (up to `max_batch` in all, and while the batch's KV stays within
+2. admits waiting sequences (up to `max_batch` in all, and while the batch's KV stays within
    `kv_tokens`, see `kv_slots`) into the prefill group, beside any whose prompts are still being
    read, looking each prompt up in the prompt cache, and reads one chunk of every prompt in the group
    (about `prefill_seconds` of work while others decode, 4x that alone, at most `prefill_chunk`
    tokens per row, and no more than the shortest prompt's rest, see `prefill_size`), so a long
    prompt never stalls the running streams for more than one short chunk, and a short prompt that
    arrives while a long one is read waits for the chunk in flight, then is read at once;
-4. moves the group's rows whose prompts are read into the running batch; the others read on.
+3. moves the group's rows whose prompts are read into the running batch; the others read on;
+4. decodes one token for every running sequence in a single forward pass (rows may use different
+   adapters and sampling settings), newcomers included: a request arriving while others decode gets
+   its first token from the next decode step, not the one after.
 
 A row that leaves becomes a hole: its KV stays where it is and the batch goes on decoding it (its
 tokens dropped), and a newcomer whose KV fits before the batch's current position takes the hole
@@ -209,12 +210,12 @@ class Scheduler:
             self.waiting.extend(self._inbox)
             self._inbox.clear()
         self._drop_cancelled()
-        if self.running:
-            self._decode()
         if self.waiting and self.active() < self.max_batch:
             self._admit()
         if self.prefilling:
             self._prefill_chunk()
+        if self.running:
+            self._decode()
         self._tend_holes()
         self.steps += 1
 
