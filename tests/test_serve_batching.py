@@ -629,3 +629,37 @@ def test_a_steps_tokens_are_streamed_before_the_next_step_is_queued_whole(engine
     # the j-th token is accepted once steps 1..j+1 are queued (its own and the next), never j+2
     queued_before = [log[:i].count("step queued") for i, what in enumerate(log) if what == "token"]
     assert queued_before == list(range(1, 11))
+
+
+def test_a_leaving_rows_end_is_told_before_anything_queues_the_step_in_flight(engine, monkeypatch):
+    """Queueing anything that depends on the step in flight (as the prompt cache's copy of a leaving row
+    does) holds the scheduler for most of that step: the copy is queued after the step, at its end."""
+    import mlx.core as mx
+
+    sched = scheduler(engine, prompt_cache_size=4)
+    log = []
+    queue = mx.async_eval
+    first_layers, primer = sched._first_layers, []
+
+    def primed():
+        primer[:] = [first_layers()]
+        return primer[0]
+
+    def recording(*arrays):
+        whole = sched._ahead is not None and len(arrays) == 1 and arrays[0] is sched._ahead.tokens
+        if primer and arrays and arrays[0] is primer[0]:
+            log.append("first layers")
+        elif whole:
+            log.append("step")
+        elif log and log[-1] == "first layers":
+            log.append("something else")
+        return queue(*arrays)
+
+    monkeypatch.setattr(sched, "_first_layers", primed)
+    monkeypatch.setattr(mx, "async_eval", recording)
+    out = {}
+    for spec in ({"id": "short", "prompt": "say hi", "max_tokens": 3}, {"id": "long", "prompt": "count", "max_tokens": 12}):
+        sched.add(sequence(engine, spec, out))
+    drain(sched)
+    assert out["short"]["finish"] == "length" and len(sched.prompt_cache) == 2
+    assert "something else" not in log and log.count("first layers") > 5

@@ -160,6 +160,7 @@ class Scheduler:
         self._ahead: Optional[Issued] = None  # the decode step in flight, not yet accepted (see the module doc)
         self.steps = 0
         self.ahead_steps = 0  # decode steps built before the previous step's tokens were read
+        self._copies: list = []  # leaving rows' KV copies for the prompt cache, evaluated at the step's end
         self.holes_filled = 0  # newcomers placed into a left row's place (no copy of the batch)
         self.compactions = 0  # times the batch's holes were removed (a copy of every row's KV)
 
@@ -201,6 +202,7 @@ class Scheduler:
         the step in flight (their state is unknown), and return them; waiting ones stay queued."""
         dropped = self.running + self.prefilling
         self.rows, self.prefilling, self._caches, self._prefill, self._ahead = [], [], [], None, None
+        self._copies = []
         return dropped
 
     # --- the step ---
@@ -217,6 +219,9 @@ class Scheduler:
         if self.running:
             self._decode()
         self._tend_holes()
+        if self._copies:  # queued behind the step in flight, they let the batch's old KV buffers go
+            mx.async_eval(self._copies)
+            self._copies = []
         self.steps += 1
 
     def _drop_cancelled(self) -> None:
@@ -499,8 +504,10 @@ class Scheduler:
                         continue
                     trim_prompt_cache(held, 1)
                 # The row's copy is lazy and would keep the whole batch's KV buffers alive (all rows, every
-                # layer) until first used; computed now, after the step in flight, it lets them go.
-                mx.async_eval([c.state for c in held])
+                # layer) until first used, so it is computed at the end of this step (`step`), after the step
+                # in flight; not here: queueing it would queue most of that step and hold the scheduler
+                # (see `_first_layers`), so the leaving rows' clients would hear of their end a step late.
+                self._copies.append([c.state for c in held])
                 self.prompt_cache.insert_cache(seq.cache_key, fed, held)
         for i in rows:
             self.rows[i] = None
