@@ -663,3 +663,24 @@ def test_a_leaving_rows_end_is_told_before_anything_queues_the_step_in_flight(en
     drain(sched)
     assert out["short"]["finish"] == "length" and len(sched.prompt_cache) == 2
     assert "something else" not in log and log.count("first layers") > 5
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+def test_a_batch_whose_every_row_stops_at_once_while_a_step_is_in_flight(engine, rows):
+    """Rows that stop on an end token (not foreseeable from max_tokens) leave while the next step is in
+    flight; when none is left, that step goes with the batch and nothing fails."""
+    specs = [{"id": i, "prompt": ["count to ten", "say hi"][i], "max_tokens": 12} for i in range(rows)]
+    alone = run_alone(engine, specs)
+    for spec in specs:
+        spec["eos"] = alone[spec["id"]]["tokens"][3]
+    out = {}
+    sched = scheduler(engine)
+    sched.eos_ids = {spec["eos"] for spec in specs}
+    for spec in specs:
+        sched.add(sequence(engine, spec, out))
+    drain(sched)  # raised AttributeError when the batch emptied between building a step and queueing it
+    for spec in specs:
+        tokens = alone[spec["id"]]["tokens"]
+        stop = min(i for i, t in enumerate(tokens) if t in sched.eos_ids)
+        assert out[spec["id"]]["finish"] == "stop" and out[spec["id"]]["tokens"] == tokens[:stop]  # the end token unsent
+    assert sched.idle() and sched.ahead_steps > 0

@@ -397,8 +397,9 @@ class Scheduler:
             # Queue this step's first layers, then accept the previous step's tokens as soon as they are
             # computed, then queue the rest: see `_first_layers`.
             mx.async_eval(self._first_layers())
-            self._accept_step(previous)
-        mx.async_eval(self._ahead.tokens)
+            self._accept_step(previous)  # may empty the batch, the step just built with it
+        if self._ahead is not None:
+            mx.async_eval(self._ahead.tokens)
         if self._ahead is not None and not self._may_run_ahead():
             self._settle()
 
