@@ -38,8 +38,9 @@ def make_adapter(model_dir: Path, folder: Path, seed: int, magnitude: float = 0.
 
 
 @contextmanager
-def start_server(model_dir: Path, adapters: dict, engine_limits=None, **limits):
-    """(base url, engine) of a live server on a free loopback port; stops it on exit."""
+def start_server(model_dir: Path, adapters: dict, engine_limits=None, failed_steps: int = 0, **limits):
+    """(base url, engine) of a live server on a free loopback port; stops it on exit, checking that no
+    generation step failed (a failed step answers its requests with 500s and is otherwise only logged)."""
     from mlx_lora.serve.app import ServerLimits, ServerThread, create_app
     from mlx_lora.serve.engine import Engine
 
@@ -48,6 +49,7 @@ def start_server(model_dir: Path, adapters: dict, engine_limits=None, **limits):
     with ServerThread(create_app(engine, ServerLimits(**limits))) as url:
         yield url, engine
     assert engine._thread is None  # the app's shutdown stopped the generation worker
+    assert engine.failed_steps == failed_steps, engine.last_error
 
 
 def greedy_reference(model_dir: Path, adapter: Path | None, max_tokens: int) -> str:
@@ -453,7 +455,7 @@ def test_openai_fields_we_do_not_act_on_are_accepted_and_named(server, caplog):
 def test_a_failing_generation_step_answers_500_and_the_server_goes_on(tiny_model_dir):
     # a model that raises inside a step (a broken export, an out-of-range cache index) must not leave
     # every later request waiting forever behind a dead worker
-    with start_server(tiny_model_dir, {}) as (url, engine):
+    with start_server(tiny_model_dir, {}, failed_steps=1) as (url, engine):
         forward, calls = engine.scheduler.forward, []
 
         def failing_once(*args):
