@@ -400,8 +400,8 @@ class Scheduler:
             self._accept_step(previous)  # may empty the batch, the step just built with it
         if self._ahead is not None:
             mx.async_eval(self._ahead.tokens)
-        if self._ahead is not None and not self._may_run_ahead():
-            self._settle()
+            if not self._may_run_ahead():
+                self._settle()
 
     def _first_layers(self) -> list:
         """The KV state of the first `PRIMED_LAYERS` layers of the step just built (lazy arrays).
