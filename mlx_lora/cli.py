@@ -245,6 +245,9 @@ def cmd_doctor(args) -> int:
             print(f"kernels       {kernel_cache_dir()}: {len(list(kernel_cache_dir().glob('*.so')))} built; "
                   + (f"g++ {gxx}, precompiled preamble {state}" if gxx else
                      "no g++ on PATH: MLX runs compiled graphs unfused, slower (install g++)"))
+            from .serve.panel_kernel import load as load_panel_kernel
+
+            print(f"decode kernel {load_panel_kernel().note}")
     print(f"matmul        {matmul_gflops():.0f} GFLOP/s (float32 1024x1024 on {mx.default_device()})")
     if args.hosts:
         return doctor_hosts(args)

@@ -100,6 +100,28 @@ def test_mixed_batch_equals_each_sequence_alone(engine):
         assert together[spec["id"]]["finish"] == alone[spec["id"]]["finish"]
 
 
+def test_mixed_batch_equals_each_sequence_alone_on_the_panel_kernel(tiny_model_dir, tmp_path):
+    """The engine with every decode product on the CPU panel kernel, adapters' terms inside it."""
+    from mlx_lora.serve import multi_lora, panel_kernel
+    from mlx_lora.serve.engine import Engine
+
+    if panel_kernel.load().module is None:
+        pytest.skip(panel_kernel.load().note)
+    adapters = {"a": make_adapter(tiny_model_dir, tmp_path / "a", seed=1),
+                "b": make_adapter(tiny_model_dir, tmp_path / "b", seed=2, magnitude=0.8)}
+    engine = Engine.from_source(str(tiny_model_dir), adapters, base_name="base", cpu_decode="panel")
+    wrapped = [m for _, m in engine.model.named_modules() if isinstance(m, multi_lora.MultiLoRALinear)]
+    assert wrapped and all(m.linear._panels is not None for m in wrapped)
+    alone = run_alone(engine, SPECS)
+    together = {}
+    sched = scheduler(engine)
+    for spec in SPECS:
+        sched.add(sequence(engine, spec, together))
+    drain(sched)
+    assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
+    assert len({tuple(v["tokens"]) for v in alone.values()}) == len(SPECS)
+
+
 @pytest.mark.parametrize("strategy", ["gather", "group"])
 def test_other_mixing_strategies_give_each_sequence_its_own_tokens(engine, strategy):
     alone = run_alone(engine, SPECS)  # one row: the plain one-adapter product
@@ -115,21 +137,38 @@ def test_other_mixing_strategies_give_each_sequence_its_own_tokens(engine, strat
     assert {k: v["tokens"] for k, v in together.items()} == {k: v["tokens"] for k, v in alone.items()}
 
 
-@pytest.mark.parametrize("strategy", ["stacked", "gather", "group"])
+def _base_linear(strategy: str):
+    """A (12 -> 10) base; for "panel" a `DecodeLinear` whose products run on the CPU panel kernel."""
+    import mlx.nn as nn
+
+    base = nn.Linear(12, 10, bias=False)
+    if strategy != "panel":
+        return base
+    from mlx_lora.serve import panel_kernel
+    from mlx_lora.serve.cpu_decode import DecodeLinear, ProductPlan, twin
+
+    kernel = panel_kernel.load().module
+    if kernel is None:
+        pytest.skip(panel_kernel.load().note)
+    plan = ProductPlan(max_rows=8, measured={(10, 12): {8: "panel"}}, kernel=kernel)
+    return twin(DecodeLinear, base, plan, panel_kernel.pack(base.weight))
+
+
+@pytest.mark.parametrize("strategy", ["stacked", "gather", "group", "panel"])
 def test_each_row_gets_its_own_adapter_term_in_every_layer(strategy):
     """Per row y = x W^T + s_k x A_k B_k (k its slot), against float64 numpy, with layers of equal
     and of different adapter sets (adapter 2 leaves the second layer alone); the "stacked" column
-    masks are built once per pass for the layers alike."""
+    masks are built once per pass for the layers alike. "panel": the base product and every row's
+    adapter term in one call of the CPU panel kernel (`MultiLoRALinear._panel_product`)."""
     import mlx.core as mx
-    import mlx.nn as nn
     import numpy as np
 
     from mlx_lora.serve.multi_lora import MultiLoRALinear, RowAdapters
 
     rng = np.random.default_rng(0)
     rows = RowAdapters()
-    rows.strategy = strategy
-    layers = [MultiLoRALinear(nn.Linear(12, 10, bias=False), rows) for _ in range(3)]
+    rows.strategy = "stacked" if strategy == "panel" else strategy
+    layers = [MultiLoRALinear(_base_linear(strategy), rows) for _ in range(3)]
     terms = {}  # (layer, slot) -> (A, B, scaling)
     for index, layer in enumerate(layers):
         for slot, rank, scaling in ((1, 4, 2.0), (2, 2, 0.5), (3, 4, 1.0)):
@@ -138,18 +177,22 @@ def test_each_row_gets_its_own_adapter_term_in_every_layer(strategy):
             a, b = rng.normal(size=(12, rank)), rng.normal(size=(rank, 10))
             layer.put(slot, mx.array(a, dtype=mx.float32), mx.array(b, dtype=mx.float32), scaling)
             terms[index, slot] = (a, b, scaling)
-    slots = [1, 0, 2, 3, 2, 1]
-    x = rng.normal(size=(len(slots), 1, 12))
-    rows.set(slots)
-    outputs = [np.array(layer(mx.array(x, dtype=mx.float32)), dtype=np.float64) for layer in layers]
-    for index, (layer, got) in enumerate(zip(layers, outputs)):
-        weight = np.array(layer.linear.weight, dtype=np.float64)
-        for row, slot in enumerate(slots):
-            want = x[row] @ weight.T
-            if (index, slot) in terms:
-                a, b, scaling = terms[index, slot]
-                want = want + scaling * (x[row] @ a @ b)
-            np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-4, err_msg=f"layer {index} row {row}")
+    x = rng.normal(size=(6, 1, 12))
+    for slots in ([1, 0, 2, 3, 2, 1], [3] * 6, [0] * 6):  # mixed, one adapter, the bare base
+        rows.set(slots)
+        if strategy == "panel":
+            assert all(layer._panel_product(mx.array(x, dtype=mx.float32)) is not None for layer in layers)
+        outputs = [np.array(layer(mx.array(x, dtype=mx.float32)), dtype=np.float64) for layer in layers]
+        for index, (layer, got) in enumerate(zip(layers, outputs)):
+            weight = np.array(layer.linear.weight, dtype=np.float64)
+            for row, slot in enumerate(slots):
+                want = x[row] @ weight.T
+                if (index, slot) in terms:
+                    a, b, scaling = terms[index, slot]
+                    want = want + scaling * (x[row] @ a @ b)
+                np.testing.assert_allclose(got[row], want, rtol=1e-4, atol=1e-4, err_msg=f"{slots}: layer {index} row {row}")
+    rows.set([1, 0, 2, 3, 2, 1])
+    [layer(mx.array(x, dtype=mx.float32)) for layer in layers]
     if strategy == "stacked":  # layers 0 and 2 alike: one mask; layer 1 (a slot missing) its own
         assert len(rows._keep) == 2
     rows.set(slots)  # the next pass builds afresh

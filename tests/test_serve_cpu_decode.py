@@ -136,9 +136,9 @@ def test_decode_linear_orientations_agree(bias, rows):
 
     layer = nn.Linear(48, 80, bias=bias)
     x = mx.random.normal((rows, 1, 48), key=mx.random.key(rows))
-    plan = ProductPlan(max_rows=8, measured={(80, 48): {1: True, 4: True, 8: True}})
+    plan = ProductPlan(max_rows=8, measured={(80, 48): {1: "transposed", 4: "transposed", 8: "transposed"}})
     decode = twin(DecodeLinear, layer, plan)
-    assert plan.transposed((80, 48), rows) == (rows <= 8)
+    assert plan.method((80, 48), rows) == ("transposed" if rows <= 8 else "plain")
     want = np.array(layer(x), dtype=np.float64)
     got = np.array(decode(x), dtype=np.float64)
     assert got.shape == want.shape == (rows, 1, 80)
@@ -149,10 +149,10 @@ def test_product_plan_looks_up_the_next_measured_row_count():
     from mlx_lora.serve.cpu_decode import ProductPlan, _row_counts
 
     assert _row_counts(8) == [1, 2, 4, 8] and _row_counts(6) == [1, 2, 4, 6] and _row_counts(1) == [1]
-    plan = ProductPlan(max_rows=8, measured={(4, 4): {1: False, 2: False, 4: True, 8: False}})
-    assert [plan.transposed((4, 4), r) for r in range(1, 10)] == [False, False, True, True, False, False, False, False, False]
-    assert not plan.transposed((5, 4), 4)  # a shape never measured
-    assert "4x4 at 4 rows" in plan.summary()
+    plan = ProductPlan(max_rows=8, measured={(4, 4): {1: "plain", 2: "plain", 4: "transposed", 8: "panel"}})
+    assert [plan.method((4, 4), r) for r in range(1, 10)] == ["plain"] * 2 + ["transposed"] * 2 + ["panel"] * 4 + ["plain"]
+    assert plan.method((5, 4), 4) == "plain"  # a shape never measured
+    assert plan.summary().startswith("panel kernel for 4x4 at 8 rows; transposed for 4x4 at 4 rows")
 
 
 def test_decode_norm_matches_the_library():
@@ -178,11 +178,11 @@ def test_bad_mode_is_refused():
 
     from mlx_lora.serve.cpu_decode import use_cpu_decode
 
-    with pytest.raises(ValueError, match="cpu_decode: 'fast' is not one of auto, none, plain, transposed"):
+    with pytest.raises(ValueError, match="cpu_decode: 'fast' is not one of auto, none, plain, transposed, panel"):
         use_cpu_decode(nn.Module(), 8, 64, "fast")
 
 
-@pytest.mark.parametrize("mode", ["transposed", "auto"])
+@pytest.mark.parametrize("mode", ["transposed", "panel", "auto"])
 def test_served_batch_decodes_the_same_tokens_as_the_library(tiny_model_dir, mode):
     """Greedy decoding of a mixed batch (different prompt lengths, so per-row rotary offsets and
     left padding) with the CPU decode set-up gives the library's tokens."""
@@ -200,6 +200,10 @@ def test_served_batch_decodes_the_same_tokens_as_the_library(tiny_model_dir, mod
             assert engine.decode_setup.products is None
         else:
             assert engine.decode_setup.rotary_layers == 2 and engine.decode_setup.norms == 5
+            if decode == "panel":  # every product of up to max_batch rows on the kernel
+                plan = engine.decode_setup.products
+                assert plan.kernel is not None, plan.kernel_note
+                assert {m for choices in plan.measured.values() for m in choices.values()} == {"panel"}
         out = {}
         sched = scheduler(engine)
         for spec in specs:

@@ -9,10 +9,14 @@ that are right for training's long batches are slow at that shape on the CPU:
   numbers, but a BLAS packs and blocks them differently; for a few rows one can be much faster.
   Measured on the fused demo model (SmolLM2-135M float32, 8 rows, a 2-core Xeon, same run):
   MKL 1536x576 15.2 vs 11.9 ms for 30 weights, 49152x576 head 21.0 vs 13.9 ms; OpenBLAS 0.3.21
-  the other way round or equal. So nothing is assumed: `tune_products` times both orientations
-  at start-up, per weight shape and row count, over all the model's weights of that shape (so
-  the weights stream from memory as in a real step), and `DecodeLinear` / `DecodeEmbedding` use
-  the faster one for those row counts (`x @ W.T` otherwise, e.g. for prefill).
+  the other way round or equal. Faster than both at 2-8 rows is our own kernel on weights packed
+  as panels (`panel_kernel.py`: a step's products at 8 rows cost about what one row's do). So
+  nothing is assumed: `tune_products` times the three at start-up, per weight shape and row
+  count, over all the model's weights of that shape (so the weights stream from memory as in a
+  real step); the kernel takes every decode product or none (`_panel_wins`), else
+  `DecodeLinear` / `DecodeEmbedding` use the faster orientation for those row counts (`x @ W.T`
+  otherwise, e.g. for prefill). With adapters, the kernel adds each row's own adapter term in
+  the same call (`multi_lora.MultiLoRALinear._panel_product`).
 - **The rotary embedding.** MLX's CPU `mx.fast.rope` computes its cosines and sines on every
   call (MLX's CPU `cos` / `sin` run at ~30 M elements/s here: ~190 us for one layer's queries of
   8 rows, twice per layer). `TableRoPE` reads them from a table made once (positions x dims / 2,
@@ -52,31 +56,43 @@ TUNE_REPEATS = 3  # timed passes per orientation (the minimum counts)
 
 # --- products ---------------------------------------------------------------------------------
 
+METHODS = ("plain", "transposed", "panel")  # x @ W.T, (W @ x.T).T, panel_kernel.py's kernel
+
+
 @dataclass
 class ProductPlan:
-    """For each weight shape (out, in): the row counts measured and, per count, whether the
-    transposed product `(W @ x.T).T` was faster. Rows above `max_rows` always use `x @ W.T`."""
+    """For each weight shape (out, in): the row counts measured and, per count, the fastest of
+    `METHODS`. Rows above `max_rows` always use `x @ W.T`."""
 
     max_rows: int = 0
-    measured: dict[tuple[int, int], dict[int, bool]] = field(default_factory=dict)
-    timings: dict[tuple[tuple[int, int], int], tuple[float, float]] = field(default_factory=dict)  # seconds: plain, transposed
+    measured: dict[tuple[int, int], dict[int, str]] = field(default_factory=dict)
+    timings: dict[tuple[tuple[int, int], int], dict[str, float]] = field(default_factory=dict)  # seconds per method
     seconds: float = 0.0  # time spent measuring
+    kernel: Optional[object] = None  # panel_kernel.py's module, when "panel" may be chosen
+    kernel_note: str = ""  # how the kernel was found, or why it is not used
 
-    def transposed(self, shape: tuple[int, int], rows: int) -> bool:
+    def method(self, shape: tuple[int, int], rows: int) -> str:
         choices = self.measured.get(shape)
         if not choices or rows > self.max_rows:
-            return False
+            return "plain"
         at = min((r for r in choices if r >= rows), default=None)
-        return choices[at] if at is not None else False
+        return choices[at] if at is not None else "plain"
+
+    def uses(self, shape: tuple[int, int], method: str) -> bool:
+        return method in self.measured.get(shape, {}).values()
 
     def summary(self) -> str:
-        """e.g. 'transposed for 1536x576 at 4-8 rows, 49152x576 at 8 rows (measured in 0.9 s)'."""
+        """e.g. 'panel kernel for 1536x576 at 2,4,8 rows; transposed for 49152x576 at 8 rows (measured in 0.9 s)'."""
         parts = []
-        for (out_dims, in_dims), choices in sorted(self.measured.items()):
-            rows = sorted(r for r, t in choices.items() if t)
-            if rows:
-                parts.append(f"{out_dims}x{in_dims} at {','.join(map(str, rows))} rows")
-        chosen = "transposed for " + ", ".join(parts) if parts else "x @ W.T everywhere"
+        for method, label in (("panel", "panel kernel"), ("transposed", "transposed")):
+            shapes = []
+            for (out_dims, in_dims), choices in sorted(self.measured.items()):
+                rows = sorted(r for r, m in choices.items() if m == method)
+                if rows:
+                    shapes.append(f"{out_dims}x{in_dims} at {','.join(map(str, rows))} rows")
+            if shapes:
+                parts.append(f"{label} for " + ", ".join(shapes))
+        chosen = "; ".join(parts) if parts else "x @ W.T everywhere"
         return f"{chosen} (measured in {self.seconds:.1f} s)"
 
 
@@ -88,25 +104,31 @@ def _transposed(x2: mx.array, weight: mx.array) -> mx.array:
     return (weight @ x2.T).T
 
 
-def _product(layer_weight: mx.array, x: mx.array, plan: Optional[ProductPlan]) -> Optional[mx.array]:
-    """x (..., in) @ W.T as (..., out) in the orientation `plan` chose, or None to use the layer's own."""
+def _product(layer_weight: mx.array, panels: Optional[mx.array], x: mx.array, plan: Optional[ProductPlan]) -> Optional[mx.array]:
+    """x (..., in) @ W.T as (..., out) by the method `plan` chose, or None to use the layer's own."""
     if plan is None:
         return None
     rows = x.size // x.shape[-1]
-    if not plan.transposed(tuple(layer_weight.shape), rows):
+    method = plan.method(tuple(layer_weight.shape), rows)
+    if method == "panel" and (panels is None or x.dtype != mx.float32):
+        method = "transposed"
+    if method == "plain":
         return None
-    y = _transposed(x.reshape(rows, x.shape[-1]), layer_weight)
+    x2 = x.reshape(rows, x.shape[-1])
+    y = plan.kernel.panel_matmul(x2, panels, layer_weight.shape[0]) if method == "panel" else _transposed(x2, layer_weight)
     return y.reshape(*x.shape[:-1], layer_weight.shape[0])
 
 
 class DecodeLinear(nn.Linear):
-    """`nn.Linear` whose product, for the row counts its plan names, is `(W @ x.T).T`; made by
+    """`nn.Linear` whose product, for the row counts its plan names, is `(W @ x.T).T` or the panel
+    kernel's (on `_panels`, a copy of the weight kept outside the parameters); made by
     `twin(DecodeLinear, layer, plan)`, sharing the layer's arrays."""
 
     plan: Optional[ProductPlan] = None
+    _panels: Optional[mx.array] = None
 
     def __call__(self, x):
-        y = _product(self["weight"], x, self.plan)
+        y = _product(self["weight"], self._panels, x, self.plan)
         if y is None:
             return super().__call__(x)
         return y + self["bias"] if "bias" in self else y
@@ -116,14 +138,16 @@ class DecodeEmbedding(nn.Embedding):
     """`nn.Embedding` whose tied output projection (`as_linear`) uses the plan like `DecodeLinear`."""
 
     plan: Optional[ProductPlan] = None
+    _panels: Optional[mx.array] = None
 
     def as_linear(self, x):
-        y = _product(self.weight, x, self.plan)
+        y = _product(self.weight, self._panels, x, self.plan)
         return super().as_linear(x) if y is None else y
 
 
-def twin(cls, layer: nn.Module, plan: ProductPlan):
-    """`layer` as `cls`, sharing its arrays and frozen state."""
+def twin(cls, layer: nn.Module, plan: ProductPlan, panels: Optional[mx.array] = None):
+    """`layer` as `cls`, sharing its arrays and frozen state; `panels` (the weight packed by
+    `panel_kernel.pack`) is kept as a plain attribute, out of the module's parameters."""
     made = cls.__new__(cls)
     nn.Module.__init__(made)
     for key, value in layer.items():
@@ -131,6 +155,7 @@ def twin(cls, layer: nn.Module, plan: ProductPlan):
     if not layer.trainable_parameters():
         made.freeze()
     made.plan = plan
+    object.__setattr__(made, "_panels", panels)
     return made
 
 
@@ -142,36 +167,65 @@ def _row_counts(max_rows: int) -> list[int]:
     return counts + [max_rows]
 
 
-def _time_pass(fn, x2: mx.array, weights: list[mx.array]) -> float:
+def _time_pass(fn, x2: mx.array, weights: list) -> float:
     start = time.perf_counter()
     mx.eval([fn(x2, w) for w in weights])
     return time.perf_counter() - start
 
 
 def tune_products(weights_by_shape: dict[tuple[int, int], list[mx.array]], max_rows: int,
-                  pinned: Optional[bool] = None) -> ProductPlan:
-    """Time `x @ W.T` and `(W @ x.T).T` for 1, 2, 4, ... `max_rows` rows over every weight of each
-    shape (float32 (out, in) arrays); the minimum of `TUNE_REPEATS` passes each, taken in turn.
-    `pinned` True / False: every choice transposed / plain, nothing timed."""
-    plan = ProductPlan(max_rows=max_rows)
+                  pinned: Optional[str] = None, kernel=None,
+                  panels_by_shape: Optional[dict[tuple[int, int], list[mx.array]]] = None) -> ProductPlan:
+    """Time each of `METHODS` for 1, 2, 4, ... `max_rows` rows over every weight of each shape
+    (float32 (out, in) arrays; "panel" only with `kernel` and the shape's `panels_by_shape`); the
+    minimum of `TUNE_REPEATS` passes each, taken in turn. "transposed" and "panel" must beat `x @ W.T`
+    by `ORIENTATION_MARGIN`. `pinned`: that method everywhere (where it can run), nothing timed."""
+    plan = ProductPlan(max_rows=max_rows, kernel=kernel)
+    panels_by_shape = panels_by_shape or {}
     start = time.perf_counter()
     for shape, weights in weights_by_shape.items():
         plan.measured[shape] = {}
+        methods = {"plain": (_plain, weights), "transposed": (_transposed, weights)}
+        if kernel is not None and shape in panels_by_shape:
+            methods["panel"] = (lambda x2, p, out=shape[0]: kernel.panel_matmul(x2, p, out), panels_by_shape[shape])
         for rows in _row_counts(max_rows):
             if pinned is not None:
-                plan.measured[shape][rows] = pinned
+                plan.measured[shape][rows] = pinned if pinned in methods else "plain"
                 continue
             x2 = mx.random.normal((rows, shape[1]), key=mx.random.key(rows))
             mx.eval(x2)
-            _time_pass(_plain, x2, weights[:1]), _time_pass(_transposed, x2, weights[:1])  # warm up
-            plain = transposed = float("inf")
+            for fn, arrays in methods.values():  # warm up
+                _time_pass(fn, x2, arrays[:1])
+            best = {name: float("inf") for name in methods}
             for _ in range(TUNE_REPEATS):
-                plain = min(plain, _time_pass(_plain, x2, weights))
-                transposed = min(transposed, _time_pass(_transposed, x2, weights))
-            plan.measured[shape][rows] = transposed < ORIENTATION_MARGIN * plain
-            plan.timings[(shape, rows)] = (plain, transposed)
+                for name, (fn, arrays) in methods.items():
+                    best[name] = min(best[name], _time_pass(fn, x2, arrays))
+            plan.timings[(shape, rows)] = best
+            blas = "transposed" if best["transposed"] < ORIENTATION_MARGIN * best["plain"] else "plain"
+            plan.measured[shape][rows] = blas
+    if pinned is None and kernel is not None and _panel_wins(plan, panels_by_shape):
+        for shape in panels_by_shape:
+            plan.measured[shape] = {rows: "panel" for rows in plan.measured[shape]}
     plan.seconds = time.perf_counter() - start
     return plan
+
+
+def _panel_wins(plan: ProductPlan, panels_by_shape: dict) -> bool:
+    """Whether the panel kernel takes every decode product: it must beat the BLAS's faster orientation
+    over all of a step's products at the most rows (`ORIENTATION_MARGIN`). All or nothing: a BLAS's
+    threads spin for a while after each call (OpenMP's wait policy; MKL and OpenBLAS alike) and take
+    the core the kernel's helper needs, so mixing the two per shape loses in a real step what each
+    wins alone (fused demo, 8 rows, separate processes: all panel 78-83 ms a step, mixed 104-109,
+    BLAS alone 105-122)."""
+    rows = plan.max_rows
+    panel = blas = 0.0
+    for shape in panels_by_shape:
+        times = plan.timings.get((shape, rows))
+        if times is None or "panel" not in times:
+            return False
+        panel += times["panel"]
+        blas += min(times["plain"], times["transposed"])
+    return panel < ORIENTATION_MARGIN * blas
 
 
 def _output_embedding(model: nn.Module) -> Optional[nn.Embedding]:
@@ -185,29 +239,61 @@ def _output_embedding(model: nn.Module) -> Optional[nn.Embedding]:
     return embedding if type(embedding) is nn.Embedding else None
 
 
-def use_decode_products(model: nn.Module, max_rows: int, pinned: Optional[bool] = None) -> ProductPlan:
+def use_decode_products(model: nn.Module, max_rows: int, pinned: Optional[str] = None, kernel: bool = True) -> ProductPlan:
     """Measure (`tune_products`) and swap the model's float `nn.Linear` layers (and a tied
-    `nn.Embedding`) for their `Decode*` twins sharing the same arrays. Quantized layers are
-    `decode_weights.py`'s and stay as they are."""
+    `nn.Embedding`) for their `Decode*` twins sharing the same arrays. With `kernel`, the panel
+    kernel (`panel_kernel.py`) is built or loaded and every weight packed for it when the copies
+    take under half the available memory; packed copies of shapes it does not win are dropped.
+    Quantized layers are `decode_weights.py`'s and stay as they are."""
     from mlx.utils import tree_unflatten
 
     linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear and m.weight.dtype == mx.float32]
     embedding = _output_embedding(model)
-    by_shape: dict[tuple[int, int], list[mx.array]] = {}
-    for _, layer in linears:
-        by_shape.setdefault(tuple(layer.weight.shape), []).append(layer.weight)
+    layers = [layer for _, layer in linears]
     if embedding is not None and embedding.weight.dtype == mx.float32:
-        by_shape.setdefault(tuple(embedding.weight.shape), []).append(embedding.weight)
+        layers.append(embedding)
     else:
         embedding = None
-    plan = tune_products(by_shape, max_rows, pinned)
-    swaps = [(name, twin(DecodeLinear, layer, plan)) for name, layer in linears
-             if any(plan.measured[tuple(layer.weight.shape)].values())]
+    by_shape: dict[tuple[int, int], list[mx.array]] = {}
+    for layer in layers:
+        by_shape.setdefault(tuple(layer.weight.shape), []).append(layer.weight)
+    module, note, panels = _panel_copies(layers, kernel and pinned in (None, "panel"))
+    panels_by_shape: dict[tuple[int, int], list[mx.array]] = {}
+    for layer in layers:
+        if id(layer) in panels:
+            panels_by_shape.setdefault(tuple(layer.weight.shape), []).append(panels[id(layer)])
+    plan = tune_products(by_shape, max_rows, pinned, module, panels_by_shape)
+    plan.kernel_note = note
+
+    def kept(layer):  # the packed copy, where the plan uses it
+        return panels.get(id(layer)) if plan.uses(tuple(layer.weight.shape), "panel") else None
+
+    swaps = [(name, twin(DecodeLinear, layer, plan, kept(layer))) for name, layer in linears
+             if set(plan.measured[tuple(layer.weight.shape)].values()) != {"plain"}]
     if swaps:
         model.update_modules(tree_unflatten(swaps))
-    if embedding is not None and any(plan.measured[tuple(embedding.weight.shape)].values()):
-        model.model.embed_tokens = twin(DecodeEmbedding, embedding, plan)
+    if embedding is not None and set(plan.measured[tuple(embedding.weight.shape)].values()) != {"plain"}:
+        model.model.embed_tokens = twin(DecodeEmbedding, embedding, plan, kept(embedding))
     return plan
+
+
+def _panel_copies(layers: list[nn.Module], wanted: bool) -> tuple[Optional[object], str, dict[int, mx.array]]:
+    """(kernel module or None, a line for the log, {id(layer): its weight packed}) for `layers`."""
+    if not wanted:
+        return None, "panel kernel: not used", {}
+    from . import panel_kernel
+    from .decode_weights import available_memory_bytes
+
+    build = panel_kernel.load()
+    if build.module is None:
+        return None, build.note, {}
+    need = sum(layer.weight.nbytes for layer in layers)
+    free = available_memory_bytes()
+    if free is not None and need >= free // 2:
+        return None, f"panel kernel: not used: its copy of the weights ({need / 1e9:.2f} GB) would take over half the available memory ({free / 1e9:.2f} GB)", {}
+    panels = {id(layer): panel_kernel.pack(layer.weight) for layer in layers}
+    mx.eval(list(panels.values()))
+    return build.module, f"{build.note}; weights packed: {need / 1e9:.2f} GB", panels
 
 
 # --- rotary embeddings ------------------------------------------------------------------------
@@ -438,22 +524,23 @@ class DecodeSetup:
     def summary(self) -> str:
         if self.products is None:
             return "CPU decode: not used (not on the CPU)"
-        return (f"CPU decode: products {self.products.summary()}; rotary tables in {self.rotary_layers} layers")
+        return (f"CPU decode: products {self.products.summary()}; rotary tables in {self.rotary_layers} layers; "
+                f"{self.products.kernel_note}")
 
 
-MODES = ("auto", "none", "plain", "transposed")
+MODES = ("auto", "none", "plain", "transposed", "panel")
 
 
 def use_cpu_decode(model: nn.Module, max_rows: int, positions: int, mode: str = "auto") -> DecodeSetup:
     """On the CPU: `use_decode_products` for up to `max_rows` rows (the batch size),
     `use_rotary_tables` for `positions` positions (the context length) and `use_decode_norms`.
-    `mode`: "auto"; "none" (nothing); "plain" / "transposed" pin every product's orientation
-    instead of measuring (tests). Elsewhere than on the CPU: nothing. Raises ValueError on a bad mode."""
+    `mode`: "auto" (measures, the panel kernel included); "none" (nothing); "plain" / "transposed" /
+    "panel" pin every product's method instead of measuring (tests; "panel" where the kernel runs). Elsewhere than on the CPU: nothing. Raises ValueError on a bad mode."""
     if mode not in MODES:
         raise ValueError(f"cpu_decode: {mode!r} is not one of {', '.join(MODES)}")
     if mx.default_device() != mx.cpu or mode == "none":
         return DecodeSetup()
-    pinned = None if mode == "auto" else mode == "transposed"
+    pinned = None if mode == "auto" else mode
     passes = ForwardPasses()
     return DecodeSetup(use_decode_products(model, max_rows, pinned), use_rotary_tables(model, positions, passes),
                        use_decode_norms(model, max_rows), passes)

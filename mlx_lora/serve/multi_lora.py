@@ -64,6 +64,15 @@ class RowAdapters:
                            for slot in sorted(set(slots)) if slot != NO_ADAPTER]
 
 
+    def slot_array(self, rows: int) -> mx.array:
+        """(rows,) uint32: each row's slot, for this pass (made once per pass when all rows share one)."""
+        if self.slots is not None:
+            return self.slots
+        held = self._keep.get(("uniform", rows))
+        if held is None:
+            held = self._keep[("uniform", rows)] = mx.full((rows,), self.uniform, dtype=mx.uint32)
+        return held
+
     def keep(self, bank: "AdapterBank", slots: mx.array) -> mx.array:
         """(B, S*r) float32: each row's own adapter's columns of `bank.a_wide` times its scaling, zero
         elsewhere. Built once per forward pass for every bank of the same layout (most layers share one)."""
@@ -90,8 +99,10 @@ class AdapterBank:
         self.b_tall: Optional[mx.array] = None  # (slots * max_rank, out): every B one above the other
         self.column_slot: Optional[mx.array] = None  # (slots * max_rank,) uint32: the slot of each column
         self.layout: tuple = ()  # (slots, max_rank, scalings): banks alike share `RowAdapters.keep`'s masks
+        self.b_panels: Optional[mx.array] = None  # b_stack packed for the CPU panel kernel, made on first use
 
     def restack(self) -> None:
+        self.b_panels = None
         if not self.entries:
             self.a_stack = self.b_stack = self.scales = self.a_wide = self.b_tall = self.column_slot = None
             return
@@ -134,8 +145,11 @@ class MultiLoRALinear(nn.Module):
             self._bank.restack()
 
     def __call__(self, x):
-        y = self.linear(x)  # (B, L, out); the base's own product (see decode_weights.py)
         bank, rows = self._bank, self._rows
+        fused = self._panel_product(x)
+        if fused is not None:
+            return fused
+        y = self.linear(x)  # (B, L, out); the base's own product (see decode_weights.py)
         if rows.uniform is not None:
             entry = bank.entries.get(rows.uniform)
             if entry is None:
@@ -156,6 +170,32 @@ class MultiLoRALinear(nn.Module):
         z = mx.gather_mm(x.astype(mx.float32), bank.a_stack, rhs_indices=slots)  # (B, L, r)
         z = z * bank.scales[slots][:, None, None]
         return y + mx.gather_mm(z, bank.b_stack, rhs_indices=slots).astype(y.dtype)  # (B, L, out)
+
+    def _panel_product(self, x: mx.array) -> Optional[mx.array]:
+        """The base product and every row's adapter term as one call of the CPU panel kernel
+        (`panel_kernel.py`: each row's z = scaling * x @ A, then z @ B added panel by panel), when the
+        base is a `DecodeLinear` whose plan uses the kernel for this many rows; else None."""
+        from .cpu_decode import DecodeLinear
+
+        base, bank = self.linear, self._bank
+        if type(base) is not DecodeLinear or base._panels is None or bank.a_stack is None or x.dtype != mx.float32:
+            return None
+        rows = x.size // x.shape[-1]
+        out = base.weight.shape[0]
+        if base.plan.method(tuple(base.weight.shape), rows) != "panel":
+            return None
+        slots = self._rows.slot_array(x.shape[0])
+        if x.shape[0] != rows:  # several positions per row (a prefill): each position takes its row's slot
+            slots = mx.repeat(slots, rows // x.shape[0])
+        if bank.b_panels is None:
+            from .panel_kernel import pack_lora_b
+
+            bank.b_panels = pack_lora_b(bank.b_stack)
+            mx.eval(bank.b_panels)
+        y = base.plan.kernel.lora_panel_matmul(x.reshape(rows, x.shape[-1]), base._panels, out, bank.a_stack,
+                                               bank.b_panels, bank.scales, slots)
+        y = y.reshape(*x.shape[:-1], out)
+        return y + base["bias"] if "bias" in base else y
 
     def _stacked(self, x: mx.array, slots: mx.array) -> mx.array:
         """The adapter term as two plain products over every adapter side by side, other rows' columns zeroed.
