@@ -174,7 +174,12 @@ class Pool {
       if (sleepers_.load(std::memory_order_acquire) > 0) wake_.notify_all();
     }
     product.work();
-    while (product.done.load(std::memory_order_acquire) < product.n_panels) cpu_relax();
+    // Chunks a helper took are still running: spin, but let other threads have the core now and
+    // then (on a busy 2-core machine the helper may be waiting for it).
+    for (int spins = 1; product.done.load(std::memory_order_acquire) < product.n_panels; ++spins) {
+      cpu_relax();
+      if (spins % 64 == 0) std::this_thread::yield();
+    }
     if (!helpers_.empty()) {
       // Helpers still reading `product` (they took no chunk but hold the pointer) must let go first.
       std::lock_guard<std::mutex> lock(mutex_);
@@ -203,7 +208,8 @@ class Pool {
       int spins = 0;
       while ((now_gen = generation_.load(std::memory_order_acquire)) == seen) {
         cpu_relax();
-        if (++spins % 256 == 0 &&
+        if (++spins % 64 == 0) std::this_thread::yield();  // a thread with work to do goes first
+        if (spins % 256 == 0 &&
             std::chrono::steady_clock::now() - start > std::chrono::microseconds(SPIN_MICROSECONDS)) {
           std::unique_lock<std::mutex> lock(mutex_);
           sleepers_.fetch_add(1, std::memory_order_acq_rel);
