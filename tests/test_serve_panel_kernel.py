@@ -235,3 +235,20 @@ def test_no_panels_without_memory_for_them(monkeypatch):
     plan = cpu_decode.use_decode_products(model, 4)
     assert plan.kernel is None and "would take over half the available memory" in plan.kernel_note
     assert "panel" not in {m for choices in plan.measured.values() for m in choices.values()}
+
+
+def test_two_processes_starting_at_once_build_the_kernel_once(tmp_path):
+    """A fresh cache folder: one process builds (and checks) the kernel, the other waits and loads it."""
+    import os
+    import subprocess
+
+    _kernel()  # skips where the kernel cannot be built
+    script = "from mlx_lora.serve import panel_kernel as k; b = k.load(); print(b.module is not None, b.note)"
+    env = {**os.environ, "MLX_LORA_KERNEL_DIR": str(tmp_path)}
+    env.pop("MLX_LORA_NO_PANEL_KERNEL", None)
+    runs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            for _ in range(2)]
+    notes = [run.communicate(timeout=600)[0].strip() for run in runs]
+    assert all(note.startswith("True panel kernel: ") for note in notes), notes
+    assert sorted("built and checked" in note for note in notes) == [False, True], notes
+    assert len(list(tmp_path.glob("*/_panel_matmul*"))) == 1 and not list(tmp_path.glob("*/failed.txt"))

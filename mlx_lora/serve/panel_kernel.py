@@ -256,19 +256,29 @@ def _load() -> KernelBuild:
     failed = folder / "failed.txt"
     seconds = 0.0
     if not target.exists():
-        if failed.exists():
-            return KernelBuild(None, f"panel kernel: not used: an earlier build failed: {failed.read_text().strip()} ({failed})")
-        problem, seconds = _build(compiler, nanobind, folder, target)
-        if problem is not None:
-            try:
-                failed.write_text(problem + "\n")
-            except OSError:
-                pass
-            return KernelBuild(None, f"panel kernel: not used: {problem}", seconds)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = open(folder / "build.lock", "w")
+        except OSError as error:
+            return KernelBuild(None, f"panel kernel: not built: cannot write its cache folder {folder}: {error}")
+        with lock:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: the others wait for it, then load it
+            if not target.exists():
+                if failed.exists():
+                    return KernelBuild(None, f"panel kernel: not used: an earlier build failed: {failed.read_text().strip()} ({failed})")
+                problem, seconds = _build(compiler, nanobind, folder, target)
+                if problem is not None:
+                    try:
+                        failed.write_text(problem + "\n")
+                    except OSError:
+                        pass
+                    return KernelBuild(None, f"panel kernel: not used: {problem}", seconds)
     try:
         module = _import(target)
     except Exception as error:  # noqa: BLE001 - a module that does not load leaves the BLAS products
-        return KernelBuild(None, f"panel kernel: {target} did not load: {error}", seconds)
+        return KernelBuild(None, f"panel kernel: not used: {target} did not load ({error}); delete it to rebuild", seconds)
     how = f"built and checked in {seconds:.1f} s" if seconds else "cached"
     return KernelBuild(module, f"panel kernel: {how} ({target}), {module.threads()} threads", seconds)
 
