@@ -252,3 +252,21 @@ def test_two_processes_starting_at_once_build_the_kernel_once(tmp_path):
     assert all(note.startswith("True panel kernel: ") for note in notes), notes
     assert sorted("built and checked" in note for note in notes) == [False, True], notes
     assert len(list(tmp_path.glob("*/_panel_matmul*"))) == 1 and not list(tmp_path.glob("*/failed.txt"))
+
+
+def test_a_kernel_that_loses_is_dropped_with_its_copies(monkeypatch):
+    import mlx.nn as nn
+
+    from mlx_lora.serve import cpu_decode
+
+    _kernel()
+    model = nn.Module()
+    model.layers = [nn.Linear(64, 64) for _ in range(3)]
+    monkeypatch.setattr(cpu_decode, "_panel_wins", lambda plan, by_shape: False)
+    plan = cpu_decode.use_decode_products(model, 4)
+    assert plan.kernel is None and "not chosen: the BLAS was faster at 4 rows" in plan.kernel_note
+    assert all(getattr(layer, "_panels", None) is None for layer in model.layers)
+    monkeypatch.setattr(cpu_decode, "_panel_wins", lambda plan, by_shape: True)
+    model.layers = [nn.Linear(64, 64) for _ in range(3)]
+    plan = cpu_decode.use_decode_products(model, 4)
+    assert plan.kernel is not None and all(layer._panels is not None for layer in model.layers)

@@ -264,6 +264,8 @@ def use_decode_products(model: nn.Module, max_rows: int, pinned: Optional[str] =
             panels_by_shape.setdefault(tuple(layer.weight.shape), []).append(panels[id(layer)])
     plan = tune_products(by_shape, max_rows, pinned, module, panels_by_shape)
     plan.kernel_note = note
+    if module is not None and not any(plan.uses(shape, "panel") for shape in panels_by_shape):
+        plan.kernel, plan.kernel_note = None, note.split(";")[0] + f"; not chosen: the BLAS was faster at {max_rows} rows"
 
     def kept(layer):  # the packed copy, where the plan uses it
         return panels.get(id(layer)) if plan.uses(tuple(layer.weight.shape), "panel") else None
