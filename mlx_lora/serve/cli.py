@@ -53,7 +53,7 @@ class ServeConfig:
     cors_origins: tuple[str, ...] = field(default=LOCAL_ORIGINS, **_help("Web pages (origins) whose scripts may call the server from a browser (CORS): by default pages served from this machine (localhost, 127.0.0.1, [::1], any port), as Ollama allows; `*` any site; empty: none."))
     kv_memory: str = field(default="auto", **_help("Memory for the running batch's KV caches (a size such as 2GB, `auto`: half the memory free after loading, `none`): sequences wait for room; one that can never fit gets 400 naming max_tokens."))
     float_weights: str = field(default="auto", **_help("Quantized base on CPU: `float` keeps float32 copies (fast decode), `quantized` keeps 4-bit, `auto` picks float when it takes under half the free memory."))
-    cpu_decode: str = field(default="auto", **_help("CPU only: `auto` times, at start-up (~2 s), the BLAS's two product orientations and our panel kernel (compiled once per MLX version, ~12 s, cached in ~/.cache/mlx-lora/kernels; MLX_LORA_NO_PANEL_KERNEL=1 skips it) for a decode step's rows and uses the fastest, and reads rotary embeddings from a table; `none` keeps the library's own (same tokens, slower steps)."))
+    cpu_decode: str = field(default="auto", **_help("CPU only: `auto` times, at start-up (a few seconds; more on a busy machine), the BLAS's two product orientations and our panel kernel (compiled once per MLX version, ~12 s, cached in ~/.cache/mlx-lora/kernels; MLX_LORA_NO_PANEL_KERNEL=1 skips it) for a decode step's rows and uses the fastest, and reads rotary embeddings from a table; `none` keeps the library's own (same tokens, slower steps)."))
 
 
 def load_serve_config(path: str | None, overrides: list[str], flags: dict) -> ServeConfig:

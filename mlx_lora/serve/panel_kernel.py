@@ -130,7 +130,7 @@ def _mlx_dir() -> Path:
 def build_key(compiler: str, nanobind: ModuleType) -> str:
     """A digest of everything the built module depends on."""
     parts = [SOURCE.read_text(), mx.__version__, str(_mlx_dir()), nanobind.__version__, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
-             _compiler_id(compiler), " ".join(FLAGS), _cpu_flags()]
+             str(shutil.which(compiler)), _compiler_id(compiler), " ".join(FLAGS), _cpu_flags()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -181,8 +181,10 @@ def self_check(module: ModuleType) -> Optional[str]:
     return None
 
 
-def _build(compiler: str, nanobind: ModuleType, folder: Path, target: Path) -> tuple[Optional[str], float]:
-    """Compile, link and check into `target` (renamed into place when it passes); (problem, seconds)."""
+def _build(compiler: str, nanobind: ModuleType, folder: Path, target: Path) -> tuple[Optional[str], float, bool]:
+    """Compile, link and check into `target` (renamed into place when it passes, its digest beside
+    it); (problem or None, seconds, whether the problem would recur: a compiler error or a failed
+    check does, a compiler killed by a signal, a timeout or a file error may not)."""
     start = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     work = folder / f".build-{os.getpid()}"
@@ -195,22 +197,29 @@ def _build(compiler: str, nanobind: ModuleType, folder: Path, target: Path) -> t
             output, _ = process.communicate(timeout=BUILD_TIMEOUT)
             if process.returncode != 0:
                 first = next((line for line in output.splitlines() if "error" in line), output.strip()[-300:])
-                return f"{Path(command[-3]).name} did not compile ({compiler} exit {process.returncode}): {first.strip()}", time.perf_counter() - start
+                killed = process.returncode < 0 or "Killed signal" in output
+                return (f"{Path(command[-3]).name} did not compile ({compiler} exit {process.returncode}): {first.strip()}",
+                        time.perf_counter() - start, not killed)
         done = subprocess.run(link, capture_output=True, text=True, timeout=BUILD_TIMEOUT)
         if done.returncode != 0:
-            return f"linking failed ({compiler} exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}", time.perf_counter() - start
+            return (f"linking failed ({compiler} exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}",
+                    time.perf_counter() - start, done.returncode > 0)
         check = subprocess.run([sys.executable, "-c", CHECK_SCRIPT.format(name=MODULE), str(staged), str(Path(__file__).parent)],
                                capture_output=True, text=True, timeout=BUILD_TIMEOUT, env={**os.environ, "PYTHONPATH": ""})
         verdict = check.stdout.strip().splitlines()[-1] if check.stdout.strip() else ""
         if check.returncode != 0 or verdict != "ok":
             reason = verdict or (check.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"the built kernel failed its check (exit {check.returncode}): {reason}", time.perf_counter() - start
+            return f"the built kernel failed its check (exit {check.returncode}): {reason}", time.perf_counter() - start, True
+        stamp = target.with_name(target.name + ".sha256")
+        staged_stamp = work / stamp.name
+        staged_stamp.write_text(_digest(staged) + "\n")
         os.replace(staged, target)
-        return None, time.perf_counter() - start
+        os.replace(staged_stamp, stamp)
+        return None, time.perf_counter() - start, True
     except subprocess.TimeoutExpired:
-        return f"building took over {BUILD_TIMEOUT} s", time.perf_counter() - start
+        return f"building took over {BUILD_TIMEOUT} s", time.perf_counter() - start, False
     except OSError as error:
-        return f"building failed: {error}", time.perf_counter() - start
+        return f"building failed: {error}", time.perf_counter() - start, False
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -236,6 +245,31 @@ def load() -> KernelBuild:
     return _loaded
 
 
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _intact(target: Path) -> bool:
+    """Whether `target` is the file its build wrote (its digest, recorded beside it, matches): a
+    damaged shared library can crash `dlopen` itself (a truncated one raised SIGBUS here)."""
+    stamp = target.with_name(target.name + ".sha256")
+    try:
+        return target.exists() and stamp.read_text().strip() == _digest(target)
+    except OSError:
+        return False
+
+
+def _clear_stale_builds(folder: Path) -> None:
+    """Remove `.build-<pid>` folders of processes that are gone (a build killed by a signal)."""
+    for stale in folder.glob(".build-*"):
+        try:
+            os.kill(int(stale.name.split("-", 1)[1]), 0)
+        except (ValueError, ProcessLookupError):
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _load() -> KernelBuild:
     if os.environ.get(DISABLE_ENV):
         return KernelBuild(None, f"panel kernel: off ({DISABLE_ENV} is set)")
@@ -250,12 +284,15 @@ def _load() -> KernelBuild:
                                  f"nanobind {nanobind.__version__} v{ours} (install the nanobind release with MLX's ABI)")
     compiler = _compiler()
     if compiler is None:
-        return KernelBuild(None, "panel kernel: not built: no C++ compiler (g++, or $CXX)")
+        if os.environ.get("CXX"):
+            return KernelBuild(None, f"panel kernel: not built: $CXX ({os.environ['CXX']!r}) is not a program on PATH "
+                                     "(set CXX to a compiler's path, or unset it to use g++)")
+        return KernelBuild(None, "panel kernel: not built: no C++ compiler (install g++, or set $CXX)")
     folder = cache_root() / build_key(compiler, nanobind)
     target = folder / (MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
     failed = folder / "failed.txt"
-    seconds = 0.0
-    if not target.exists():
+    seconds, how = 0.0, "cached"
+    if not _intact(target):
         try:
             folder.mkdir(parents=True, exist_ok=True)
             lock = open(folder / "build.lock", "w")
@@ -264,22 +301,30 @@ def _load() -> KernelBuild:
         with lock:
             import fcntl
 
+            waited = time.perf_counter()
             fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time: the others wait for it, then load it
-            if not target.exists():
+            waited = time.perf_counter() - waited
+            if _intact(target):
+                how = f"built by another process (waited {waited:.1f} s)" if waited > 1 else how
+            else:
                 if failed.exists():
-                    return KernelBuild(None, f"panel kernel: not used: an earlier build failed: {failed.read_text().strip()} ({failed})")
-                problem, seconds = _build(compiler, nanobind, folder, target)
+                    return KernelBuild(None, f"panel kernel: not used: an earlier build failed: {failed.read_text().strip()} "
+                                             f"(delete {failed} to try again)")
+                _clear_stale_builds(folder)
+                damaged = target.exists()
+                problem, seconds, lasting = _build(compiler, nanobind, folder, target)
                 if problem is not None:
-                    try:
-                        failed.write_text(problem + "\n")
-                    except OSError:
-                        pass
+                    if lasting:  # the same build would fail again; one that was killed or timed out may not
+                        try:
+                            failed.write_text(problem + "\n")
+                        except OSError:
+                            pass
                     return KernelBuild(None, f"panel kernel: not used: {problem}", seconds)
+                how = f"{'damaged cached file rebuilt' if damaged else 'built'} and checked in {seconds:.1f} s"
     try:
         module = _import(target)
     except Exception as error:  # noqa: BLE001 - a module that does not load leaves the BLAS products
         return KernelBuild(None, f"panel kernel: not used: {target} did not load ({error}); delete it to rebuild", seconds)
-    how = f"built and checked in {seconds:.1f} s" if seconds else "cached"
     return KernelBuild(module, f"panel kernel: {how} ({target}), {module.threads()} threads", seconds)
 
 
