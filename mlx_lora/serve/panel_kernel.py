@@ -9,15 +9,17 @@ weights read do not. The kernel stores each weight as panels of 32 output featur
 at start-up: `pack`), streams every panel once with a software prefetch, and keeps 32 outputs of
 up to 8 rows in vector registers, so 8 rows cost about what one does: 45.7 ms for all of a step's
 products at 8 rows (41.0 at one), same run. Every row's sums run in the same order whatever the
-batch, so a row decodes the same floats alone or in a batch (MKL's differ by ~1e-6).
+batch, so a row's products give the same floats alone or in a batch (MKL's differ by ~1e-6).
+With adapters, `lora_panel_matmul` adds each row's own adapter term in the same call.
 
 How: MLX runs a custom operation as a C++ `Primitive` (MLX's "Custom Extensions" guide); its
 Python binding must be built against the installed MLX's headers and library and with the
 nanobind ABI MLX was built with, so it is compiled here, once per (kernel source, MLX, nanobind,
 Python, g++, CPU flags), with `-O3 -march=native` (~12 s on this 2-core machine: nanobind's own
 sources are most of it), checked against `x @ W.T` in a child process, and cached under
-`~/.cache/mlx-lora/kernels/`. A failed build is recorded there too (with its reason), so it is not
-retried on every start. Anything missing (not Linux or macOS, no g++, no nanobind, an ABI
+`~/.cache/mlx-lora/kernels/` with its sha256 (a damaged file, which can crash the loader, is
+rebuilt). A failed build is recorded there too (with its reason), so it is not retried on every
+start, unless the compiler was killed or timed out. Anything missing (not Linux or macOS, no g++, no nanobind, an ABI
 mismatch, a wrong answer) leaves the BLAS products in place, with a one-line reason.
 """
 
@@ -178,6 +180,14 @@ def self_check(module: ModuleType) -> Optional[str]:
         alone = mx.concatenate([module.panel_matmul(x[i:i + 1], panels, out) for i in range(8)])
         if not mx.array_equal(alone, module.panel_matmul(x[:8], panels, out)).item():
             return f"{out}x{inner}: a row's product differs alone and in a batch"
+        a = mx.random.normal((3, inner, 8), key=mx.random.key(1)) * 0.1
+        b = mx.random.normal((3, 8, out), key=mx.random.key(2)) * 0.1
+        scales, slots = mx.array([0.0, 2.0, 0.5]), mx.array([1, 0, 2, 2, 1, 0, 1, 2], dtype=mx.uint32)
+        want = x[:8] @ weight.T + scales[slots][:, None] * mx.einsum("ri,rik,rko->ro", x[:8], a[slots], b[slots])
+        got = module.lora_panel_matmul(x[:8], panels, out, a, pack_lora_b(b), scales, slots)
+        error = mx.abs(got - want).max().item()
+        if not error <= CHECK_TOLERANCE * mx.abs(want).max().item():
+            return f"{out}x{inner}, adapters: max error {error:.3g} against x @ W.T + s x A B"
     return None
 
 
