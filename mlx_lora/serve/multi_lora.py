@@ -37,6 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..lora import is_linear, linear_dims, transformer_blocks
+from .cpu_decode import DecodeLinear
 
 NO_ADAPTER = 0  # slot 0: the bare base
 
@@ -175,8 +176,6 @@ class MultiLoRALinear(nn.Module):
         """The base product and every row's adapter term as one call of the CPU panel kernel
         (`panel_kernel.py`: each row's z = scaling * x @ A, then z @ B added panel by panel), when the
         base is a `DecodeLinear` whose plan uses the kernel for this many rows; else None."""
-        from .cpu_decode import DecodeLinear
-
         base, bank = self.linear, self._bank
         if type(base) is not DecodeLinear or base._panels is None or bank.a_stack is None or x.dtype != mx.float32:
             return None
