@@ -127,10 +127,10 @@ def start_preamble_pch(cache_dir: Path | None = None) -> PreambleBuild | None:
     return PreambleBuild(process, target)
 
 
-def compiler_id() -> str:
-    """The first line of `g++ --version` (g++ rejects a precompiled header another version made)."""
+def compiler_id(compiler: str = "g++") -> str:
+    """The first line of `<compiler> --version` (g++ rejects a precompiled header another version made)."""
     try:
-        done = subprocess.run(["g++", "--version"], capture_output=True, text=True, timeout=30)
+        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return ""
     lines = done.stdout.splitlines()

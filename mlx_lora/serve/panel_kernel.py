@@ -41,6 +41,8 @@ from typing import Optional
 
 import mlx.core as mx
 
+from ..kernel_cache import compiler_id
+
 PANEL = 32  # output features per panel; panel_matmul.cpp's PANEL
 SOURCE = Path(__file__).with_name("panel_matmul.cpp")
 MODULE = "_panel_matmul"
@@ -106,14 +108,6 @@ def _compiler() -> Optional[str]:
     return compiler if shutil.which(compiler) else None
 
 
-def _compiler_id(compiler: str) -> str:
-    try:
-        done = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return done.stdout.splitlines()[0] if done.stdout else ""
-
-
 def _cpu_flags() -> str:
     """The CPU's feature flags (`-march=native` code may not run on another CPU sharing the cache)."""
     try:
@@ -132,7 +126,7 @@ def _mlx_dir() -> Path:
 def build_key(compiler: str, nanobind: ModuleType) -> str:
     """A digest of everything the built module depends on."""
     parts = [SOURCE.read_text(), mx.__version__, str(_mlx_dir()), nanobind.__version__, sys.version, sysconfig.get_config_var("EXT_SUFFIX") or "",
-             str(shutil.which(compiler)), _compiler_id(compiler), " ".join(FLAGS), _cpu_flags()]
+             str(shutil.which(compiler)), compiler_id(compiler), " ".join(FLAGS), _cpu_flags()]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -157,7 +151,7 @@ import mlx.core as mx
 spec = importlib.util.spec_from_file_location("{name}", sys.argv[1])
 module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
 sys.path.insert(0, sys.argv[2])
-from panel_kernel import self_check
+from mlx_lora.serve.panel_kernel import self_check
 problem = self_check(module)
 print(problem or "ok")
 """
@@ -214,7 +208,7 @@ def _build(compiler: str, nanobind: ModuleType, folder: Path, target: Path) -> t
         if done.returncode != 0:
             return (f"linking failed ({compiler} exit {done.returncode}): {(done.stderr or done.stdout).strip()[-300:]}",
                     time.perf_counter() - start, done.returncode > 0)
-        check = subprocess.run([sys.executable, "-c", CHECK_SCRIPT.format(name=MODULE), str(staged), str(Path(__file__).parent)],
+        check = subprocess.run([sys.executable, "-c", CHECK_SCRIPT.format(name=MODULE), str(staged), str(Path(__file__).resolve().parents[2])],
                                capture_output=True, text=True, timeout=BUILD_TIMEOUT, env={**os.environ, "PYTHONPATH": ""})
         verdict = check.stdout.strip().splitlines()[-1] if check.stdout.strip() else ""
         if check.returncode != 0 or verdict != "ok":
